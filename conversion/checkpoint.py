@@ -1,0 +1,131 @@
+"""Open any model path (HF directory, .gguf file, converted directory) and write converted ones.
+
+A converted directory holds `diffemb.json` (the ModelConfig and where it came from), `params/` (an
+orbax checkpoint) and `tokenizer.json`. It is written under a temporary name and renamed into place,
+so a reader never sees half of one.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import tempfile
+from pathlib import Path
+
+import jax
+import jax.numpy as jnp
+import orbax.checkpoint as ocp
+import tokenizers
+from flax import nnx
+
+from conversion.loader import ShardingFn, abstract_decoder, load_decoder, single_device, logical_axes
+from conversion.sources import CheckpointError, GGUFSource, open_weights
+from diffemb_jax.model import Decoder, ModelConfig, config_from_hf, config_from_hf_file
+
+CONVERTED_MARKER = "diffemb.json"
+FORMAT_VERSION = 1
+DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}
+
+
+def _clean(tok: tokenizers.Tokenizer) -> tokenizers.Tokenizer:
+    tok.no_padding()
+    tok.no_truncation()
+    return tok
+
+
+def _hf_tokenizer(directory: Path, gguf_file: str | None = None) -> tokenizers.Tokenizer:
+    if gguf_file is None and (directory / "tokenizer.json").exists():
+        return _clean(tokenizers.Tokenizer.from_file(str(directory / "tokenizer.json")))
+    from transformers import AutoTokenizer  # builds tokenizer.json from vocab/merges or GGUF metadata
+
+    try:
+        return _clean(AutoTokenizer.from_pretrained(str(directory), gguf_file=gguf_file).backend_tokenizer)
+    except Exception as e:
+        where = directory / gguf_file if gguf_file else directory
+        raise CheckpointError(f"{where}: no usable tokenizer (tokenizer.json, vocab files or GGUF vocab): {e}") from e
+
+
+def is_converted(path: Path) -> bool:
+    return path.is_dir() and (path / CONVERTED_MARKER).exists()
+
+
+def open_source(path: str | Path):
+    """(ModelConfig, TensorSource, Tokenizer) for an HF directory or a .gguf file."""
+    path = Path(path)
+    if not path.exists():
+        raise CheckpointError(f"{path} does not exist")
+    if path.is_file() and path.suffix == ".gguf":
+        source = GGUFSource(path)
+        return config_from_hf(source.hf_config.to_dict()), source, _hf_tokenizer(path.parent, path.name)
+    if path.is_dir():
+        if not (path / "config.json").exists():
+            raise CheckpointError(f"{path} has no config.json: is it a Hugging Face model directory?")
+        cfg = config_from_hf_file(path / "config.json")
+        return cfg, open_weights(path), _hf_tokenizer(path)
+    raise CheckpointError(f"{path} is neither a model directory nor a .gguf file")
+
+
+def convert(src: str | Path, out: str | Path, *, dtype: str = "float32", progress: bool = True) -> Path:
+    """HF directory or .gguf -> converted directory at `out` (which must not exist yet)."""
+    out = Path(out)
+    if out.exists():
+        raise FileExistsError(f"{out} already exists; choose a new output directory or remove it")
+    if not out.parent.exists():
+        raise FileNotFoundError(f"the folder {out.parent} for {out.name} does not exist")
+    cfg, source, tok = open_source(src)
+    model = load_decoder(source, cfg, dtype=DTYPES[dtype], param_dtype=DTYPES[dtype], progress=progress)
+    return save_converted(model, tok, out, source=str(src))
+
+
+def save_converted(model: Decoder, tok: tokenizers.Tokenizer, out: Path, *, source: str = "") -> Path:
+    out = Path(out)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.tmp-", dir=out.parent))
+    try:
+        _, state = nnx.split(model)
+        checkpointer = ocp.StandardCheckpointer()
+        checkpointer.save(tmp / "params", state.to_pure_dict())
+        checkpointer.wait_until_finished()
+        tok.save(str(tmp / "tokenizer.json"))
+        dtype = jax.tree.leaves(state)[0].dtype
+        meta = {"format_version": FORMAT_VERSION, "source": source, "param_dtype": str(jnp.dtype(dtype)),
+                "config": json.loads(model.cfg.to_json())}
+        (tmp / CONVERTED_MARKER).write_text(json.dumps(meta, indent=2))
+        os.replace(tmp, out)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    return out
+
+
+def load_converted(path: Path, *, dtype=jnp.float32, param_dtype=jnp.float32,
+                   sharding_for: ShardingFn = single_device):
+    meta = json.loads((path / CONVERTED_MARKER).read_text())
+    if meta.get("format_version") != FORMAT_VERSION:
+        raise CheckpointError(f"{path}: converted with format {meta.get('format_version')}, "
+                              f"this version reads {FORMAT_VERSION}; convert the model again")
+    cfg = ModelConfig(**meta["config"])
+    graphdef, state = nnx.split(abstract_decoder(cfg, dtype=dtype, param_dtype=param_dtype))
+    flat = dict(nnx.to_flat_state(state))
+    target = state.to_pure_dict()
+    for p, var in flat.items():
+        node = target
+        for key in p[:-1]:
+            node = node[key]
+        node[p[-1]] = jax.ShapeDtypeStruct(var.shape, var.dtype, sharding=sharding_for(p, logical_axes(var), var.shape))
+    restored = ocp.StandardCheckpointer().restore((path / "params").absolute(), target)
+    nnx.replace_by_pure_dict(state, restored)
+    tok = _clean(tokenizers.Tokenizer.from_file(str(path / "tokenizer.json")))
+    return nnx.merge(graphdef, state), tok
+
+
+def load_model(path: str | Path, *, dtype: str = "float32", sharding_for: ShardingFn = single_device,
+               progress: bool = True):
+    """(Decoder, Tokenizer) from a converted directory, an HF directory or a .gguf file."""
+    path = Path(path)
+    jdtype = DTYPES[dtype]
+    if is_converted(path):
+        return load_converted(path, dtype=jdtype, param_dtype=jdtype, sharding_for=sharding_for)
+    cfg, source, tok = open_source(path)
+    return load_decoder(source, cfg, dtype=jdtype, param_dtype=jdtype, sharding_for=sharding_for,
+                        progress=progress), tok

@@ -1,0 +1,1 @@
+"""diffemb-jax: text embeddings from diffusion and autoregressive LMs, in JAX."""
