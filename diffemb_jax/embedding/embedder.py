@@ -1,0 +1,87 @@
+"""Embedder.encode: texts -> L2-normalised float32 vectors, with a handful of compiled shapes.
+
+Texts are sorted by token length (longest first, so a shape that does not fit fails at once), cut
+into batches of a fixed row count, and each batch is right-padded to the smallest bucket length
+that holds it; XLA therefore compiles at most one program per bucket. Rows come back in input order.
+"""
+
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+
+import jax
+import numpy as np
+import tokenizers
+from flax import nnx
+from tqdm.auto import tqdm
+
+from diffemb_jax.embedding.pooling import POOLING_MODES, l2_normalize, pool
+from diffemb_jax.embedding.prompts import pad_batch, tokenize, with_instruction
+from diffemb_jax.model import ATTENTION_MODES, Decoder
+
+log = logging.getLogger(__name__)
+
+
+def bucket_lengths(max_length: int, smallest: int = 32) -> list[int]:
+    """Powers of two from `smallest` up to max_length, and max_length itself."""
+    buckets, n = [], smallest
+    while n < max_length:
+        buckets.append(n)
+        n *= 2
+    return buckets + [max_length]
+
+
+class Embedder:
+    def __init__(self, model: Decoder, tokenizer: tokenizers.Tokenizer, *, pooling: str = "mean",
+                 skip_instruction: bool = False, max_length: int = 512, batch_size: int = 16):
+        if pooling not in POOLING_MODES:
+            raise ValueError(f"unknown pooling {pooling!r}; choose one of {POOLING_MODES}")
+        if model.attention not in ATTENTION_MODES:
+            raise ValueError(f"unknown attention {model.attention!r}; choose one of {ATTENTION_MODES}")
+        if max_length < 1 or batch_size < 1:
+            raise ValueError("max_length and batch_size must be positive")
+        self.model, self.tokenizer = model, tokenizer
+        self.pooling, self.skip_instruction = pooling, skip_instruction
+        self.max_length, self.batch_size = max_length, batch_size
+        self.buckets = bucket_lengths(max_length)
+        graphdef, self._state = nnx.split(model)
+
+        def embed(state, input_ids, padding_mask, embed_mask):
+            hidden = nnx.merge(graphdef, state)(input_ids, padding_mask)
+            return l2_normalize(pool(hidden, padding_mask, embed_mask, pooling, skip_instruction))
+
+        self._embed = jax.jit(embed)
+
+    @classmethod
+    def from_pretrained(cls, path: str | Path, *, attention: str = "bidirectional", dtype: str = "float32",
+                        kernel: str = "xla", **kwargs) -> "Embedder":
+        from conversion import load_model  # conversion knows the model; the model knows nothing of it
+
+        model, tokenizer = load_model(path, dtype=dtype)
+        model.attention, model.kernel = attention, kernel
+        return cls(model, tokenizer, **kwargs)
+
+    def encode(self, texts: list[str], instruction: str | None = None, *, progress: bool = True) -> np.ndarray:
+        if not texts:
+            return np.zeros((0, self.model.cfg.hidden_size), np.float32)
+        tokens = tokenize(self.tokenizer, [with_instruction(t, instruction) for t in texts], self.max_length)
+        empty = [i for i, row in enumerate(tokens.ids) if not row]
+        if empty:
+            raise ValueError(f"texts at positions {empty[:10]} give no tokens at all; remove or fill them")
+        if tokens.truncated:
+            log.warning("%d of %d texts were longer than max_length=%d tokens and were truncated",
+                        tokens.truncated, len(texts), self.max_length)
+        order = sorted(range(len(texts)), key=lambda i: -len(tokens.ids[i]))
+        out = np.zeros((len(texts), self.model.cfg.hidden_size), np.float32)
+        with tqdm(total=len(texts), desc="encoding", unit="text", disable=not progress) as bar:
+            for start in range(0, len(order), self.batch_size):
+                rows = order[start : start + self.batch_size]
+                longest = max(len(tokens.ids[i]) for i in rows)
+                length = next(b for b in self.buckets if b >= longest)
+                batch = pad_batch([tokens.ids[i] for i in rows], [tokens.embed_lengths[i] for i in rows],
+                                  length, self.batch_size)
+                vectors = np.asarray(self._embed(self._state, *batch))
+                out[rows] = vectors[: len(rows)]
+                bar.update(len(rows))
+        return out

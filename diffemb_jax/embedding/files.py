@@ -1,0 +1,71 @@
+"""Reading texts to embed and writing vectors, with errors that name the line and nothing half-written."""
+
+from __future__ import annotations
+
+import json
+import os
+import tempfile
+from pathlib import Path
+
+import numpy as np
+
+
+class InputError(ValueError):
+    """Bad user input; the message names the file and line."""
+
+
+def read_texts(path: str | Path) -> list[str]:
+    """.txt: one text a line; .jsonl: one object a line with a string field "text"."""
+    path = Path(path)
+    if not path.is_file():
+        raise InputError(f"{path}: no such file")
+    if path.suffix not in (".txt", ".jsonl"):
+        raise InputError(f"{path}: input must be .txt (one text a line) or .jsonl (field \"text\")")
+    texts = []
+    with open(path, "rb") as f:
+        for number, raw in enumerate(f, start=1):
+            try:
+                line = raw.decode("utf-8").rstrip("\r\n")
+            except UnicodeDecodeError as e:
+                raise InputError(f"{path}:{number}: not valid UTF-8 ({e.reason} at byte {e.start})") from e
+            if path.suffix == ".jsonl":
+                line = _jsonl_text(path, number, line)
+            if not line.strip():
+                raise InputError(f"{path}:{number}: empty text; every line must hold a text")
+            texts.append(line)
+    if not texts:
+        raise InputError(f"{path}: the file is empty; nothing to encode")
+    return texts
+
+
+def _jsonl_text(path: Path, number: int, line: str) -> str:
+    try:
+        record = json.loads(line)
+    except json.JSONDecodeError as e:
+        raise InputError(f"{path}:{number}: not valid JSON ({e.msg})") from e
+    if not isinstance(record, dict) or not isinstance(record.get("text"), str):
+        raise InputError(f"{path}:{number}: expected an object with a string field \"text\"")
+    return record["text"]
+
+
+def check_output_path(path: str | Path, suffix: str = ".npy") -> Path:
+    """Fail before any work if the output cannot be written where asked."""
+    path = Path(path)
+    if path.suffix != suffix:
+        raise InputError(f"{path}: the output must end in {suffix}")
+    if not path.parent.is_dir():
+        raise InputError(f"{path}: the folder {path.parent} does not exist; create it first")
+    return path
+
+
+def save_npy_atomic(path: str | Path, array: np.ndarray) -> None:
+    """Write to a temporary file in the same folder, then rename: readers see all or nothing."""
+    path = Path(path)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    try:
+        with os.fdopen(fd, "wb") as f:
+            np.save(f, array)
+        os.replace(tmp, path)
+    except BaseException:
+        os.unlink(tmp)
+        raise

@@ -1,0 +1,37 @@
+"""Pooling of hidden states into one vector per text, padding-side agnostic (masks, not positions).
+
+mean and weighted_mean follow llm2vec: the tokens pooled are the real tokens, or with
+skip_instruction only the embed_mask tokens; weighted_mean weighs the k-th pooled token by k.
+last_token takes the last real token.
+"""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+
+POOLING_MODES = ("mean", "weighted_mean", "last_token")
+
+
+def pool(hidden: jax.Array, padding_mask: jax.Array, embed_mask: jax.Array, mode: str = "mean",
+         skip_instruction: bool = False) -> jax.Array:
+    """hidden [B, L, D] -> [B, D] float32."""
+    hidden = hidden.astype(jnp.float32)
+    padding_mask = padding_mask.astype(jnp.float32)
+    if mode == "last_token":
+        length = padding_mask.shape[-1]
+        last = length - 1 - jnp.argmax(padding_mask[:, ::-1], axis=-1)
+        return jnp.take_along_axis(hidden, last[:, None, None], axis=1)[:, 0]
+    mask = padding_mask * embed_mask.astype(jnp.float32) if skip_instruction else padding_mask
+    if mode == "mean":
+        weights = mask
+    elif mode == "weighted_mean":
+        weights = jnp.cumsum(mask, axis=-1) * mask
+    else:
+        raise ValueError(f"unknown pooling {mode!r}; choose one of {POOLING_MODES}")
+    weights = weights / jnp.maximum(weights.sum(-1, keepdims=True), 1e-9)
+    return jnp.einsum("bl,bld->bd", weights, hidden)
+
+
+def l2_normalize(x: jax.Array) -> jax.Array:
+    return x / jnp.maximum(jnp.linalg.norm(x, axis=-1, keepdims=True), 1e-12)

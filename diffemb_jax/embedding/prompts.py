@@ -1,0 +1,54 @@
+"""Prompt format of the reference recipe and its tokenisation into a batch with an embed mask.
+
+Query: "{instruction}; " + SEPARATOR + text; document: SEPARATOR + text. The separator is removed
+before tokenising; the tokens of the part after it form `embed_mask`, counted as llm2vec counts them
+(the tail tokenised alone, marked from the end of the sequence), so pooling can skip the instruction.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+
+import numpy as np
+import tokenizers
+
+SEPARATOR = "!@#$%^&*()"
+
+
+def with_instruction(text: str, instruction: str | None) -> str:
+    return f"{instruction}; {SEPARATOR}{text}" if instruction else f"{SEPARATOR}{text}"
+
+
+@dataclasses.dataclass
+class Tokenized:
+    """Token ids of each text (unpadded) and how many trailing tokens are embedded."""
+
+    ids: list[list[int]]
+    embed_lengths: list[int]
+    truncated: int  # how many texts were cut at max_length
+
+
+def tokenize(tokenizer: tokenizers.Tokenizer, texts: list[str], max_length: int) -> Tokenized:
+    heads_tails = [t.split(SEPARATOR, 1) if SEPARATOR in t else ["", t] for t in texts]
+    full = tokenizer.encode_batch([h + t for h, t in heads_tails])
+    tails = tokenizer.encode_batch([t for _, t in heads_tails], add_special_tokens=False)
+    ids, embed_lengths, truncated = [], [], 0
+    for enc, tail in zip(full, tails):
+        row = enc.ids
+        if len(row) > max_length:
+            row, truncated = row[:max_length], truncated + 1
+        ids.append(row)
+        embed_lengths.append(min(len(tail.ids), len(row)))
+    return Tokenized(ids, embed_lengths, truncated)
+
+
+def pad_batch(ids: list[list[int]], embed_lengths: list[int], length: int, rows: int):
+    """Right-pad to [rows, length]: (input_ids, padding_mask, embed_mask) as int32 numpy arrays."""
+    input_ids = np.zeros((rows, length), np.int32)
+    padding_mask = np.zeros((rows, length), np.int32)
+    embed_mask = np.zeros((rows, length), np.int32)
+    for i, (row, n_embed) in enumerate(zip(ids, embed_lengths)):
+        input_ids[i, : len(row)] = row
+        padding_mask[i, : len(row)] = 1
+        embed_mask[i, len(row) - n_embed : len(row)] = 1
+    return input_ids, padding_mask, embed_mask
