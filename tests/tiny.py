@@ -64,12 +64,35 @@ def _llada_name(name: str) -> str:
     return f"model.transformer.blocks.{i}.{_LLADA_NAMES[module]}.{leaf}"
 
 
+WORDS = ("the a an is are was of to in on at for with by from and or not this that it he she they we you "
+         "cat dog man woman child car house tree music guitar market stock bread query document text "
+         "model diffusion embedding retrieval plays sings fell rose bakes reads writes runs big small "
+         "red green blue fast slow happy sad one two three four five six seven").split()
+
+
+def write_tokenizer(directory: Path, bos: bool = True) -> Path:
+    """A word-level tokenizer.json over WORDS (ids < 97), adding <s> in front when `bos`."""
+    import tokenizers
+    from tokenizers import models, pre_tokenizers, processors
+
+    vocab = {"<unk>": 0, "<s>": 1, "</s>": 2} | {w: i + 3 for i, w in enumerate(WORDS)}
+    assert len(vocab) <= _COMMON["vocab_size"]
+    tok = tokenizers.Tokenizer(models.WordLevel(vocab, unk_token="<unk>"))
+    tok.pre_tokenizer = pre_tokenizers.Whitespace()
+    if bos:
+        tok.post_processor = processors.TemplateProcessing(single="<s> $A", special_tokens=[("<s>", 1)])
+    path = directory / "tokenizer.json"
+    tok.save(str(path))
+    return path
+
+
 def write_checkpoint(family: str, directory: Path, model=None, **overrides) -> Path:
-    """Write a tiny checkpoint of `family` into `directory`; returns it."""
+    """Write a tiny checkpoint of `family` (weights, config, tokenizer) into `directory`; returns it."""
     from safetensors.torch import save_file
 
     model = model if model is not None else oracle_model(family, **overrides)
     directory.mkdir(parents=True, exist_ok=True)
+    write_tokenizer(directory, bos=family in ("llama", "llada"))
     if family in ("qwen2", "llama", "mistral"):
         model.save_pretrained(directory)
         return directory
