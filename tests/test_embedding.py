@@ -1,0 +1,94 @@
+"""Embedder and pooling against pooling done in numpy on transformers' hidden states (llm2vec's
+formulas, on llm2vec's left-padded layout), and the prompt / embed-mask rules of the recipe."""
+
+import logging
+
+import numpy as np
+import pytest
+import tokenizers
+
+import tiny
+from diffemb_jax.embedding import SEPARATOR, Embedder, tokenize, with_instruction
+
+TEXTS = ["the cat plays music", "a dog runs", "the big red car was fast and the small blue car was slow",
+         "she reads", "we write one two three four five six seven"]
+INSTRUCTION = "find the text"
+
+
+@pytest.fixture(scope="module")
+def llama(tmp_path_factory):
+    oracle = tiny.oracle_model("llama")
+    directory = tiny.write_checkpoint("llama", tmp_path_factory.mktemp("llama") / "hf", model=oracle)
+    return oracle, directory
+
+
+def _llm2vec_pool(reps, seq_lengths, mode):
+    """llm2vec's pooling: reps left-padded, the pooled tokens are the last seq_lengths[i]."""
+    out = []
+    for i, n in enumerate(seq_lengths):
+        tail = reps[i, reps.shape[1] - n:]
+        if mode == "mean":
+            out.append(tail.mean(0))
+        elif mode == "weighted_mean":
+            w = np.arange(1, n + 1, dtype=np.float64)
+            out.append((tail * (w / w.sum())[:, None]).sum(0))
+        else:
+            out.append(reps[i, -1])
+    out = np.stack(out)
+    return out / np.linalg.norm(out, axis=-1, keepdims=True)
+
+
+@pytest.mark.parametrize("mode", ["mean", "weighted_mean", "last_token"])
+@pytest.mark.parametrize("skip_instruction", [False, True])
+def test_encode_equals_numpy_pooling_of_transformers(llama, mode, skip_instruction):
+    oracle, directory = llama
+    embedder = Embedder.from_pretrained(directory, pooling=mode, skip_instruction=skip_instruction,
+                                        batch_size=2, max_length=64)
+    ours = embedder.encode(TEXTS, instruction=INSTRUCTION, progress=False)
+
+    tok = tokenizers.Tokenizer.from_file(str(directory / "tokenizer.json"))
+    full = [tok.encode(f"{INSTRUCTION}; {t}").ids for t in TEXTS]
+    tails = [len(tok.encode(t, add_special_tokens=False).ids) for t in TEXTS]
+    width = max(map(len, full))
+    ids = np.zeros((len(TEXTS), width), np.int64)
+    mask = np.zeros((len(TEXTS), width), np.int64)
+    for i, row in enumerate(full):  # left padding, as llm2vec tokenizes
+        ids[i, width - len(row):] = row
+        mask[i, width - len(row):] = 1
+    reps = tiny.oracle_hidden(oracle, ids, mask, "bidirectional")
+    lengths = tails if skip_instruction else mask.sum(-1)
+    np.testing.assert_allclose(ours, _llm2vec_pool(reps, lengths, mode), atol=1e-4)
+    np.testing.assert_allclose(np.linalg.norm(ours, axis=-1), 1.0, atol=1e-5)
+
+
+def test_embed_mask_counts_the_tokens_after_the_separator(llama):
+    tok = tokenizers.Tokenizer.from_file(str(llama[1] / "tokenizer.json"))
+    tokens = tokenize(tok, [with_instruction("a dog runs", "find the cat"), f"{SEPARATOR}the cat", "no separator here"], 64)
+    assert with_instruction("a dog runs", "find the cat") == f"find the cat; {SEPARATOR}a dog runs"
+    assert [len(r) for r in tokens.ids] == [1 + 4 + 3, 1 + 2, 1 + 3]  # <s>, instruction (';' too), text
+    assert tokens.embed_lengths == [3, 2, 3]
+
+
+def test_order_restored_and_shapes_bounded(llama):
+    embedder = Embedder.from_pretrained(llama[1], batch_size=2, max_length=64)
+    texts = TEXTS * 3
+    together = embedder.encode(texts, progress=False)
+    alone = np.concatenate([embedder.encode([t], progress=False) for t in texts])
+    np.testing.assert_allclose(together, alone, atol=1e-5)
+    assert embedder._embed._cache_size() <= len(embedder.buckets)
+
+
+def test_truncation_warns_once_with_count(llama, caplog):
+    embedder = Embedder.from_pretrained(llama[1], max_length=4)
+    with caplog.at_level(logging.WARNING):
+        vectors = embedder.encode(TEXTS, progress=False)
+    warnings = [r.getMessage() for r in caplog.records if "truncated" in r.getMessage()]
+    assert warnings == ["3 of 5 texts were longer than max_length=4 tokens and were truncated"]
+    assert vectors.shape == (5, 32)
+
+
+def test_text_without_tokens_is_an_error(tmp_path):
+    directory = tiny.write_checkpoint("qwen2", tmp_path / "hf")  # this tokenizer adds no BOS
+    embedder = Embedder.from_pretrained(directory)
+    with pytest.raises(ValueError, match=r"positions \[1\] give no tokens"):
+        embedder.encode(["the cat", ""], progress=False)
