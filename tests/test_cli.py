@@ -1,0 +1,93 @@
+"""`diffemb encode` end to end on a tiny converted model, and each bad input it must refuse
+with a message that names the problem, leaving no output file behind."""
+
+import json
+
+import numpy as np
+import pytest
+
+import tiny
+from conversion import convert
+from diffemb_jax.cli import main as cli
+from diffemb_jax.embedding import Embedder
+
+LINES = ["the cat plays music", "a dog runs", "the big red car was fast", "she reads a text"]
+
+
+@pytest.fixture(scope="module")
+def model_dir(tmp_path_factory):
+    root = tmp_path_factory.mktemp("cli")
+    return convert(tiny.write_checkpoint("qwen2", root / "hf"), root / "converted", progress=False)
+
+
+def _encode(model_dir, input_path, output_path, *extra):
+    return cli(["encode", "--model", str(model_dir), "--input", str(input_path), "--output", str(output_path),
+                *extra])
+
+
+@pytest.mark.parametrize("suffix", [".txt", ".jsonl"])
+def test_encode_writes_row_i_for_line_i(model_dir, tmp_path, suffix):
+    source = tmp_path / f"in{suffix}"
+    if suffix == ".txt":
+        source.write_text("\n".join(LINES) + "\n")
+    else:
+        source.write_text("\n".join(json.dumps({"text": t, "id": i}) for i, t in enumerate(LINES)))
+    out = tmp_path / "out.npy"
+    assert _encode(model_dir, source, out, "--attention", "causal", "--batch-size", "3") == 0
+    vectors = np.load(out)
+    assert vectors.dtype == np.float32 and vectors.shape == (4, 32)
+    np.testing.assert_allclose(np.linalg.norm(vectors, axis=-1), 1.0, atol=1e-5)
+    want = Embedder.from_pretrained(model_dir, attention="causal").encode(LINES, progress=False)
+    np.testing.assert_allclose(vectors, want, atol=1e-5)
+    assert [p.name for p in tmp_path.iterdir() if p.name.startswith(".")] == []
+
+
+def _fails(model_dir, tmp_path, capsys, content: bytes, suffix: str, *needles, output=None):
+    source = tmp_path / f"in{suffix}"
+    source.write_bytes(content)
+    out = output or tmp_path / "out.npy"
+    assert _encode(model_dir, source, out) == 2
+    err = capsys.readouterr().err
+    for needle in needles:
+        assert needle in err, err
+    assert not out.exists()
+
+
+def test_empty_file(model_dir, tmp_path, capsys):
+    _fails(model_dir, tmp_path, capsys, b"", ".txt", "empty")
+
+
+def test_line_not_utf8(model_dir, tmp_path, capsys):
+    _fails(model_dir, tmp_path, capsys, b"the cat\nbad \xff\xfe byte\n", ".txt", "in.txt:2", "UTF-8")
+
+
+def test_empty_line(model_dir, tmp_path, capsys):
+    _fails(model_dir, tmp_path, capsys, b"the cat\n\na dog\n", ".txt", "in.txt:2", "empty text")
+
+
+def test_jsonl_bad_json_and_missing_field(model_dir, tmp_path, capsys):
+    _fails(model_dir, tmp_path, capsys, b'{"text": "a"}\n{"text": \n', ".jsonl", "in.jsonl:2", "not valid JSON")
+    _fails(model_dir, tmp_path, capsys, b'{"text": "a"}\n{"body": "b"}\n', ".jsonl", "in.jsonl:2", '"text"')
+
+
+def test_output_in_missing_folder(model_dir, tmp_path, capsys):
+    out = tmp_path / "missing" / "out.npy"
+    _fails(model_dir, tmp_path, capsys, b"the cat\n", ".txt", "does not exist", output=out)
+    assert not out.parent.exists()
+
+
+def test_too_long_text_is_truncated_with_one_warning(model_dir, tmp_path, caplog):
+    source = tmp_path / "in.txt"
+    source.write_text("\n".join(LINES))
+    out = tmp_path / "out.npy"
+    assert _encode(model_dir, source, out, "--max-length", "3") == 0
+    warnings = [r.getMessage() for r in caplog.records if r.levelname == "WARNING"]
+    assert warnings == ["3 of 4 texts were longer than max_length=3 tokens and were truncated"]
+    assert np.load(out).shape == (4, 32)
+
+
+def test_unknown_model_path(tmp_path, capsys):
+    source = tmp_path / "in.txt"
+    source.write_text("the cat\n")
+    assert _encode(tmp_path / "nope", source, tmp_path / "out.npy") == 2
+    assert "does not exist" in capsys.readouterr().err
