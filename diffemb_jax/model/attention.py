@@ -32,6 +32,9 @@ def attend(q, k, v, padding_mask, *, causal: bool, sliding_window: int | None = 
         mask = attention_mask_4d(padding_mask, causal, sliding_window)
         return jax.nn.dot_product_attention(q, k, v, mask=mask, implementation="xla")
     if kernel == "cudnn":
+        if jax.default_backend() != "gpu":
+            raise ValueError(f"the cudnn attention kernel needs an NVIDIA GPU; this backend is "
+                             f"{jax.default_backend()!r}: use kernel='xla'")
         lengths = padding_mask.sum(-1).astype(jnp.int32)
         window = None if (sliding_window is None or not causal) else (sliding_window - 1, 0)
         return jax.nn.dot_product_attention(
