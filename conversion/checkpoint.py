@@ -34,7 +34,7 @@ def _clean(tok: tokenizers.Tokenizer) -> tokenizers.Tokenizer:
     return tok
 
 
-def _hf_tokenizer(directory: Path, gguf_file: str | None = None) -> tokenizers.Tokenizer:
+def hf_tokenizer(directory: Path, gguf_file: str | None = None) -> tokenizers.Tokenizer:
     if gguf_file is None and (directory / "tokenizer.json").exists():
         return _clean(tokenizers.Tokenizer.from_file(str(directory / "tokenizer.json")))
     from transformers import AutoTokenizer  # builds tokenizer.json from vocab/merges or GGUF metadata
@@ -57,12 +57,12 @@ def open_source(path: str | Path):
         raise CheckpointError(f"{path} does not exist")
     if path.is_file() and path.suffix == ".gguf":
         source = GGUFSource(path)
-        return config_from_hf(source.hf_config.to_dict()), source, _hf_tokenizer(path.parent, path.name)
+        return config_from_hf(source.hf_config.to_dict()), source, hf_tokenizer(path.parent, path.name)
     if path.is_dir():
         if not (path / "config.json").exists():
             raise CheckpointError(f"{path} has no config.json: is it a Hugging Face model directory?")
         cfg = config_from_hf_file(path / "config.json")
-        return cfg, open_weights(path), _hf_tokenizer(path)
+        return cfg, open_weights(path), hf_tokenizer(path)
     raise CheckpointError(f"{path} is neither a model directory nor a .gguf file")
 
 
