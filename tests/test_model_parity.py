@@ -5,6 +5,7 @@ models; bidirectional through an explicit 4-D boolean mask."""
 import jax.numpy as jnp
 import numpy as np
 import pytest
+import torch
 from conftest import padded_batch
 
 import tiny
@@ -32,6 +33,18 @@ def test_hidden_states_match_transformers(family_pair, side, attention):
     theirs = tiny.oracle_hidden(oracle, ids, mask, attention)
     real = mask.astype(bool)
     np.testing.assert_allclose(ours[real], theirs[real], atol=1e-4, rtol=0)
+
+
+def test_lm_head_logits_match_transformers(family_pair):
+    """The head (tied for llama, its own matrix elsewhere) that diffusion and MNTP objectives need."""
+    _, oracle, directory = family_pair
+    model, _ = load_model(directory, progress=False)
+    model.attention = "causal"
+    ids, mask = padded_batch(LENGTHS, 9, "right")
+    ours = np.asarray(model.logits(model(jnp.asarray(ids), jnp.asarray(mask))))
+    with torch.no_grad():
+        theirs = oracle(input_ids=torch.as_tensor(ids), attention_mask=torch.as_tensor(mask)).logits.numpy()
+    np.testing.assert_allclose(ours[mask.astype(bool)], theirs[mask.astype(bool)], atol=1e-4)
 
 
 def test_modes_really_differ(family_pair):

@@ -54,16 +54,6 @@ class ModelConfig:
             raise UnsupportedConfigError(f"{path}: unknown ModelConfig keys {unknown}")
         return cls(**data)
 
-    @property
-    def num_params(self) -> int:
-        d, f, hd = self.hidden_size, self.intermediate_size, self.head_dim
-        attn = d * hd * (2 * self.num_heads + 2 * self.num_kv_heads)
-        if self.qkv_bias:
-            attn += hd * (self.num_heads + 2 * self.num_kv_heads)
-        layer = attn + 3 * d * f + 2 * d
-        head = 0 if self.tie_word_embeddings else self.vocab_size * d
-        return self.vocab_size * d + self.num_layers * layer + d + head
-
 
 def _rope_theta(hf: dict[str, Any], default: float) -> float:
     """transformers 4 writes rope_theta + rope_scaling; transformers 5 writes rope_parameters."""
