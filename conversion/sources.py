@@ -78,7 +78,22 @@ def _torch_to_numpy(tensor) -> np.ndarray:
     return tensor.numpy()
 
 
-class TorchBinSource:
+class _TorchTensors:
+    """A source over a dict of torch tensors (memory-mapped or dequantised)."""
+
+    _tensors: dict
+
+    def names(self):
+        return list(self._tensors)
+
+    def shape(self, name):
+        return tuple(self._tensors[name].shape)
+
+    def read(self, name, index):
+        return _torch_to_numpy(self._tensors[name][index].contiguous())
+
+
+class TorchBinSource(_TorchTensors):
     """PyTorch .bin checkpoints, read with weights_only=True (never the file's own code) and mmap."""
 
     def __init__(self, directory: Path):
@@ -94,17 +109,8 @@ class TorchBinSource:
                 raise CheckpointError(f"{p}: cannot be read as a weights-only PyTorch checkpoint ({e})") from e
             self._tensors.update(state)
 
-    def names(self):
-        return list(self._tensors)
 
-    def shape(self, name):
-        return tuple(self._tensors[name].shape)
-
-    def read(self, name, index):
-        return _torch_to_numpy(self._tensors[name][index].contiguous())
-
-
-class GGUFSource:
+class GGUFSource(_TorchTensors):
     """A .gguf file, dequantised by transformers' GGUF loader into HF tensor names.
 
     GGUF tensors are quantised blocks, so they are dequantised whole (one float32 copy in host
@@ -124,15 +130,6 @@ class GGUFSource:
             skeleton = AutoModelForCausalLM.from_config(self.hf_config)
         loaded = load_gguf_checkpoint(str(path), return_tensors=True, model_to_load=skeleton)
         self._tensors = loaded["tensors"]
-
-    def names(self):
-        return list(self._tensors)
-
-    def shape(self, name):
-        return tuple(self._tensors[name].shape)
-
-    def read(self, name, index):
-        return _torch_to_numpy(self._tensors[name][index].contiguous())
 
 
 def open_weights(directory: Path) -> TensorSource:

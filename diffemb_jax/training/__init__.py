@@ -1,0 +1,1 @@
+"""Training: losses, LoRA, data, the train step and loop."""
