@@ -1,4 +1,4 @@
-"""`diffemb`: convert | encode | demo | bench."""
+"""`diffemb`: convert | encode | train | demo | bench."""
 
 from __future__ import annotations
 
@@ -26,6 +26,30 @@ def _encode(args) -> None:
     vectors = embedder.encode(texts, instruction=args.instruction)
     save_npy_atomic(output, vectors)
     print(f"wrote {vectors.shape[0]} x {vectors.shape[1]} float32 embeddings to {output}")
+
+
+def _train(argv: list[str]) -> None:
+    """`diffemb train --config configs/X.py --workdir DIR [--config.key=value ...]` (absl flags, as
+    ml_collections configs are meant to be overridden; an unknown key is an error naming it)."""
+    from absl import flags
+    from ml_collections import config_flags
+
+    from diffemb_jax.training.trainer import train
+
+    argv = ["diffemb train", *argv]
+    values = flags.FlagValues()
+    config_flags.DEFINE_config_file("config", None, "training config file (get_config())", flag_values=values,
+                                    lock_config=True, sys_argv=argv)
+    flags.DEFINE_string("workdir", None, "checkpoints, metrics and data cache go here", flag_values=values)
+    try:
+        values(argv)
+    except (flags.Error, AttributeError, KeyError) as e:
+        raise ValueError(str(e)) from e
+    if values.config is None or values.workdir is None:
+        raise ValueError("usage: diffemb train --config configs/X.py --workdir DIR [--config.key=value ...]")
+    history = train(values.config, values.workdir)
+    if history:
+        print(f"trained to step {history[-1]['step']}: loss {history[-1]['loss']:.4f}; workdir {values.workdir}")
 
 
 def _demo(args) -> None:
@@ -84,16 +108,23 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(level=logging.WARNING, format="%(levelname)s: %(message)s")
-    args = build_parser().parse_args(argv)
-    from conversion import CheckpointError
-    from diffemb_jax.embedding.files import InputError
-    from diffemb_jax.model import UnsupportedConfigError
+    argv = sys.argv[1:] if argv is None else argv
+    if argv[:1] == ["train"]:
+        from diffemb_jax.training.trainer import TrainingDiverged
 
+        return _run("train", lambda: _train(argv[1:]), (TrainingDiverged,))
+    args = build_parser().parse_args(argv)
+    return _run(args.command, lambda: args.func(args))
+
+
+def _run(command: str, work, more_errors: tuple = ()) -> int:
+    """Run a command; user errors (bad input, a checkpoint or config that does not fit) exit 2 with
+    their message instead of a traceback. CheckpointError, InputError, UnsupportedConfigError and the
+    data pipeline's BadRowError are ValueErrors."""
     try:
-        args.func(args)
-    except (CheckpointError, InputError, UnsupportedConfigError, FileExistsError, FileNotFoundError,
-            ValueError) as e:
-        print(f"diffemb {args.command}: error: {e}", file=sys.stderr)
+        work()
+    except (ValueError, FileExistsError, FileNotFoundError, *more_errors) as e:
+        print(f"diffemb {command}: error: {e}", file=sys.stderr)
         return 2
     return 0
 

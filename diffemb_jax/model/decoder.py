@@ -16,6 +16,9 @@ from diffemb_jax.model.attention import attend
 from diffemb_jax.model.config import ModelConfig
 
 ATTENTION_MODES = ("bidirectional", "causal")
+# What a block keeps for the backward pass: everything, nothing (recompute the block), or matmul outputs.
+REMAT_POLICIES = {"none": None, "full": jax.checkpoint_policies.nothing_saveable,
+                  "dots": jax.checkpoint_policies.dots_with_no_batch_dims_saveable}
 _normal = nnx.initializers.normal(0.02)
 
 
@@ -100,15 +103,30 @@ def positions_from_mask(padding_mask: jax.Array) -> jax.Array:
     return jnp.maximum(jnp.cumsum(padding_mask.astype(jnp.int32), axis=-1) - 1, 0)
 
 
+def _rematerialised(run, block, x, policy):
+    """run(block, x) under jax.checkpoint, on the block's state as a plain pytree (so it composes
+    with jax.grad outside NNX transforms); RNG counts advanced inside (dropout) are kept."""
+    graphdef, state = nnx.split(block)
+
+    def pure(state, x):
+        inner = nnx.merge(graphdef, state)
+        return run(inner, x), nnx.state(inner, nnx.RngState)
+
+    y, new_state = jax.checkpoint(pure, policy=policy)(state, x)
+    nnx.update(block, new_state)
+    return y
+
+
 class Decoder(nnx.Module):
     """Token ids + padding mask -> final-norm hidden states; `logits` adds the LM head."""
 
     def __init__(self, cfg: ModelConfig, *, rngs: nnx.Rngs, dtype=jnp.float32, param_dtype=jnp.float32,
-                 attention: str = "bidirectional", kernel: str = "xla"):
+                 attention: str = "bidirectional", kernel: str = "xla", remat: str = "none"):
         self.cfg = cfg
         self.dtype = dtype
         self.attention = attention
         self.kernel = kernel
+        self.remat = remat
         # Logical axis names are metadata only: placement on a mesh is the loader's job.
         with nnx.use_eager_sharding(False):
             self._build(cfg, rngs, dtype, param_dtype)
@@ -127,11 +145,17 @@ class Decoder(nnx.Module):
     def __call__(self, input_ids: jax.Array, padding_mask: jax.Array) -> jax.Array:
         if self.attention not in ATTENTION_MODES:
             raise ValueError(f"attention must be one of {ATTENTION_MODES}, got {self.attention!r}")
+        if self.remat not in REMAT_POLICIES:
+            raise ValueError(f"remat must be one of {tuple(REMAT_POLICIES)}, got {self.remat!r}")
         causal = self.attention == "causal"
         positions = positions_from_mask(padding_mask)
+
+        def run(block, x):
+            return block(x, positions, padding_mask, causal=causal, kernel=self.kernel)
+
         x = self.embed(input_ids)
         for block in self.layers:
-            x = block(x, positions, padding_mask, causal=causal, kernel=self.kernel)
+            x = run(block, x) if self.remat == "none" else _rematerialised(run, block, x, REMAT_POLICIES[self.remat])
         return self.final_norm(x)
 
     def logits(self, hidden: jax.Array) -> jax.Array:

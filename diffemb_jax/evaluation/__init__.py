@@ -1,0 +1,1 @@
+"""Evaluation: retrieval search and metrics, and the retrieval tasks they are run on."""

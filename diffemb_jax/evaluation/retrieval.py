@@ -1,0 +1,131 @@
+"""Dense retrieval and its metrics: exact top-k search over doc shards, TREC runs, pytrec_eval scores.
+
+search scores a corpus in shards of `batch` documents and keeps a running top-k, so memory is
+O(Q * (k + batch)) whatever the corpus size. Ties are broken by the lower document index.
+Metrics come from pytrec_eval (trec_eval), averaged over every judged query: a query with
+judgments but no retrieved documents counts 0 (trec_eval -c), a run query without judgments is
+ignored. trec_eval orders a query's documents by score, then by doc id descending, whatever order
+the run lists them in.
+"""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+
+import numpy as np
+import pytrec_eval
+
+DEFAULT_MEASURES = ("ndcg_cut_10", "map_cut_100", "recall_100", "recip_rank")
+MRR_CUTOFF = 10
+
+Qrels = dict[str, dict[str, int]]
+Run = dict[str, dict[str, float]]
+Encoder = Callable[[list[str]], np.ndarray]  # texts -> L2-normalised [n, D]
+
+
+@dataclass(frozen=True)
+class RetrievalSet:
+    """queries {qid: text}, corpus {docid: text}, qrels {qid: {docid: relevance}}."""
+
+    queries: dict[str, str]
+    corpus: dict[str, str]
+    qrels: Qrels
+
+
+def search(query_vectors: np.ndarray, doc_vectors: np.ndarray, top_k: int = 100,
+           batch: int = 1024) -> tuple[np.ndarray, np.ndarray]:
+    """Exact top-k by dot product (cosine for L2-normalised vectors): scores, indices [Q, min(k, N)]."""
+    queries = np.asarray(query_vectors, dtype=np.float32)
+    docs = np.asarray(doc_vectors, dtype=np.float32)
+    _check_search_args(queries, docs, top_k, batch)
+    k = min(top_k, len(docs))
+    best_scores = np.empty((len(queries), 0), np.float32)
+    best_indices = np.empty((len(queries), 0), np.int64)
+    for start in range(0, len(docs), batch):
+        shard = docs[start:start + batch]
+        scores = np.concatenate([best_scores, queries @ shard.T], axis=1)
+        shard_indices = np.broadcast_to(np.arange(start, start + len(shard)), (len(queries), len(shard)))
+        indices = np.concatenate([best_indices, shard_indices], axis=1)
+        order = np.argsort(-scores, axis=1, kind="stable")[:, :k]
+        best_scores = np.take_along_axis(scores, order, axis=1)
+        best_indices = np.take_along_axis(indices, order, axis=1)
+    return best_scores, best_indices
+
+
+def _check_search_args(queries: np.ndarray, docs: np.ndarray, top_k: int, batch: int) -> None:
+    if queries.ndim != 2 or docs.ndim != 2 or queries.shape[1] != docs.shape[1]:
+        raise ValueError(f"need [Q, D] queries and [N, D] docs, got {queries.shape} and {docs.shape}")
+    if len(docs) == 0:
+        raise ValueError("the corpus is empty")
+    if top_k < 1 or batch < 1:
+        raise ValueError(f"top_k and batch must be >= 1, got {top_k} and {batch}")
+
+
+def run_from_search(qids: Sequence[str], docids: Sequence[str], scores: np.ndarray, indices: np.ndarray) -> Run:
+    """A TREC run {qid: {docid: score}} from search's output; row i belongs to qids[i]."""
+    return {qid: {docids[j]: float(s) for s, j in zip(row_scores, row_indices)}
+            for qid, row_scores, row_indices in zip(qids, scores, indices, strict=True)}
+
+
+def evaluate_run(qrels: Qrels, run: Run, measures: Sequence[str] = DEFAULT_MEASURES) -> dict[str, float]:
+    """Mean of each trec_eval measure over the judged queries, keyed "ndcg@10", "map@100", ...
+
+    "recip_rank" is scored on the run cut to its top MRR_CUTOFF documents and keyed "mrr@10".
+    """
+    if not qrels:
+        raise ValueError("qrels is empty: no query to average over")
+    results = {}
+    plain = [m for m in measures if m != "recip_rank"]
+    if plain:
+        results.update(_mean_over_judged(qrels, run, plain))
+    if "recip_rank" in measures:
+        cut = {qid: _top(docs, MRR_CUTOFF) for qid, docs in run.items()}
+        results.update(_mean_over_judged(qrels, cut, ["recip_rank"]))
+    return {_public_name(m): results[m] for m in measures}
+
+
+def _mean_over_judged(qrels: Qrels, run: Run, measures: Sequence[str]) -> dict[str, float]:
+    per_query = pytrec_eval.RelevanceEvaluator(qrels, set(measures)).evaluate(run)
+    return {m: sum(per_query[q][m] for q in per_query) / len(qrels) for m in measures}
+
+
+def _top(docs: dict[str, float], k: int) -> dict[str, float]:
+    """The k documents trec_eval ranks first: score descending, then doc id descending."""
+    return dict(sorted(docs.items(), key=lambda item: (item[1], item[0]), reverse=True)[:k])
+
+
+def _public_name(measure: str) -> str:
+    if measure == "recip_rank":
+        return f"mrr@{MRR_CUTOFF}"
+    return re.sub(r"(?:_cut)?_(\d+)$", r"@\1", measure)
+
+
+def evaluate_embedder(encode_queries: Encoder, encode_docs: Encoder, queries: dict[str, str], corpus: dict[str, str],
+                      qrels: Qrels, top_k: int = 100) -> dict[str, float]:
+    """Encode the judged queries and the corpus, search, score; encoders return L2-normalised [n, D]."""
+    _check_judgments(queries, corpus, qrels)
+    qids, docids = list(qrels), list(corpus)
+    query_vectors = _encode(encode_queries, [queries[q] for q in qids], "encode_queries")
+    doc_vectors = _encode(encode_docs, [corpus[d] for d in docids], "encode_docs")
+    scores, indices = search(query_vectors, doc_vectors, top_k)
+    return evaluate_run(qrels, run_from_search(qids, docids, scores, indices))
+
+
+def _check_judgments(queries: dict[str, str], corpus: dict[str, str], qrels: Qrels) -> None:
+    if not corpus:
+        raise ValueError("the corpus is empty")
+    for qid, judged in qrels.items():
+        if qid not in queries:
+            raise ValueError(f"qrels query id {qid!r} is not among the queries")
+        for docid in judged:
+            if docid not in corpus:
+                raise ValueError(f"qrels doc id {docid!r} (query {qid!r}) is not in the corpus")
+
+
+def _encode(encode: Encoder, texts: list[str], name: str) -> np.ndarray:
+    vectors = np.asarray(encode(texts))
+    if vectors.ndim != 2 or len(vectors) != len(texts):
+        raise ValueError(f"{name} returned shape {vectors.shape} for {len(texts)} texts; expected [n, D]")
+    return vectors

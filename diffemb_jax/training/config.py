@@ -1,0 +1,50 @@
+"""The training config: every key with its default, so a recipe file states only what differs and an
+unknown `--config.x=y` override is an error naming the key (ml_collections' locked ConfigDict)."""
+
+from __future__ import annotations
+
+import ml_collections
+
+
+def base_config() -> ml_collections.ConfigDict:
+    c = ml_collections.ConfigDict()
+    c.model = ml_collections.ConfigDict(dict(
+        path="",  # converted directory, HF model directory or .gguf file
+        attention="bidirectional",  # bidirectional | causal
+        dtype="bfloat16",  # base weights and activations; LoRA and optimizer state are float32
+        pooling="mean",  # mean | weighted_mean | last_token
+        skip_instruction=False,
+    ))
+    c.lora = ml_collections.ConfigDict(dict(
+        rank=16, alpha=32.0, dropout=0.05,
+        targets=r".*(q_proj|k_proj|v_proj|o_proj|gate_proj|up_proj|down_proj)",
+    ))
+    c.data = ml_collections.ConfigDict(dict(
+        files=(),  # JSONL training files; on the command line repeat --config.data.files=F
+        format="echo",  # echo | reasonaug | msmarco_instructions
+        query_max_length=512,
+        doc_max_length=512,
+        num_negatives=1,
+        skip_bad_rows=False,
+        cache_dir="",  # where the ArrayRecord dataset is built; default: WORKDIR/data
+    ))
+    c.loss = ml_collections.ConfigDict(dict(
+        kind="in_batch",  # in_batch: cos * scale over all documents | per_query: dot / sqrt(d), own negatives
+        scale=50.0,
+    ))
+    c.train = ml_collections.ConfigDict(dict(
+        seed=42,
+        steps=1000,
+        global_batch_size=16,
+        lr=1e-4,
+        warmup_steps=100,
+        grad_clip=1.0,
+        weight_decay=0.0,
+        remat="full",  # none | full | dots
+        grad_cache_chunk=0,  # rows per chunk for gradient caching; 0 = off
+        checkpoint_every=100,
+        keep_checkpoints=3,
+        log_every=1,
+    ))
+    c.lock()
+    return c

@@ -1,0 +1,207 @@
+"""The training loop: LoRA contrastive training that can be killed at any step and resumed exactly.
+
+A checkpoint (orbax, async, keep-N, atomic) holds the LoRA parameters, the optimizer state, the
+dropout RNG state, the step and the data iterator's state, so restarting the same command continues
+with the very batches and random numbers the uninterrupted run would have used. Metrics go to
+WORKDIR/metrics.jsonl and TensorBoard (WORKDIR/tensorboard) with a progress bar.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+import os
+import time
+from pathlib import Path
+
+import jax
+import jax.numpy as jnp
+import ml_collections
+import numpy as np
+import orbax.checkpoint as ocp
+from flax import nnx
+from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
+from tqdm.auto import tqdm
+
+from diffemb_jax.training.data import TrainBatches, build_dataset
+from diffemb_jax.training.lora import LoraConfig, apply_lora
+from diffemb_jax.training.step import StepConfig, batch_tokens, make_optimizer, make_train_step, split_model
+
+log = logging.getLogger(__name__)
+
+
+class TrainingDiverged(RuntimeError):
+    """The loss became NaN or Inf; the last good state was saved first."""
+
+
+def lora_config(config) -> LoraConfig:
+    return LoraConfig(rank=config.lora.rank, alpha=config.lora.alpha, dropout=config.lora.dropout,
+                      targets=config.lora.targets)
+
+
+def step_config(config) -> StepConfig:
+    return StepConfig(loss=config.loss.kind, scale=config.loss.scale, num_negatives=config.data.num_negatives,
+                      pooling=config.model.pooling, skip_instruction=config.model.skip_instruction,
+                      grad_cache_chunk=config.train.grad_cache_chunk)
+
+
+def check_config(config) -> None:
+    if not config.model.path:
+        raise ValueError("config.model.path is empty: set --config.model.path=MODEL (converted dir, HF dir or .gguf)")
+    if not [f for f in config.data.files if f]:
+        raise ValueError("config.data.files is empty: set --config.data.files=train.jsonl (repeat for more files)")
+    for f in config.data.files:
+        if not Path(f).is_file():
+            raise FileNotFoundError(f"config.data.files: {f} does not exist")
+    if config.train.global_batch_size % jax.device_count():
+        raise ValueError(f"train.global_batch_size={config.train.global_batch_size} is not divisible by the "
+                         f"{jax.device_count()} devices")
+
+
+def _key_data(tree):
+    """Typed PRNG keys -> raw uint32 data, so orbax can store them (and back with _wrap_keys)."""
+    return jax.tree.map(lambda x: jax.random.key_data(x) if jnp.issubdtype(x.dtype, jax.dtypes.prng_key) else x, tree)
+
+
+def _wrap_keys(raw, like):
+    return jax.tree.map(
+        lambda r, x: jax.random.wrap_key_data(r) if jnp.issubdtype(x.dtype, jax.dtypes.prng_key) else r, raw, like)
+
+
+class MetricsLog:
+    """metrics.jsonl (rewritten on resume to drop steps after the checkpoint) and TensorBoard."""
+
+    def __init__(self, workdir: Path, resume_step: int):
+        from tensorboardX import SummaryWriter
+
+        self.path = workdir / "metrics.jsonl"
+        if self.path.exists():
+            kept = [line for line in self.path.read_text().splitlines()
+                    if line.strip() and json.loads(line)["step"] <= resume_step]
+            tmp = self.path.with_suffix(".jsonl.tmp")
+            tmp.write_text("".join(line + "\n" for line in kept))
+            os.replace(tmp, self.path)
+        self._file = open(self.path, "a")
+        self._tb = SummaryWriter(str(workdir / "tensorboard"))
+
+    def write(self, record: dict) -> None:
+        self._file.write(json.dumps(record) + "\n")
+        self._file.flush()
+        for key, value in record.items():
+            if key != "step":
+                self._tb.add_scalar(f"train/{key}", value, record["step"])
+
+    def close(self) -> None:
+        self._file.close()
+        self._tb.close()
+
+
+class Trainer:
+    def __init__(self, config: ml_collections.ConfigDict, workdir: str | Path):
+        from conversion import load_model
+
+        check_config(config)
+        self.config, self.workdir = config, Path(workdir)
+        self.workdir.mkdir(parents=True, exist_ok=True)
+        (self.workdir / "config.json").write_text(config.to_json_best_effort(indent=2))
+        model, self.tokenizer = load_model(config.model.path, dtype=config.model.dtype)
+        model.attention, model.remat = config.model.attention, config.train.remat
+        self.model = apply_lora(model, lora_config(config), seed=config.train.seed)
+        self.graphdef, lora, rng, frozen = split_model(self.model)
+        mesh = Mesh(np.array(jax.devices()), ("data",))
+        self.replicated, self.data_sharding = NamedSharding(mesh, P()), NamedSharding(mesh, P("data"))
+        self.lora, self.rng, self.frozen = jax.device_put((lora, rng, frozen), self.replicated)
+        self.tx, schedule = make_optimizer(config.train.lr, config.train.warmup_steps, config.train.steps,
+                                           config.train.grad_clip, config.train.weight_decay)
+        self.opt_state = jax.device_put(self.tx.init(self.lora), self.replicated)
+        self.train_step = make_train_step(self.graphdef, self.tx, schedule, step_config(config))
+        self.batches = self._batches()
+        self.checkpoints = ocp.CheckpointManager(
+            (self.workdir / "checkpoints").absolute(),
+            options=ocp.CheckpointManagerOptions(max_to_keep=config.train.keep_checkpoints, create=True,
+                                                 enable_async_checkpointing=True))
+        self.step = 0
+
+    def _batches(self) -> TrainBatches:
+        c = self.config
+        cache = Path(c.data.cache_dir or self.workdir / "data")
+        data_dir = build_dataset(c.data.files, c.data.format, cache, skip_bad_rows=c.data.skip_bad_rows,
+                                 num_negatives=c.data.num_negatives)
+        return TrainBatches(data_dir, self.tokenizer, global_batch_size=c.train.global_batch_size,
+                            query_max_length=c.data.query_max_length, doc_max_length=c.data.doc_max_length,
+                            num_negatives=c.data.num_negatives, seed=c.train.seed,
+                            process_index=jax.process_index(), process_count=jax.process_count())
+
+    # ------------------------------------------------------------------ checkpoints
+
+    def _state_tree(self) -> dict:
+        return {"lora": self.lora, "opt": self.opt_state, "rng": _key_data(self.rng)}
+
+    def save(self, step: int, data_state: dict) -> None:
+        self.checkpoints.save(step, args=ocp.args.Composite(
+            state=ocp.args.StandardSave(self._state_tree()), data=ocp.args.JsonSave(data_state)))
+
+    def restore_latest(self) -> int:
+        step = self.checkpoints.latest_step()
+        if step is None:
+            return 0
+        restored = self.checkpoints.restore(step, args=ocp.args.Composite(
+            state=ocp.args.StandardRestore(self._state_tree()), data=ocp.args.JsonRestore()))
+        state = restored["state"]
+        self.lora, self.opt_state = state["lora"], state["opt"]
+        self.rng = _wrap_keys(state["rng"], self.rng)
+        self.batches.set_state(restored["data"])
+        log.warning("resumed from %s at step %d", self.workdir / "checkpoints", step)
+        return step
+
+    # ------------------------------------------------------------------ loop
+
+    def _device_batch(self, batch: dict) -> dict:
+        return jax.tree.map(lambda x: jax.make_array_from_process_local_data(self.data_sharding, x), batch)
+
+    def run(self, *, progress: bool = True) -> list[dict]:
+        c = self.config.train
+        self.step = self.restore_latest()
+        metrics_log = MetricsLog(self.workdir, self.step)
+        history = []
+        bar = tqdm(total=c.steps, initial=self.step, desc="training", unit="step", disable=not progress)
+        try:
+            while self.step < c.steps:
+                data_state = self.batches.get_state()
+                batch = next(self.batches)
+                start = time.perf_counter()
+                self.lora, self.opt_state, self.rng, metrics = self.train_step(
+                    self.lora, self.opt_state, self.rng, self.frozen, self.step, self._device_batch(batch))
+                metrics = {k: float(v) for k, v in metrics.items()}
+                seconds = time.perf_counter() - start
+                if not math.isfinite(metrics["loss"]):
+                    self._stop_diverged(metrics["loss"], data_state)
+                self.step += 1
+                record = {"step": self.step, **metrics, "tokens_per_s": batch_tokens(batch) / seconds,
+                          "seconds": seconds}
+                history.append(record)
+                if self.step % c.log_every == 0 or self.step == c.steps:
+                    metrics_log.write(record)
+                bar.set_postfix(loss=f"{metrics['loss']:.4f}", acc=f"{metrics['accuracy']:.2f}")
+                bar.update()
+                if self.step % c.checkpoint_every == 0 or self.step == c.steps:
+                    self.save(self.step, self.batches.get_state())
+        finally:
+            bar.close()
+            metrics_log.close()
+            self.checkpoints.wait_until_finished()
+        return history
+
+    def _stop_diverged(self, loss: float, data_state: dict) -> None:
+        # The step kept the previous parameters; save them with the data position before this batch.
+        if self.checkpoints.latest_step() != self.step:
+            self.save(self.step, data_state)
+        self.checkpoints.wait_until_finished()
+        raise TrainingDiverged(
+            f"the loss is {loss} at step {self.step + 1}; stopped. The last good state (step {self.step}) is saved "
+            f"in {self.workdir / 'checkpoints'}: lower train.lr or check the data, then rerun to resume.")
+
+
+def train(config: ml_collections.ConfigDict, workdir: str | Path, *, progress: bool = True) -> list[dict]:
+    return Trainer(config, workdir).run(progress=progress)
