@@ -8,6 +8,6 @@ def get_config():
     c.model.dtype = "float32"
     c.lora.rank, c.lora.alpha, c.lora.dropout = 4, 8.0, 0.0
     c.data.query_max_length, c.data.doc_max_length = 16, 24
-    c.train.update(steps=8, global_batch_size=4, lr=1e-3, warmup_steps=2, remat="none", checkpoint_every=2,
+    c.train.update(steps=30, global_batch_size=8, lr=1e-3, warmup_steps=2, remat="none", checkpoint_every=2,
                    keep_checkpoints=2)
     return c

@@ -1,0 +1,207 @@
+"""Training: the step's exactness (GradCache, remat, data parallel on 8 devices), LoRA-only updates,
+a run that lowers the loss, resume after SIGKILL, NaN stop, and config errors."""
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import textwrap
+import time
+from pathlib import Path
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import orbax.checkpoint as ocp
+import pytest
+from flax import nnx
+
+import tiny
+from diffemb_jax.cli import main as cli
+from diffemb_jax.model import Decoder, ModelConfig
+from diffemb_jax.training.lora import LoraConfig, apply_lora, merge_lora
+from diffemb_jax.training.step import StepConfig, loss_and_grads, make_optimizer, make_train_step, split_model
+from training_fixtures import tiny_setup, train_args
+
+CFG = ModelConfig("qwen2", 97, 32, 2, 4, 2, 8, 64, qkv_bias=True)
+
+
+def _side(rows, length, seed):
+    rng = np.random.RandomState(seed)
+    ids = rng.randint(1, 97, (rows, length)).astype(np.int32)
+    mask = np.zeros((rows, length), np.int32)
+    for i in range(rows):
+        mask[i, : rng.randint(2, length + 1)] = 1
+    return {"input_ids": ids, "padding_mask": mask, "embed_mask": mask.copy()}
+
+
+BATCH = {"query": _side(8, 8, 0), "positive": _side(8, 12, 1), "negative": _side(8, 12, 2)}
+
+
+def _adapted(remat="none", dropout=0.0):
+    model = apply_lora(Decoder(CFG, rngs=nnx.Rngs(0), remat=remat), LoraConfig(rank=4, alpha=8, dropout=dropout))
+    graphdef, lora, rng, frozen = split_model(model)
+    key = iter(jax.random.split(jax.random.key(1), 64))  # trained-looking adapters: B is zero at init
+    lora = jax.tree.map(lambda x: x + 0.02 * jax.random.normal(next(key), x.shape), lora)
+    return model, graphdef, lora, rng, frozen
+
+
+def _grads(remat="none", chunk=0, batch=BATCH):
+    _, graphdef, lora, rng, frozen = _adapted(remat)
+    cfg = StepConfig(grad_cache_chunk=chunk)
+    metrics, grads, _ = jax.jit(lambda l, r, f, b: loss_and_grads(graphdef, l, r, f, b, cfg))(lora, rng, frozen, batch)
+    return float(metrics["loss"]), grads
+
+
+def _assert_grads_equal(a, b, rel=1e-5):
+    """Equal to `rel` of the largest gradient entry: float32 sums taken in another order (chunks,
+    recomputation) differ by a few ulps, and these gradients reach ~40 (one ulp: 4e-6)."""
+    scale = max(float(jnp.abs(x).max()) for x in jax.tree.leaves(a))
+    for x, y in zip(jax.tree.leaves(a), jax.tree.leaves(b)):
+        np.testing.assert_allclose(np.asarray(x), np.asarray(y), atol=rel * scale, rtol=0)
+
+
+@pytest.mark.parametrize("chunk", [3, 8])
+def test_grad_cache_equals_plain_step(chunk):
+    loss, grads = _grads()
+    cached_loss, cached = _grads(chunk=chunk)
+    assert abs(loss - cached_loss) <= 1e-5
+    assert max(float(jnp.abs(g).max()) for g in jax.tree.leaves(grads)) > 1e-2  # gradients are not all ~0
+    _assert_grads_equal(grads, cached)
+
+
+@pytest.mark.parametrize("remat", ["full", "dots"])
+def test_remat_equals_no_remat(remat):
+    loss, grads = _grads()
+    remat_loss, remat_grads = _grads(remat=remat)
+    assert abs(loss - remat_loss) <= 1e-5
+    _assert_grads_equal(grads, remat_grads)
+
+
+def test_only_lora_parameters_train():
+    model, graphdef, lora, rng, frozen = _adapted()
+    assert {p[-1] for p, _ in nnx.to_flat_state(lora)} == {"kernel_lora_a", "kernel_lora_b"}
+    assert len(jax.tree.leaves(lora)) == 2 * 7 * CFG.num_layers  # q k v o gate up down, A and B each
+    tx, schedule = make_optimizer(1e-3, 0, 10)  # no warm-up: the first update is not zero
+    opt_state = tx.init(lora)
+    assert sum(x.size for x in jax.tree.leaves(opt_state)) < 3 * sum(x.size for x in jax.tree.leaves(lora))
+    frozen_before = jax.tree.map(np.asarray, frozen)
+    step = make_train_step(graphdef, tx, schedule, StepConfig())
+    before = jax.tree.map(np.asarray, lora)
+    new_lora, _, _, metrics = step(lora, opt_state, rng, frozen, 0, BATCH)
+    assert np.isfinite(float(metrics["loss"]))
+    assert any(np.abs(np.asarray(a) - b).max() > 0 for a, b in zip(jax.tree.leaves(new_lora), jax.tree.leaves(before)))
+    for a, b in zip(jax.tree.leaves(frozen), jax.tree.leaves(frozen_before)):
+        np.testing.assert_array_equal(np.asarray(a), b)
+
+
+def test_merged_lora_equals_adapted_model():
+    model, _, lora, _, _ = _adapted()
+    nnx.update(model, lora)
+    merged = merge_lora(model, LoraConfig(rank=4, alpha=8, dropout=0.0))
+    assert not nnx.state(merged, nnx.LoRAParam)
+    ids, mask = jnp.asarray(BATCH["positive"]["input_ids"]), jnp.asarray(BATCH["positive"]["padding_mask"])
+    plain = Decoder(CFG, rngs=nnx.Rngs(0))
+    assert float(jnp.abs(model(ids, mask) - plain(ids, mask)).max()) > 1e-3  # the adapters do something
+    np.testing.assert_allclose(np.asarray(merged(ids, mask)), np.asarray(model(ids, mask)), atol=1e-5)
+
+
+DATA_PARALLEL = textwrap.dedent("""
+    import jax, numpy as np
+    from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
+    sys_path = __import__("sys").path.insert(0, "tests")
+    import test_training as t
+    assert jax.device_count() == 8
+    _, graphdef, lora, rng, frozen = t._adapted()
+    fn = jax.jit(lambda l, r, f, b: t.loss_and_grads(graphdef, l, r, f, b, t.StepConfig()))
+    one = fn(lora, rng, frozen, t.BATCH)
+    mesh = Mesh(np.array(jax.devices()), ("data",))
+    batch = jax.device_put(t.BATCH, NamedSharding(mesh, P("data")))
+    assert len(batch["query"]["input_ids"].sharding.device_set) == 8
+    params = jax.device_put((lora, rng, frozen), NamedSharding(mesh, P()))
+    many = fn(*params, batch)
+    np.testing.assert_allclose(float(many[0]["loss"]), float(one[0]["loss"]), rtol=1e-6)
+    t._assert_grads_equal(one[1], many[1])
+    print("OK")
+""")
+
+
+def _env(**extra):
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("XLA_", "PYTEST"))}
+    return {**env, "JAX_PLATFORMS": "cpu", **extra}
+
+
+def test_data_parallel_step_equals_single_device():
+    """Every device's queries see every device's documents: 8 shards give the one-device loss and grads."""
+    result = subprocess.run([sys.executable, "-c", DATA_PARALLEL], capture_output=True, text=True, timeout=300,
+                            cwd=Path(__file__).parent.parent,
+                            env=_env(XLA_FLAGS="--xla_force_host_platform_device_count=8"))
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert result.stdout.strip().endswith("OK")
+
+
+def _losses(workdir):
+    return {r["step"]: r["loss"] for r in map(json.loads, (workdir / "metrics.jsonl").read_text().splitlines())}
+
+
+def test_tiny_training_lowers_the_loss(tmp_path):
+    model, data = tiny_setup(tmp_path)
+    assert cli(train_args(model, data, tmp_path / "run")) == 0
+    losses = list(_losses(tmp_path / "run").values())
+    assert len(losses) == 30
+    assert np.mean(losses[-5:]) < 0.5 * np.mean(losses[:5]), losses
+
+
+def _final_lora(workdir, step):
+    restored = ocp.CheckpointManager((workdir / "checkpoints").absolute()).restore(
+        step, args=ocp.args.Composite(state=ocp.args.StandardRestore()))
+    return restored["state"]["lora"]
+
+
+def test_resume_after_sigkill_is_exact(tmp_path):
+    model, data = tiny_setup(tmp_path)
+    steps = ["--config.train.steps=10", "--config.train.checkpoint_every=3"]
+    command = [sys.executable, "-m", "diffemb_jax.cli"]
+    straight = tmp_path / "straight"
+    subprocess.run(command + train_args(model, data, straight, *steps), check=True, env=_env(),
+                   capture_output=True, timeout=300)
+
+    killed = tmp_path / "killed"
+    process = subprocess.Popen(command + train_args(model, data, killed, *steps), env=_env(),
+                               stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    deadline = time.time() + 240
+    while time.time() < deadline and process.poll() is None:
+        if (killed / "metrics.jsonl").exists() and len(_losses(killed)) >= 5:
+            break
+        time.sleep(0.02)
+    process.send_signal(signal.SIGKILL)
+    process.wait()
+    interrupted_at = len(_losses(killed))
+    assert 5 <= interrupted_at < 10, "the run was not killed in the middle"
+    subprocess.run(command + train_args(model, data, killed, *steps), check=True, env=_env(),
+                   capture_output=True, timeout=300)
+    assert _losses(killed) == _losses(straight)  # identical floats, every step
+    a, b = _final_lora(straight, 10), _final_lora(killed, 10)
+    for x, y in zip(jax.tree.leaves(a), jax.tree.leaves(b)):
+        np.testing.assert_array_equal(x, y)
+
+
+def test_nan_loss_stops_after_saving_last_good_state(tmp_path, capsys):
+    model, data = tiny_setup(tmp_path)
+    assert cli(train_args(model, data, tmp_path / "run", "--config.loss.scale=nan")) == 2
+    err = capsys.readouterr().err
+    assert "the loss is nan at step 1" in err and "last good state (step 0)" in err
+    assert ocp.CheckpointManager((tmp_path / "run" / "checkpoints").absolute()).latest_step() == 0
+
+
+def test_unknown_config_key_is_named(tmp_path, capsys):
+    model, data = tiny_setup(tmp_path)
+    assert cli(train_args(model, data, tmp_path / "run", "--config.train.learning_rate=1e-3")) == 2
+    assert "learning_rate" in capsys.readouterr().err
+
+
+def test_missing_model_path_is_explained(tmp_path, capsys):
+    config = Path(__file__).parent.parent / "configs" / "tiny.py"
+    assert cli(["train", f"--config={config}", f"--workdir={tmp_path / 'run'}"]) == 2
+    assert "config.model.path is empty" in capsys.readouterr().err
