@@ -41,16 +41,19 @@ BATCH = {"query": _side(8, 8, 0), "positive": _side(8, 12, 1), "negative": _side
 
 def _adapted(remat="none", dropout=0.0):
     model = apply_lora(Decoder(CFG, rngs=nnx.Rngs(0), remat=remat), LoraConfig(rank=4, alpha=8, dropout=dropout))
-    graphdef, lora, rng, frozen = split_model(model)
+    graphdef, lora, frozen = split_model(model)
     key = iter(jax.random.split(jax.random.key(1), 64))  # trained-looking adapters: B is zero at init
     lora = jax.tree.map(lambda x: x + 0.02 * jax.random.normal(next(key), x.shape), lora)
-    return model, graphdef, lora, rng, frozen
+    return model, graphdef, lora, frozen
+
+
+KEY = jax.random.key(7)
 
 
 def _grads(remat="none", chunk=0, batch=BATCH):
-    _, graphdef, lora, rng, frozen = _adapted(remat)
+    _, graphdef, lora, frozen = _adapted(remat)
     cfg = StepConfig(grad_cache_chunk=chunk)
-    metrics, grads, _ = jax.jit(lambda l, r, f, b: loss_and_grads(graphdef, l, r, f, b, cfg))(lora, rng, frozen, batch)
+    metrics, grads = jax.jit(lambda l, f, b: loss_and_grads(graphdef, l, f, b, cfg, KEY))(lora, frozen, batch)
     return float(metrics["loss"]), grads
 
 
@@ -80,7 +83,7 @@ def test_remat_equals_no_remat(remat):
 
 
 def test_only_lora_parameters_train():
-    model, graphdef, lora, rng, frozen = _adapted()
+    model, graphdef, lora, frozen = _adapted()
     assert {p[-1] for p, _ in nnx.to_flat_state(lora)} == {"kernel_lora_a", "kernel_lora_b"}
     assert len(jax.tree.leaves(lora)) == 2 * 7 * CFG.num_layers  # q k v o gate up down, A and B each
     tx, schedule = make_optimizer(1e-3, 0, 10)  # no warm-up: the first update is not zero
@@ -89,7 +92,7 @@ def test_only_lora_parameters_train():
     frozen_before = jax.tree.map(np.asarray, frozen)
     step = make_train_step(graphdef, tx, schedule, StepConfig())
     before = jax.tree.map(np.asarray, lora)
-    new_lora, _, _, metrics = step(lora, opt_state, rng, frozen, 0, BATCH)
+    new_lora, _, metrics = step(lora, opt_state, frozen, 0, BATCH)
     assert np.isfinite(float(metrics["loss"]))
     assert any(np.abs(np.asarray(a) - b).max() > 0 for a, b in zip(jax.tree.leaves(new_lora), jax.tree.leaves(before)))
     for a, b in zip(jax.tree.leaves(frozen), jax.tree.leaves(frozen_before)):
@@ -97,7 +100,7 @@ def test_only_lora_parameters_train():
 
 
 def test_merged_lora_equals_adapted_model():
-    model, _, lora, _, _ = _adapted()
+    model, _, lora, _ = _adapted()
     nnx.update(model, lora)
     merged = merge_lora(model, LoraConfig(rank=4, alpha=8, dropout=0.0))
     assert not nnx.state(merged, nnx.LoRAParam)
@@ -113,13 +116,13 @@ DATA_PARALLEL = textwrap.dedent("""
     sys_path = __import__("sys").path.insert(0, "tests")
     import test_training as t
     assert jax.device_count() == 8
-    _, graphdef, lora, rng, frozen = t._adapted()
-    fn = jax.jit(lambda l, r, f, b: t.loss_and_grads(graphdef, l, r, f, b, t.StepConfig()))
-    one = fn(lora, rng, frozen, t.BATCH)
+    _, graphdef, lora, frozen = t._adapted()
+    fn = jax.jit(lambda l, f, b: t.loss_and_grads(graphdef, l, f, b, t.StepConfig(), t.KEY))
+    one = fn(lora, frozen, t.BATCH)
     mesh = Mesh(np.array(jax.devices()), ("data",))
     batch = jax.device_put(t.BATCH, NamedSharding(mesh, P("data")))
     assert len(batch["query"]["input_ids"].sharding.device_set) == 8
-    params = jax.device_put((lora, rng, frozen), NamedSharding(mesh, P()))
+    params = jax.device_put((lora, frozen), NamedSharding(mesh, P()))
     many = fn(*params, batch)
     np.testing.assert_allclose(float(many[0]["loss"]), float(one[0]["loss"]), rtol=1e-6)
     t._assert_grads_equal(one[1], many[1])
@@ -161,7 +164,7 @@ def _final_lora(workdir, step):
 
 def test_resume_after_sigkill_is_exact(tmp_path):
     model, data = tiny_setup(tmp_path)
-    steps = ["--config.train.steps=10", "--config.train.checkpoint_every=3"]
+    steps = ["--config.train.steps=10", "--config.train.checkpoint_every=3", "--config.lora.dropout=0.1"]
     command = [sys.executable, "-m", "diffemb_jax.cli"]
     straight = tmp_path / "straight"
     subprocess.run(command + train_args(model, data, straight, *steps), check=True, env=_env(),
@@ -185,6 +188,16 @@ def test_resume_after_sigkill_is_exact(tmp_path):
     a, b = _final_lora(straight, 10), _final_lora(killed, 10)
     for x, y in zip(jax.tree.leaves(a), jax.tree.leaves(b)):
         np.testing.assert_array_equal(x, y)
+
+
+def test_bf16_with_dropout_and_remat_trains(tmp_path):
+    model, data = tiny_setup(tmp_path)
+    args = ["--config.train.steps=3", "--config.model.dtype=bfloat16", "--config.lora.dropout=0.1",
+            "--config.train.remat=full"]
+    assert cli(train_args(model, data, tmp_path / "run", *args)) == 0
+    losses = list(_losses(tmp_path / "run").values())
+    assert len(losses) == 3 and all(np.isfinite(losses))
+    assert list((tmp_path / "run" / "tensorboard").glob("events.out.tfevents.*"))
 
 
 def test_nan_loss_stops_after_saving_last_good_state(tmp_path, capsys):

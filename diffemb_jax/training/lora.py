@@ -3,7 +3,7 @@
 qwix intercepts the matmuls of the modules whose path matches `targets` and adds
 `x @ A @ B * alpha / rank` with A, B held as `nnx.LoRAParam`, so an optimizer built with
 `wrt=nnx.LoRAParam` trains the adapters only. LoRA parameters are kept in float32 whatever the base
-dtype. `merge_lora` folds them back into plain kernels for export or faster inference.
+dtype. Dropout on the adapters' input is always on in an adapted model (qwix): evaluate merged models. `merge_lora` folds them back into plain kernels for export or faster inference.
 """
 
 from __future__ import annotations
@@ -37,7 +37,8 @@ def apply_lora(model: Decoder, lora: LoraConfig, *, seed: int = 0) -> Decoder:
     """The model with LoRA adapters (A random, B zero: the output is unchanged until trained)."""
     if lora.rank < 1:
         raise ValueError(f"LoRA rank must be >= 1, got {lora.rank}")
-    provider = qwix.LoraProvider(module_path=lora.targets, rank=lora.rank, alpha=lora.alpha, dropout=lora.dropout)
+    provider = qwix.LoraProvider(module_path=lora.targets, rank=lora.rank, alpha=lora.alpha, dropout=lora.dropout,
+                                 disable_jit=True)  # qwix would jit each intercepted call: dropout RNG updates must stay in our trace
     sample = jnp.ones((1, 8), jnp.int32)
     remat, model.remat = model.remat, "none"  # adapters are created while tracing: not inside a checkpoint
     adapted = qwix.apply_lora_to_model(model, provider, sample, sample,
@@ -46,9 +47,13 @@ def apply_lora(model: Decoder, lora: LoraConfig, *, seed: int = 0) -> Decoder:
     if not nnx.state(adapted, nnx.LoRAParam):
         raise ValueError(f"the LoRA target pattern {lora.targets!r} matches no projection of the model")
     _to_float32(adapted)
-    if lora.dropout > 0:  # qwix draws dropout masks from each adapted module's `qwix_rngs`
-        adapted.set_attributes(qwix_rngs=nnx.Rngs(dropout=seed + 1), raise_if_not_found=False)
     return adapted
+
+
+def set_dropout_key(model, key: jax.Array) -> None:
+    """Where qwix draws LoRA dropout masks from. Set inside the traced step from a key derived from
+    (seed, step), so masks are reproducible on resume and identical when GradCache re-encodes."""
+    model.set_attributes(qwix_rngs=nnx.Rngs(dropout=key), raise_if_not_found=False)
 
 
 def _to_float32(model) -> None:

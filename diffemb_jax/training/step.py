@@ -1,7 +1,8 @@
 """One contrastive train step: embeddings -> loss over the global batch -> LoRA gradients -> AdamW.
 
-The model is split into LoRA parameters (trained), its dropout RNG state (advanced every step) and
-everything else (frozen), so only adapters carry gradients and optimizer state. With
+The model is split into LoRA parameters (trained) and everything else (frozen), so only adapters
+carry gradients and optimizer state. LoRA dropout masks come from a key derived from (seed, step):
+no RNG state to carry, and a resumed run draws the very masks the uninterrupted one drew. With
 `grad_cache_chunk` set, the step follows GradCache (Gao et al., 2021): embed every chunk without
 gradients, take the loss and its gradient with respect to the embeddings over the whole batch, then
 re-embed each chunk with that cached gradient as the cotangent. Activations of one chunk are live at
@@ -19,6 +20,7 @@ import optax
 from flax import nnx
 
 from diffemb_jax.embedding.pooling import pool
+from diffemb_jax.training.lora import set_dropout_key
 from diffemb_jax.training.loss import in_batch_info_nce, per_query_negatives_loss
 
 SIDES = ("query", "positive", "negative")
@@ -33,6 +35,7 @@ class StepConfig:
     pooling: str = "mean"
     skip_instruction: bool = False
     grad_cache_chunk: int = 0  # rows per chunk; 0 = plain step
+    seed: int = 0  # for LoRA dropout masks
 
     def __post_init__(self):
         if self.loss not in LOSSES:
@@ -40,15 +43,15 @@ class StepConfig:
 
 
 def split_model(model):
-    """(graphdef, lora, rng, frozen) where lora/rng/frozen are nnx.States."""
-    return nnx.split(model, nnx.LoRAParam, nnx.RngState, ...)
+    """(graphdef, lora, frozen): the LoRA parameters and everything else, as nnx.States."""
+    return nnx.split(model, nnx.LoRAParam, ...)
 
 
-def _embed(graphdef, lora, rng, frozen, side: dict, cfg: StepConfig):
-    model = nnx.merge(graphdef, lora, rng, frozen)
+def _embed(graphdef, lora, frozen, side: dict, cfg: StepConfig, key: jax.Array) -> jax.Array:
+    model = nnx.merge(graphdef, lora, frozen)
+    set_dropout_key(model, key)
     hidden = model(side["input_ids"], side["padding_mask"])
-    vectors = pool(hidden, side["padding_mask"], side["embed_mask"], cfg.pooling, cfg.skip_instruction)
-    return vectors, nnx.state(model, nnx.RngState)
+    return pool(hidden, side["padding_mask"], side["embed_mask"], cfg.pooling, cfg.skip_instruction)
 
 
 def contrastive_loss(q, p, n, cfg: StepConfig) -> dict[str, jax.Array]:
@@ -57,20 +60,19 @@ def contrastive_loss(q, p, n, cfg: StepConfig) -> dict[str, jax.Array]:
     return per_query_negatives_loss(q, p, n.reshape(q.shape[0], cfg.num_negatives, q.shape[-1]))
 
 
-def loss_and_grads(graphdef, lora, rng, frozen, batch: dict, cfg: StepConfig):
-    """(metrics, LoRA gradients, new rng state); metrics hold 'loss' and 'accuracy'."""
+def loss_and_grads(graphdef, lora, frozen, batch: dict, cfg: StepConfig, key: jax.Array):
+    """(metrics, LoRA gradients); metrics hold 'loss' and 'accuracy'."""
     if cfg.grad_cache_chunk:
-        return _grad_cache(graphdef, lora, rng, frozen, batch, cfg)
+        return _grad_cache(graphdef, lora, frozen, batch, cfg, key)
 
-    def objective(lora, rng):
-        vectors = {}
-        for side in SIDES:
-            vectors[side], rng = _embed(graphdef, lora, rng, frozen, batch[side], cfg)
-        metrics = contrastive_loss(vectors["query"], vectors["positive"], vectors["negative"], cfg)
-        return metrics["loss"], (metrics, rng)
+    def objective(lora):
+        q, p, n = (_embed(graphdef, lora, frozen, batch[side], cfg, jax.random.fold_in(key, i))
+                   for i, side in enumerate(SIDES))
+        metrics = contrastive_loss(q, p, n, cfg)
+        return metrics["loss"], metrics
 
-    (_, (metrics, rng)), grads = jax.value_and_grad(objective, has_aux=True)(lora, rng)
-    return metrics, grads, rng
+    (_, metrics), grads = jax.value_and_grad(objective, has_aux=True)(lora)
+    return metrics, grads
 
 
 def _chunks(side: dict, size: int) -> list[dict]:
@@ -78,12 +80,12 @@ def _chunks(side: dict, size: int) -> list[dict]:
     return [{k: v[i : i + size] for k, v in side.items()} for i in range(0, rows, size)]
 
 
-def _grad_cache(graphdef, lora, rng, frozen, batch, cfg):
+def _grad_cache(graphdef, lora, frozen, batch, cfg, key):
     plan = [(side, chunk) for side in SIDES for chunk in _chunks(batch[side], cfg.grad_cache_chunk)]
-    rng_in, pieces = [], {side: [] for side in SIDES}
-    for side, chunk in plan:  # 1. embed every chunk without gradients
-        rng_in.append(rng)
-        vectors, rng = _embed(graphdef, jax.lax.stop_gradient(lora), rng, frozen, chunk, cfg)
+    keys = [jax.random.fold_in(key, i) for i in range(len(plan))]
+    pieces = {side: [] for side in SIDES}
+    for (side, chunk), chunk_key in zip(plan, keys):  # 1. embed every chunk without gradients
+        vectors = _embed(graphdef, jax.lax.stop_gradient(lora), frozen, chunk, cfg, chunk_key)
         pieces[side].append(jax.lax.stop_gradient(vectors))
     vectors = [jnp.concatenate(pieces[side]) for side in SIDES]
 
@@ -94,13 +96,13 @@ def _grad_cache(graphdef, lora, rng, frozen, batch, cfg):
     (_, metrics), cached = jax.value_and_grad(objective, argnums=(0, 1, 2), has_aux=True)(*vectors)
     cached = dict(zip(SIDES, cached))
     grads, offsets = jax.tree.map(jnp.zeros_like, lora), {side: 0 for side in SIDES}
-    for (side, chunk), chunk_rng in zip(plan, rng_in):  # 3. re-embed each chunk, same dropout masks
+    for (side, chunk), chunk_key in zip(plan, keys):  # 3. re-embed each chunk, same dropout masks
         rows = chunk["input_ids"].shape[0]
         cotangent = cached[side][offsets[side] : offsets[side] + rows]
         offsets[side] += rows
-        _, vjp = jax.vjp(lambda l: _embed(graphdef, l, chunk_rng, frozen, chunk, cfg)[0], lora)
+        _, vjp = jax.vjp(lambda l: _embed(graphdef, l, frozen, chunk, cfg, chunk_key), lora)
         grads = jax.tree.map(jnp.add, grads, vjp(cotangent)[0])
-    return metrics, grads, rng
+    return metrics, grads
 
 
 def make_optimizer(lr: float, warmup_steps: int, total_steps: int, grad_clip: float = 1.0,
@@ -114,20 +116,21 @@ def make_optimizer(lr: float, warmup_steps: int, total_steps: int, grad_clip: fl
 
 
 def make_train_step(graphdef, tx: optax.GradientTransformation, schedule, cfg: StepConfig):
-    """jit-compiled (lora, opt_state, rng, frozen, step, batch) -> (lora, opt_state, rng, metrics).
+    """jit-compiled (lora, opt_state, frozen, step, batch) -> (lora, opt_state, metrics).
 
     A non-finite loss leaves parameters and optimizer state as they were, so the caller can stop and
     save the last good state.
     """
 
-    def step_fn(lora, opt_state, rng, frozen, step, batch):
-        metrics, grads, new_rng = loss_and_grads(graphdef, lora, rng, frozen, batch, cfg)
+    def step_fn(lora, opt_state, frozen, step, batch):
+        key = jax.random.fold_in(jax.random.key(cfg.seed), step)
+        metrics, grads = loss_and_grads(graphdef, lora, frozen, batch, cfg, key)
         updates, new_opt = tx.update(grads, opt_state, lora)
         new_lora = optax.apply_updates(lora, updates)
         ok = jnp.isfinite(metrics["loss"])
         keep = lambda new, old: jax.tree.map(lambda a, b: jnp.where(ok, a, b), new, old)  # noqa: E731
         metrics = {**metrics, "grad_norm": optax.global_norm(grads), "lr": schedule(step)}
-        return keep(new_lora, lora), keep(new_opt, opt_state), new_rng, metrics
+        return keep(new_lora, lora), keep(new_opt, opt_state), metrics
 
     return jax.jit(step_fn, donate_argnums=(0, 1))
 

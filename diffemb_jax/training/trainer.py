@@ -1,8 +1,8 @@
 """The training loop: LoRA contrastive training that can be killed at any step and resumed exactly.
 
-A checkpoint (orbax, async, keep-N, atomic) holds the LoRA parameters, the optimizer state, the
-dropout RNG state, the step and the data iterator's state, so restarting the same command continues
-with the very batches and random numbers the uninterrupted run would have used. Metrics go to
+A checkpoint (orbax, async, keep-N, atomic) holds the LoRA parameters, the optimizer state, the step
+and the data iterator's state; dropout keys derive from (seed, step). Restarting the same command
+therefore continues with the very batches and random numbers the uninterrupted run would have used. Metrics go to
 WORKDIR/metrics.jsonl and TensorBoard (WORKDIR/tensorboard) with a progress bar.
 """
 
@@ -43,7 +43,7 @@ def lora_config(config) -> LoraConfig:
 def step_config(config) -> StepConfig:
     return StepConfig(loss=config.loss.kind, scale=config.loss.scale, num_negatives=config.data.num_negatives,
                       pooling=config.model.pooling, skip_instruction=config.model.skip_instruction,
-                      grad_cache_chunk=config.train.grad_cache_chunk)
+                      grad_cache_chunk=config.train.grad_cache_chunk, seed=config.train.seed)
 
 
 def check_config(config) -> None:
@@ -57,16 +57,6 @@ def check_config(config) -> None:
     if config.train.global_batch_size % jax.device_count():
         raise ValueError(f"train.global_batch_size={config.train.global_batch_size} is not divisible by the "
                          f"{jax.device_count()} devices")
-
-
-def _key_data(tree):
-    """Typed PRNG keys -> raw uint32 data, so orbax can store them (and back with _wrap_keys)."""
-    return jax.tree.map(lambda x: jax.random.key_data(x) if jnp.issubdtype(x.dtype, jax.dtypes.prng_key) else x, tree)
-
-
-def _wrap_keys(raw, like):
-    return jax.tree.map(
-        lambda r, x: jax.random.wrap_key_data(r) if jnp.issubdtype(x.dtype, jax.dtypes.prng_key) else r, raw, like)
 
 
 class MetricsLog:
@@ -108,10 +98,10 @@ class Trainer:
         model, self.tokenizer = load_model(config.model.path, dtype=config.model.dtype)
         model.attention, model.remat = config.model.attention, config.train.remat
         self.model = apply_lora(model, lora_config(config), seed=config.train.seed)
-        self.graphdef, lora, rng, frozen = split_model(self.model)
+        self.graphdef, lora, frozen = split_model(self.model)
         mesh = Mesh(np.array(jax.devices()), ("data",))
         self.replicated, self.data_sharding = NamedSharding(mesh, P()), NamedSharding(mesh, P("data"))
-        self.lora, self.rng, self.frozen = jax.device_put((lora, rng, frozen), self.replicated)
+        self.lora, self.frozen = jax.device_put((lora, frozen), self.replicated)
         self.tx, schedule = make_optimizer(config.train.lr, config.train.warmup_steps, config.train.steps,
                                            config.train.grad_clip, config.train.weight_decay)
         self.opt_state = jax.device_put(self.tx.init(self.lora), self.replicated)
@@ -136,7 +126,7 @@ class Trainer:
     # ------------------------------------------------------------------ checkpoints
 
     def _state_tree(self) -> dict:
-        return {"lora": self.lora, "opt": self.opt_state, "rng": _key_data(self.rng)}
+        return {"lora": self.lora, "opt": self.opt_state}
 
     def save(self, step: int, data_state: dict) -> None:
         self.checkpoints.save(step, args=ocp.args.Composite(
@@ -150,7 +140,6 @@ class Trainer:
             state=ocp.args.StandardRestore(self._state_tree()), data=ocp.args.JsonRestore()))
         state = restored["state"]
         self.lora, self.opt_state = state["lora"], state["opt"]
-        self.rng = _wrap_keys(state["rng"], self.rng)
         self.batches.set_state(restored["data"])
         log.warning("resumed from %s at step %d", self.workdir / "checkpoints", step)
         return step
@@ -171,8 +160,8 @@ class Trainer:
                 data_state = self.batches.get_state()
                 batch = next(self.batches)
                 start = time.perf_counter()
-                self.lora, self.opt_state, self.rng, metrics = self.train_step(
-                    self.lora, self.opt_state, self.rng, self.frozen, self.step, self._device_batch(batch))
+                self.lora, self.opt_state, metrics = self.train_step(
+                    self.lora, self.opt_state, self.frozen, self.step, self._device_batch(batch))
                 metrics = {k: float(v) for k, v in metrics.items()}
                 seconds = time.perf_counter() - start
                 if not math.isfinite(metrics["loss"]):
