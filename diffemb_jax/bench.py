@@ -1,13 +1,28 @@
-"""`diffemb bench encode`: is encoding with JAX faster, and lighter, than the PyTorch reference?
+"""`diffemb bench encode|train`: is JAX faster, and lighter, than the PyTorch reference?
 
-Both frameworks embed the same texts (standard-library docstrings, cut to at most --max-length
-tokens) with the same weights, tokens, batch size and bucket lengths, bidirectional attention and
-mean pooling. Each runs in a child process of its own, one after the other, so the peak memory
+encode: both frameworks embed the same texts (standard-library docstrings, cut to at most
+--max-length tokens) with the same weights, tokens, batch size and bucket lengths, bidirectional
+attention and mean pooling.
+
+train: both frameworks run the same contrastive LoRA train step on the same token ids: --queries
+queries (a docstring's first sentence, at most --query-length tokens), their positives (the
+docstring) and hard negatives (the next docstring, most often of the same module), documents at
+most --doc-length tokens, every side padded to a fixed shape. Bidirectional attention, mean pooling,
+in-batch InfoNCE over [positives; negatives] (cosine x 50), LoRA r=--lora-rank, alpha=2r, dropout
+0.05 on q,k,v,o,gate,up,down, AdamW (weight decay 0, the HF linear schedule from lr to 0 over all
+the steps run) after clipping gradients to norm 1. JAX runs the project's own train step (qwix
+LoRA); PyTorch runs transformers + peft. --warmup-steps steps (JAX: compilation) are timed apart
+from the --steps timed ones. LoRA B starts at zero, so the first step's loss is the base model's on
+both sides and must agree; after that the two draw different LoRA A initialisations and dropout
+masks, so losses only stay close.
+
+Each framework runs in a child process of its own, one after the other, so the peak memory
 reported is that framework's alone. Memory figures read /proc, so they are Linux-only.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import importlib
 import importlib.metadata
 import inspect
@@ -15,11 +30,13 @@ import itertools
 import json
 import os
 import platform
+import re
 import subprocess
 import sys
 import tempfile
 import time
 from pathlib import Path
+from typing import Callable
 
 # Modules whose public docstrings make the texts: real prose and code, from a line to pages long.
 DOC_MODULES = ("json", "re", "textwrap", "itertools", "functools", "collections", "inspect", "pathlib",
@@ -29,6 +46,16 @@ DOC_MODULES = ("json", "re", "textwrap", "itertools", "functools", "collections"
                "decimal", "fractions", "math", "os", "shutil")
 FRAMEWORKS = {"jax": "JAX", "torch": "PyTorch"}
 COMPARED = 4  # embeddings of the first texts sent back to compare the two frameworks
+
+# The train step: the reference recipe (DESIGN.md) on both sides.
+SIDES = ("query", "positive", "negative")
+LORA_TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
+LORA_DROPOUT = 0.05
+LR = 1e-4
+GRAD_CLIP = 1.0
+SCALE = 50.0  # cosine x 50: temperature 0.02
+SEED = 42
+FIRST_LOSS_TOLERANCE = 1e-3
 
 
 # ----------------------------------------------------------------------------- texts
@@ -75,6 +102,32 @@ def warmup_texts(tokenizer, texts: list[str], buckets: list[int]) -> list[str]:
     return list(first.values())
 
 
+def first_sentence(doc: str) -> str:
+    """The first sentence of a docstring's first paragraph, on one line."""
+    paragraph = " ".join(doc.strip().split("\n\n")[0].split())
+    return re.split(r"(?<=[.!?])\s", paragraph, maxsplit=1)[0]
+
+
+def make_triples(n: int) -> list[tuple[str, str, str]]:
+    """(query, positive, hard negative): a docstring's first sentence, the docstring, and the next
+    docstring (most often of the same module)."""
+    docs = docstrings()
+    if len(docs) < 2 * n:
+        raise ValueError(f"--queries {n}: there are only {len(docs)} distinct texts, enough for "
+                         f"{len(docs) // 2} (query, positive, negative) triples")
+    return [(first_sentence(docs[2 * i]), docs[2 * i], docs[2 * i + 1]) for i in range(n)]
+
+
+def padded(tokenizer, texts: list[str], length: int) -> dict[str, list[list[int]]]:
+    """Token ids cut to `length` and right-padded to it, with their 0/1 padding mask (JSON lists)."""
+    ids, mask = [], []
+    for enc in tokenizer.encode_batch(texts):
+        row = enc.ids[:length]
+        ids.append(row + [0] * (length - len(row)))
+        mask.append([1] * len(row) + [0] * (length - len(row)))
+    return {"input_ids": ids, "padding_mask": mask}
+
+
 # ----------------------------------------------------------------------------- models
 
 
@@ -118,14 +171,23 @@ def _reset_peak_rss() -> None:
         pass
 
 
-def _jax_encoder(job: dict):
-    import jax
-
-    from diffemb_jax.embedding import Embedder
-
-    embedder = Embedder.from_pretrained(job["model"], attention="bidirectional", dtype=job["dtype"],
-                                        max_length=job["max_length"], batch_size=job["batch_size"])
-    return lambda texts: embedder.encode(texts, progress=False), jax.default_backend()
+def _measure(warm_up: Callable, timed: Callable):
+    """(figures, warm_up(), timed()): seconds of each, the peak RSS of the process so far (loading
+    included) and how far RSS rose above its level before the timed part, during it."""
+    start = time.perf_counter()
+    warm = warm_up()
+    warmup_seconds = time.perf_counter() - start
+    load_peak_kb = _proc_status_kb("VmHWM")
+    _reset_peak_rss()
+    rss_before_kb = _proc_status_kb("VmRSS")
+    start = time.perf_counter()
+    out = timed()  # plain Python values or numpy: the work is done when it returns
+    seconds = time.perf_counter() - start
+    timed_peak_kb = _proc_status_kb("VmHWM")
+    figures = {"warmup_seconds": warmup_seconds, "seconds": seconds,
+               "peak_rss_mb": max(load_peak_kb, timed_peak_kb) / 1024,
+               "rss_increase_mb": max(timed_peak_kb - rss_before_kb, 0) / 1024}
+    return figures, warm, out
 
 
 def _torch_gguf_model(source: Path, dtype):
@@ -145,9 +207,11 @@ def _torch_gguf_model(source: Path, dtype):
 
 
 def _torch_model(source: Path, dtype: str):
+    """The base model (no LM head) in eval mode, on every core."""
     import torch
     from transformers import AutoModel
 
+    torch.set_num_threads(os.cpu_count())
     if source.suffix == ".gguf":
         return _torch_gguf_model(source, getattr(torch, dtype)).eval()
     return AutoModel.from_pretrained(str(source), dtype=getattr(torch, dtype), attn_implementation="sdpa").eval()
@@ -164,12 +228,24 @@ def _torch_embed(model, input_ids, padding):
     return torch.nn.functional.normalize((hidden * weights).sum(1) / weights.sum(1), dim=-1)
 
 
+# --- encode
+
+
+def _jax_encoder(job: dict):
+    import jax
+
+    from diffemb_jax.embedding import Embedder
+
+    embedder = Embedder.from_pretrained(job["model"], attention="bidirectional", dtype=job["dtype"],
+                                        max_length=job["max_length"], batch_size=job["batch_size"])
+    return lambda texts: embedder.encode(texts, progress=False), jax.default_backend()
+
+
 def _torch_encoder(job: dict):
     """Tokenised, sorted and padded to bucket lengths the way Embedder.encode does it."""
     import tokenizers
     import torch
 
-    torch.set_num_threads(os.cpu_count())
     model = _torch_model(Path(job["torch_source"]), job["dtype"])
     tokenizer = tokenizers.Tokenizer.from_file(job["tokenizer"])
     batch_size, buckets, max_length = job["batch_size"], job["buckets"], job["max_length"]
@@ -193,27 +269,113 @@ def _torch_encoder(job: dict):
     return encode, f"cpu, {torch.get_num_threads()} threads"
 
 
-def run_worker(framework: str, job_path: str, out_path: str) -> None:
+def _encode_worker(framework: str, job: dict) -> dict:
     """Load, warm up (one single-text call per bucket length), then time encoding of all the texts."""
-    job = json.loads(Path(job_path).read_text())
     encode, device = {"jax": _jax_encoder, "torch": _torch_encoder}[framework](job)
-    start = time.perf_counter()
-    for text in job["warmup"]:
-        encode([text])
-    warmup_seconds = time.perf_counter() - start
-    load_peak_kb = _proc_status_kb("VmHWM")
-    _reset_peak_rss()
-    rss_before_kb = _proc_status_kb("VmRSS")
-    start = time.perf_counter()
-    vectors = encode(job["texts"])  # numpy: the work is done when it returns
-    seconds = time.perf_counter() - start
-    encode_peak_kb = _proc_status_kb("VmHWM")
-    peak_kb = max(load_peak_kb, encode_peak_kb)
-    result = {"device": device, "tokens": job["tokens"], "texts": len(job["texts"]), "seconds": seconds,
-              "tokens_per_s": job["tokens"] / seconds, "texts_per_s": len(job["texts"]) / seconds,
-              "warmup_seconds": warmup_seconds, "peak_rss_mb": peak_kb / 1024,
-              "encode_rss_increase_mb": max(encode_peak_kb - rss_before_kb, 0) / 1024,
-              "first_embeddings": vectors[:COMPARED].tolist()}
+    figures, _, vectors = _measure(lambda: [encode([text]) for text in job["warmup"]],
+                                   lambda: encode(job["texts"]))
+    return {"device": device, "tokens": job["tokens"], "texts": len(job["texts"]), **figures,
+            "tokens_per_s": job["tokens"] / figures["seconds"],
+            "texts_per_s": len(job["texts"]) / figures["seconds"],
+            "first_embeddings": vectors[:COMPARED].tolist()}
+
+
+# --- train
+
+
+def _jax_trainer(job: dict):
+    """step(i) -> loss: diffemb_jax.training.step's jitted step on a LoRA-adapted Decoder."""
+    import warnings
+
+    import jax
+    import numpy as np
+
+    from conversion import load_model
+    from diffemb_jax.training.lora import LoraConfig, apply_lora
+    from diffemb_jax.training.step import StepConfig, make_optimizer, make_train_step, split_model
+
+    warnings.filterwarnings("ignore", message="Some donated buffers were not usable")  # CPU: no donation
+    model, _ = load_model(job["model"], dtype=job["dtype"], progress=False)
+    model.attention, model.remat = "bidirectional", job["remat"]
+    lora_cfg = job["lora"]
+    model = apply_lora(model, LoraConfig(rank=lora_cfg["rank"], alpha=lora_cfg["alpha"],
+                                         dropout=lora_cfg["dropout"]), seed=job["seed"])
+    graphdef, lora, frozen = split_model(model)
+    opt = job["optimizer"]
+    tx, schedule = make_optimizer(opt["lr"], warmup_steps=0, total_steps=job["warmup_steps"] + job["steps"],
+                                  grad_clip=opt["grad_clip"], weight_decay=opt["weight_decay"])
+    train_step = make_train_step(graphdef, tx, schedule,
+                                 StepConfig(loss="in_batch", scale=job["scale"], seed=job["seed"]))
+    batch = jax.device_put({side: {"input_ids": np.asarray(job["batch"][side]["input_ids"], np.int32),
+                                   "padding_mask": np.asarray(job["batch"][side]["padding_mask"], np.int32),
+                                   "embed_mask": np.asarray(job["batch"][side]["padding_mask"], np.int32)}
+                            for side in SIDES})
+    # Committed to the device, as the step's outputs are (and the Trainer's state): uncommitted inputs
+    # to step 0 would make step 1 compile again.
+    lora, opt_state = jax.device_put((lora, tx.init(lora)), jax.devices()[0])
+    state = {"lora": lora, "opt_state": opt_state}
+
+    def step(i: int) -> float:
+        state["lora"], state["opt_state"], metrics = train_step(state["lora"], state["opt_state"], frozen, i, batch)
+        return float(metrics["loss"])  # blocks until the step is done
+
+    return step, jax.default_backend()
+
+
+def _torch_trainer(job: dict):
+    """step(i) -> loss: transformers + peft LoRA, the same loss, AdamW, clipping and schedule."""
+    import warnings
+
+    import torch
+    from peft import LoraConfig, get_peft_model
+
+    warnings.filterwarnings("ignore", message=".*is_gradient_checkpointing.*")  # peft's call, deprecated
+    torch.manual_seed(job["seed"])
+    model = _torch_model(Path(job["torch_source"]), job["dtype"])
+    if job["remat"] == "full":  # peft then makes the embeddings' output require grad
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    lora_cfg = job["lora"]
+    model = get_peft_model(model, LoraConfig(r=lora_cfg["rank"], lora_alpha=lora_cfg["alpha"],
+                                             lora_dropout=lora_cfg["dropout"], target_modules=list(LORA_TARGETS)))
+    model.train()
+    params = [p for p in model.parameters() if p.requires_grad]
+    opt = job["optimizer"]
+    optimizer = torch.optim.AdamW(params, lr=opt["lr"], weight_decay=opt["weight_decay"])
+    total = job["warmup_steps"] + job["steps"]
+    schedule = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: max(0.0, 1.0 - s / total))
+    batch = {side: (torch.tensor(job["batch"][side]["input_ids"], dtype=torch.long),
+                    torch.tensor(job["batch"][side]["padding_mask"], dtype=torch.bool)) for side in SIDES}
+    labels = torch.arange(len(job["batch"]["query"]["input_ids"]))
+
+    def step(_: int) -> float:
+        optimizer.zero_grad(set_to_none=True)
+        q, pos, neg = (_torch_embed(model, *batch[side]) for side in SIDES)
+        loss = torch.nn.functional.cross_entropy(q @ torch.cat([pos, neg]).T * job["scale"], labels)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(params, opt["grad_clip"])
+        optimizer.step()
+        schedule.step()
+        return loss.item()
+
+    return step, f"cpu, {torch.get_num_threads()} threads"
+
+
+def _train_worker(framework: str, job: dict) -> dict:
+    """Load, run --warmup-steps steps, then time --steps steps, all on the same batch."""
+    step, device = {"jax": _jax_trainer, "torch": _torch_trainer}[framework](job)
+    warmup, steps = job["warmup_steps"], job["steps"]
+    figures, warm_losses, losses = _measure(lambda: [step(i) for i in range(warmup)],
+                                            lambda: [step(i) for i in range(warmup, warmup + steps)])
+    losses = warm_losses + losses
+    return {"device": device, "remat": job["remat"], "tokens_per_step": job["tokens_per_step"], **figures,
+            "step_seconds": figures["seconds"] / steps,
+            "tokens_per_s": job["tokens_per_step"] * steps / figures["seconds"],
+            "losses": losses, "first_loss": losses[0], "last_loss": losses[-1]}
+
+
+def run_worker(framework: str, job_path: str, out_path: str) -> None:
+    job = json.loads(Path(job_path).read_text())
+    result = KINDS[job["what"]].work(framework, job)
     Path(out_path).write_text(json.dumps(result))
 
 
@@ -233,30 +395,57 @@ def _spawn(framework: str, job_path: Path) -> dict:
 
 def _command(args) -> str:
     parts = ["diffemb", "bench", args.what]
-    for flag, value in (("--model", args.model), ("--texts", args.texts), ("--batch-size", args.batch_size),
-                        ("--max-length", args.max_length), ("--dtype", args.dtype), ("--json", args.json)):
-        if value is not None:
-            parts += [flag, str(value)]
+    for name in KINDS[args.what].flags + ("dtype", "json"):
+        if getattr(args, name) is not None:
+            parts += ["--" + name.replace("_", "-"), str(getattr(args, name))]
     return " ".join(parts)
 
 
 def _versions() -> dict:
-    return {name: importlib.metadata.version(name) for name in ("jax", "jaxlib", "torch", "transformers")}
+    return {name: importlib.metadata.version(name) for name in ("jax", "jaxlib", "torch", "transformers", "peft")
+            if _installed(name)}
+
+
+def _installed(name: str) -> bool:
+    try:
+        importlib.metadata.version(name)
+    except importlib.metadata.PackageNotFoundError:
+        return False
+    return True
 
 
 def _check_args(args) -> None:
-    if min(args.texts, args.batch_size, args.max_length) < 1:
-        raise ValueError("--texts, --batch-size and --max-length must be positive")
+    kind = KINDS[args.what]
+    foreign = [name for other in KINDS.values() for name in other.flags
+               if name not in kind.flags and getattr(args, name) != _parser_default(name)]
+    if foreign:
+        raise ValueError(f"diffemb bench {args.what} does not use "
+                         + ", ".join("--" + name.replace("_", "-") for name in dict.fromkeys(foreign)))
+    for name in kind.positive:
+        if getattr(args, name) < 1:
+            raise ValueError(f"--{name.replace('_', '-')} must be positive, got {getattr(args, name)}")
+    if args.what == "train":
+        if args.warmup_steps < 0:
+            raise ValueError(f"--warmup-steps must be >= 0, got {args.warmup_steps}")
+        if not _installed("peft"):
+            raise ModuleNotFoundError("diffemb bench train: the PyTorch side needs peft: pip install peft")
     if args.json and not Path(args.json).absolute().parent.is_dir():
         raise FileNotFoundError(f"the folder for --json {args.json} does not exist")
 
 
-def _table(results: dict) -> str:
-    lines = ["| framework | device | tokens/s | texts/s | warm-up s | peak RSS MB | RSS increase MB |",
-             "|---|---|---:|---:|---:|---:|---:|"]
-    for framework, r in results.items():
-        lines.append(f"| {FRAMEWORKS[framework]} | {r['device']} | {r['tokens_per_s']:.0f} | {r['texts_per_s']:.1f} "
-                     f"| {r['warmup_seconds']:.2f} | {r['peak_rss_mb']:.0f} | {r['encode_rss_increase_mb']:.0f} |")
+def _parser_default(name: str):
+    from diffemb_jax.cli import build_parser
+
+    return build_parser().parse_args(["bench", "encode"]).__dict__[name]
+
+
+def _table(results: dict, columns: tuple[tuple[str, str], ...]) -> str:
+    """Markdown; each column is (header, format of a result's fields); numbers are right-aligned."""
+    rows = [[FRAMEWORKS[f]] + [fmt.format(**r) for _, fmt in columns] for f, r in results.items()]
+    numeric = [all(re.fullmatch(r"[-+0-9.e]+", row[i + 1]) for row in rows) for i in range(len(columns))]
+    lines = ["| framework | " + " | ".join(header for header, _ in columns) + " |",
+             "|---|" + "".join("---:|" if n else "---|" for n in numeric)]
+    lines += ["| " + " | ".join(row) + " |" for row in rows]
     return "\n".join(lines)
 
 
@@ -271,40 +460,120 @@ def _write_json_atomic(path: Path, report: dict) -> None:
         raise
 
 
-def main(args) -> dict:
-    """Bench both frameworks in turn, print the comparison, and return it (also written to --json)."""
-    import numpy as np
+# --- encode
 
-    from diffemb_jax.demo import converted_smollm2
+
+def _encode_job(args, tokenizer) -> tuple[dict, dict]:
     from diffemb_jax.embedding.embedder import bucket_lengths
 
+    texts = make_texts(tokenizer, args.texts, args.max_length)
+    buckets = bucket_lengths(args.max_length)
+    settings = {"texts": len(texts), "tokens": token_count(tokenizer, texts, args.max_length),
+                "batch_size": args.batch_size, "max_length": args.max_length, "dtype": args.dtype,
+                "buckets": buckets}
+    return settings, {"texts": texts, "warmup": warmup_texts(tokenizer, texts, buckets)}
+
+
+def _encode_summary(results: dict) -> tuple[dict, list[str]]:
+    import numpy as np
+
+    first = {f: np.asarray(results[f].pop("first_embeddings")) for f in FRAMEWORKS}
+    summary = {"tokens_per_s_ratio": results["jax"]["tokens_per_s"] / results["torch"]["tokens_per_s"],
+               "max_abs_diff_first": float(np.abs(first["jax"] - first["torch"]).max())}
+    return summary, [f"JAX / PyTorch tokens/s ratio: {summary['tokens_per_s_ratio']:.2f}",
+                     f"max |jax - torch| on first {len(first['jax'])} embeddings: {summary['max_abs_diff_first']:.2e}"]
+
+
+# --- train
+
+
+def _train_job(args, tokenizer) -> tuple[dict, dict]:
+    triples = make_triples(args.queries)
+    lengths = {"query": args.query_length, "positive": args.doc_length, "negative": args.doc_length}
+    batch = {side: padded(tokenizer, [t[i] for t in triples], lengths[side]) for i, side in enumerate(SIDES)}
+    settings = {"queries": args.queries, "query_length": args.query_length, "doc_length": args.doc_length,
+                "tokens_per_step": sum(sum(map(sum, batch[side]["padding_mask"])) for side in SIDES),
+                "padded_tokens_per_step": sum(args.queries * n for n in lengths.values()),
+                "warmup_steps": args.warmup_steps, "steps": args.steps, "dtype": args.dtype, "remat": args.remat,
+                "attention": "bidirectional", "pooling": "mean", "loss": "in-batch InfoNCE, cosine x scale",
+                "scale": SCALE, "seed": SEED,
+                "lora": {"rank": args.lora_rank, "alpha": 2.0 * args.lora_rank, "dropout": LORA_DROPOUT,
+                         "targets": list(LORA_TARGETS)},
+                "optimizer": {"name": "AdamW", "lr": LR, "weight_decay": 0.0, "grad_clip": GRAD_CLIP,
+                              "schedule": "linear from lr to 0 over warmup_steps + steps, no warm-up"}}
+    return settings, {"batch": batch}
+
+
+def _train_summary(results: dict) -> tuple[dict, list[str]]:
+    jax_r, torch_r = results["jax"], results["torch"]
+    summary = {"tokens_per_s_ratio": jax_r["tokens_per_s"] / torch_r["tokens_per_s"],
+               "first_loss_abs_diff": abs(jax_r["first_loss"] - torch_r["first_loss"])}
+    agree = summary["first_loss_abs_diff"] <= FIRST_LOSS_TOLERANCE
+    lines = [f"JAX / PyTorch tokens/s ratio: {summary['tokens_per_s_ratio']:.2f}",
+             f"first-step loss: JAX {jax_r['first_loss']:.6f}, PyTorch {torch_r['first_loss']:.6f}, "
+             f"|diff| {summary['first_loss_abs_diff']:.2e} "
+             + ("(agree)" if agree else f"(WARNING: more than {FIRST_LOSS_TOLERANCE:g} apart)")]
+    for f, r in results.items():
+        lines.append(f"{FRAMEWORKS[f]} losses by step: " + ", ".join(f"{x:.4f}" for x in r["losses"]))
+    return summary, lines
+
+
+@dataclasses.dataclass(frozen=True)
+class Kind:
+    """One thing to bench: its flags, the job the parent builds, the workers' work, the report."""
+
+    flags: tuple[str, ...]  # argparse names echoed in the command (besides --dtype and --json)
+    positive: tuple[str, ...]  # of those, the ones that must be >= 1
+    prepare: Callable  # (args, tokenizer) -> (settings: reported, payload: sent to workers only)
+    work: Callable  # in the worker: (framework, job) -> result
+    columns: tuple[tuple[str, str], ...]
+    summarize: Callable  # (results) -> (summary fields, lines to print)
+
+
+KINDS = {
+    "encode": Kind(
+        flags=("model", "texts", "batch_size", "max_length"), positive=("texts", "batch_size", "max_length"),
+        prepare=_encode_job, work=_encode_worker, summarize=_encode_summary,
+        columns=(("device", "{device}"), ("tokens/s", "{tokens_per_s:.0f}"), ("texts/s", "{texts_per_s:.1f}"),
+                 ("warm-up s", "{warmup_seconds:.2f}"), ("peak RSS MB", "{peak_rss_mb:.0f}"),
+                 ("RSS increase MB", "{rss_increase_mb:.0f}"))),
+    "train": Kind(
+        flags=("model", "queries", "query_length", "doc_length", "lora_rank", "remat", "warmup_steps", "steps"),
+        positive=("queries", "query_length", "doc_length", "lora_rank", "steps"),
+        prepare=_train_job, work=_train_worker, summarize=_train_summary,
+        columns=(("device", "{device}"), ("remat", "{remat}"), ("tokens/s", "{tokens_per_s:.0f}"),
+                 ("step s", "{step_seconds:.2f}"), ("warm-up s", "{warmup_seconds:.2f}"),
+                 ("peak RSS MB", "{peak_rss_mb:.0f}"), ("step RSS increase MB", "{rss_increase_mb:.0f}"),
+                 ("first loss", "{first_loss:.6f}"), ("last loss", "{last_loss:.6f}"))),
+}
+
+
+def main(args) -> dict:
+    """Bench both frameworks in turn, print the comparison, and return it (also written to --json)."""
+    from diffemb_jax.demo import converted_smollm2
+
+    kind = KINDS[args.what]
     _check_args(args)
     model = Path(args.model) if args.model else converted_smollm2()
     if not model.exists():
         raise FileNotFoundError(f"{model} does not exist")
     tokenizer = tokenizer_for(model)
-    texts = make_texts(tokenizer, args.texts, args.max_length)
-    buckets = bucket_lengths(args.max_length)
-    settings = {"model": str(model), "torch_source": str(torch_source(model)), "texts": len(texts),
-                "tokens": token_count(tokenizer, texts, args.max_length), "batch_size": args.batch_size,
-                "max_length": args.max_length, "dtype": args.dtype, "buckets": buckets,
-                "versions": _versions(), "python": platform.python_version(), "cpu_count": os.cpu_count()}
+    settings, payload = kind.prepare(args, tokenizer)
+    settings = {"model": str(model), "torch_source": str(torch_source(model)), **settings,
+                "versions": _versions(), "python": platform.python_version(), "cpu_count": os.cpu_count(),
+                "load_average_at_start": [round(x, 2) for x in os.getloadavg()]}
     print(f"command: {_command(args)}")
     print("settings: " + json.dumps(settings))
     with tempfile.TemporaryDirectory(prefix="diffemb-bench-") as tmp:
         tokenizer.save(os.path.join(tmp, "tokenizer.json"))
-        job = {**settings, "tokenizer": os.path.join(tmp, "tokenizer.json"), "texts": texts,
-               "warmup": warmup_texts(tokenizer, texts, buckets)}
+        job = {**settings, "what": args.what, "tokenizer": os.path.join(tmp, "tokenizer.json"), **payload}
         job_path = Path(tmp) / "job.json"
         job_path.write_text(json.dumps(job))
         results = {framework: _spawn(framework, job_path) for framework in FRAMEWORKS}
-    first = {f: np.asarray(results[f].pop("first_embeddings")) for f in FRAMEWORKS}
-    report = {"command": _command(args), "settings": settings, "results": results,
-              "tokens_per_s_ratio": results["jax"]["tokens_per_s"] / results["torch"]["tokens_per_s"],
-              "max_abs_diff_first": float(np.abs(first["jax"] - first["torch"]).max())}
-    print("\n" + _table(results))
-    print(f"\nJAX / PyTorch tokens/s ratio: {report['tokens_per_s_ratio']:.2f}")
-    print(f"max |jax - torch| on first {len(first['jax'])} embeddings: {report['max_abs_diff_first']:.2e}")
+    summary, lines = kind.summarize(results)
+    report = {"command": _command(args), "settings": settings, "results": results, **summary}
+    print("\n" + _table(results, kind.columns) + "\n")
+    print("\n".join(lines))
     if args.json:
         _write_json_atomic(Path(args.json), report)
         print(f"wrote {args.json}")

@@ -1,4 +1,4 @@
-"""`diffemb`: convert | encode | train | demo | bench."""
+"""`diffemb`: convert | encode | train | plan | demo | bench."""
 
 from __future__ import annotations
 
@@ -18,25 +18,32 @@ def _encode(args) -> None:
     from diffemb_jax.embedding import Embedder
     from diffemb_jax.embedding.files import check_output_path, read_texts, save_npy_atomic
 
+    import jax
+
+    from diffemb_jax import parallel
+
     output = check_output_path(args.output)
     texts = read_texts(args.input)
+    mesh = None
+    if args.mesh:
+        parallel.initialize_distributed()
+        mesh = parallel.make_mesh(*(int(n) for n in args.mesh.split(",")))
     embedder = Embedder.from_pretrained(
         args.model, attention=args.attention, dtype=args.dtype, kernel=args.kernel, pooling=args.pooling,
-        skip_instruction=args.skip_instruction, max_length=args.max_length, batch_size=args.batch_size)
+        skip_instruction=args.skip_instruction, max_length=args.max_length, batch_size=args.batch_size, mesh=mesh)
     vectors = embedder.encode(texts, instruction=args.instruction)
-    save_npy_atomic(output, vectors)
-    print(f"wrote {vectors.shape[0]} x {vectors.shape[1]} float32 embeddings to {output}")
+    if jax.process_index() == 0:  # one output, written by the lead process
+        save_npy_atomic(output, vectors)
+        print(f"wrote {vectors.shape[0]} x {vectors.shape[1]} float32 embeddings to {output}")
 
 
-def _train(argv: list[str]) -> None:
-    """`diffemb train --config configs/X.py --workdir DIR [--config.key=value ...]` (absl flags, as
-    ml_collections configs are meant to be overridden; an unknown key is an error naming it)."""
+def _training_flags(command: str, argv: list[str]):
+    """--config FILE --workdir DIR [--config.key=value ...] (absl flags, as ml_collections configs are
+    meant to be overridden; an unknown key is an error naming it)."""
     from absl import flags
     from ml_collections import config_flags
 
-    from diffemb_jax.training.trainer import train
-
-    argv = ["diffemb train", *argv]
+    argv = [f"diffemb {command}", *argv]
     values = flags.FlagValues()
     config_flags.DEFINE_config_file("config", None, "training config file (get_config())", flag_values=values,
                                     lock_config=True, sys_argv=argv)
@@ -46,10 +53,30 @@ def _train(argv: list[str]) -> None:
     except (flags.Error, AttributeError, KeyError) as e:
         raise ValueError(str(e)) from e
     if values.config is None or values.workdir is None:
-        raise ValueError("usage: diffemb train --config configs/X.py --workdir DIR [--config.key=value ...]")
-    history = train(values.config, values.workdir)
+        raise ValueError(f"usage: diffemb {command} --config configs/X.py --workdir DIR [--config.key=value ...]")
+    return values.config, values.workdir
+
+
+def _train(argv: list[str]) -> None:
+    from diffemb_jax.training.trainer import train
+
+    config, workdir = _training_flags("train", argv)
+    history = train(config, workdir)
     if history:
-        print(f"trained to step {history[-1]['step']}: loss {history[-1]['loss']:.4f}; workdir {values.workdir}")
+        print(f"trained to step {history[-1]['step']}: loss {history[-1]['loss']:.4f}; workdir {workdir}")
+
+
+def _plan(argv: list[str]) -> None:
+    """Per-device memory of the config's train step on its mesh, from XLA's compiled memory analysis."""
+    from diffemb_jax.training.trainer import Trainer
+
+    config, workdir = _training_flags("plan", argv)
+    plan = Trainer(config, workdir).memory_plan()
+    print(f"per-device memory of one train step, mesh {dict(config.mesh)} "
+          f"(global batch {config.train.global_batch_size}):")
+    print("| part | MiB |\n|---|---:|")
+    for part, size in plan.items():
+        print(f"| {part} | {size / 2**20:.1f} |")
 
 
 def _demo(args) -> None:
@@ -89,13 +116,23 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--batch-size", type=int, default=16)
     p.add_argument("--dtype", choices=("float32", "bfloat16"), default="float32")
     p.add_argument("--kernel", choices=("xla", "cudnn"), default="xla", help="attention kernel (cudnn: GPU)")
+    p.add_argument("--mesh", default=None, metavar="DATA,FSDP,TENSOR",
+                   help="shard over all devices, e.g. -1,1,1 (data parallel) or 4,1,2; default: one device")
     p.set_defaults(func=_encode)
 
     p = sub.add_parser("demo", help="convert the bundled SmolLM2-135M and embed a few sentences")
     p.set_defaults(func=_demo)
 
     p = sub.add_parser("bench", help="speed and memory against the PyTorch reference")
-    p.add_argument("what", choices=("encode",))
+    p.add_argument("what", choices=("encode", "train"))
+    p.add_argument("--queries", type=int, default=8, help="train: queries per step, each with a positive and a "
+                   "hard negative (--batch-size, --texts and --max-length are encode's)")
+    p.add_argument("--query-length", type=int, default=32, help="train: tokens per query, padded")
+    p.add_argument("--doc-length", type=int, default=128, help="train: tokens per document, padded")
+    p.add_argument("--lora-rank", type=int, default=16, help="train: LoRA rank (alpha = 2 x rank)")
+    p.add_argument("--remat", choices=("none", "full"), default="none", help="train: gradient checkpointing")
+    p.add_argument("--warmup-steps", type=int, default=1, help="train: untimed steps first (JAX: compilation)")
+    p.add_argument("--steps", type=int, default=5, help="train: timed steps")
     p.add_argument("--model", default=None, help="model to bench (default: the bundled SmolLM2-135M)")
     p.add_argument("--texts", type=int, default=64, help="number of texts")
     p.add_argument("--batch-size", type=int, default=16)
@@ -109,10 +146,11 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(level=logging.WARNING, format="%(levelname)s: %(message)s")
     argv = sys.argv[1:] if argv is None else argv
-    if argv[:1] == ["train"]:
+    if argv[:1] in (["train"], ["plan"]):
         from diffemb_jax.training.trainer import TrainingDiverged
 
-        return _run("train", lambda: _train(argv[1:]), (TrainingDiverged,))
+        work = {"train": _train, "plan": _plan}[argv[0]]
+        return _run(argv[0], lambda: work(argv[1:]), (TrainingDiverged,))
     args = build_parser().parse_args(argv)
     return _run(args.command, lambda: args.func(args))
 

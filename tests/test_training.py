@@ -168,7 +168,7 @@ def test_resume_after_sigkill_is_exact(tmp_path):
     command = [sys.executable, "-m", "diffemb_jax.cli"]
     straight = tmp_path / "straight"
     subprocess.run(command + train_args(model, data, straight, *steps), check=True, env=_env(),
-                   capture_output=True, timeout=300)
+                   capture_output=True, timeout=900)
 
     killed = tmp_path / "killed"
     process = subprocess.Popen(command + train_args(model, data, killed, *steps), env=_env(),
@@ -183,7 +183,7 @@ def test_resume_after_sigkill_is_exact(tmp_path):
     interrupted_at = len(_losses(killed))
     assert 5 <= interrupted_at < 10, "the run was not killed in the middle"
     subprocess.run(command + train_args(model, data, killed, *steps), check=True, env=_env(),
-                   capture_output=True, timeout=300)
+                   capture_output=True, timeout=900)
     assert _losses(killed) == _losses(straight)  # identical floats, every step
     a, b = _final_lora(straight, 10), _final_lora(killed, 10)
     for x, y in zip(jax.tree.leaves(a), jax.tree.leaves(b)):

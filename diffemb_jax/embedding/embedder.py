@@ -3,6 +3,8 @@
 Texts are sorted by token length (longest first, so a shape that does not fit fails at once), cut
 into batches of a fixed row count, and each batch is right-padded to the smallest bucket length
 that holds it; XLA therefore compiles at most one program per bucket. Rows come back in input order.
+On a mesh, parameters are sharded by their logical axes and every batch is split over the data
+(and fsdp) axes; each process gets the whole result back.
 """
 
 from __future__ import annotations
@@ -16,6 +18,7 @@ import tokenizers
 from flax import nnx
 from tqdm.auto import tqdm
 
+from diffemb_jax import parallel
 from diffemb_jax.embedding.pooling import POOLING_MODES, l2_normalize, pool
 from diffemb_jax.embedding.prompts import pad_batch, tokenize, with_instruction
 from diffemb_jax.model import ATTENTION_MODES, Decoder
@@ -34,13 +37,18 @@ def bucket_lengths(max_length: int, smallest: int = 32) -> list[int]:
 
 class Embedder:
     def __init__(self, model: Decoder, tokenizer: tokenizers.Tokenizer, *, pooling: str = "mean",
-                 skip_instruction: bool = False, max_length: int = 512, batch_size: int = 16):
+                 skip_instruction: bool = False, max_length: int = 512, batch_size: int = 16,
+                 mesh: jax.sharding.Mesh | None = None):
         if pooling not in POOLING_MODES:
             raise ValueError(f"unknown pooling {pooling!r}; choose one of {POOLING_MODES}")
         if model.attention not in ATTENTION_MODES:
             raise ValueError(f"unknown attention {model.attention!r}; choose one of {ATTENTION_MODES}")
         if max_length < 1 or batch_size < 1:
             raise ValueError("max_length and batch_size must be positive")
+        shards = mesh.shape["data"] * mesh.shape["fsdp"] if mesh is not None else 1
+        if batch_size % shards:
+            raise ValueError(f"batch_size={batch_size} is not divisible by the {shards} batch shards of the mesh")
+        self.mesh = mesh
         self.model, self.tokenizer = model, tokenizer
         self.pooling, self.skip_instruction = pooling, skip_instruction
         self.max_length, self.batch_size = max_length, batch_size
@@ -55,12 +63,23 @@ class Embedder:
 
     @classmethod
     def from_pretrained(cls, path: str | Path, *, attention: str = "bidirectional", dtype: str = "float32",
-                        kernel: str = "xla", **kwargs) -> "Embedder":
+                        kernel: str = "xla", mesh: jax.sharding.Mesh | None = None, **kwargs) -> "Embedder":
         from conversion import load_model  # conversion knows the model; the model knows nothing of it
 
-        model, tokenizer = load_model(path, dtype=dtype)
+        if mesh is None:
+            model, tokenizer = load_model(path, dtype=dtype)
+        else:
+            model, tokenizer = load_model(path, dtype=dtype, sharding_for=parallel.param_sharding(mesh))
         model.attention, model.kernel = attention, kernel
-        return cls(model, tokenizer, **kwargs)
+        return cls(model, tokenizer, mesh=mesh, **kwargs)
+
+    def _run(self, batch) -> np.ndarray:
+        if self.mesh is None:
+            return np.asarray(self._embed(self._state, *batch))
+        from jax.experimental import multihost_utils
+
+        placed = jax.device_put(batch, parallel.batch_sharding(self.mesh))
+        return np.asarray(multihost_utils.process_allgather(self._embed(self._state, *placed), tiled=True))
 
     def encode(self, texts: list[str], instruction: str | None = None, *, progress: bool = True) -> np.ndarray:
         if not texts:
@@ -81,7 +100,7 @@ class Embedder:
                 length = next(b for b in self.buckets if b >= longest)
                 batch = pad_batch([tokens.ids[i] for i in rows], [tokens.embed_lengths[i] for i in rows],
                                   length, self.batch_size)
-                vectors = np.asarray(self._embed(self._state, *batch))
+                vectors = self._run(batch)
                 out[rows] = vectors[: len(rows)]
                 bar.update(len(rows))
         return out

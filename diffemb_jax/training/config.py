@@ -32,6 +32,7 @@ def base_config() -> ml_collections.ConfigDict:
         kind="in_batch",  # in_batch: cos * scale over all documents | per_query: dot / sqrt(d), own negatives
         scale=50.0,
     ))
+    c.mesh = ml_collections.ConfigDict(dict(data=-1, fsdp=1, tensor=1))  # -1: the rest of the devices
     c.train = ml_collections.ConfigDict(dict(
         seed=42,
         steps=1000,

@@ -18,12 +18,11 @@ from pathlib import Path
 import jax
 import jax.numpy as jnp
 import ml_collections
-import numpy as np
 import orbax.checkpoint as ocp
 from flax import nnx
-from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 from tqdm.auto import tqdm
 
+from diffemb_jax import parallel
 from diffemb_jax.training.data import TrainBatches, build_dataset
 from diffemb_jax.training.lora import LoraConfig, apply_lora
 from diffemb_jax.training.step import StepConfig, batch_tokens, make_optimizer, make_train_step, split_model
@@ -54,9 +53,10 @@ def check_config(config) -> None:
     for f in config.data.files:
         if not Path(f).is_file():
             raise FileNotFoundError(f"config.data.files: {f} does not exist")
-    if config.train.global_batch_size % jax.device_count():
+    data, fsdp, _ = parallel.mesh_shape(**config.mesh)
+    if config.train.global_batch_size % (data * fsdp):
         raise ValueError(f"train.global_batch_size={config.train.global_batch_size} is not divisible by the "
-                         f"{jax.device_count()} devices")
+                         f"{data * fsdp} batch shards of mesh {dict(config.mesh)}")
 
 
 class MetricsLog:
@@ -95,16 +95,15 @@ class Trainer:
         self.config, self.workdir = config, Path(workdir)
         self.workdir.mkdir(parents=True, exist_ok=True)
         (self.workdir / "config.json").write_text(config.to_json_best_effort(indent=2))
-        model, self.tokenizer = load_model(config.model.path, dtype=config.model.dtype)
+        self.mesh = parallel.make_mesh(**config.mesh)
+        model, self.tokenizer = load_model(config.model.path, dtype=config.model.dtype,
+                                           sharding_for=parallel.param_sharding(self.mesh))
         model.attention, model.remat = config.model.attention, config.train.remat
-        self.model = apply_lora(model, lora_config(config), seed=config.train.seed)
-        self.graphdef, lora, frozen = split_model(self.model)
-        mesh = Mesh(np.array(jax.devices()), ("data",))
-        self.replicated, self.data_sharding = NamedSharding(mesh, P()), NamedSharding(mesh, P("data"))
-        self.lora, self.frozen = jax.device_put((lora, frozen), self.replicated)
+        self.model = apply_lora(model, lora_config(config), seed=config.train.seed)  # adapters follow base shardings
+        self.graphdef, self.lora, self.frozen = split_model(self.model)
         self.tx, schedule = make_optimizer(config.train.lr, config.train.warmup_steps, config.train.steps,
                                            config.train.grad_clip, config.train.weight_decay)
-        self.opt_state = jax.device_put(self.tx.init(self.lora), self.replicated)
+        self.opt_state = jax.jit(self.tx.init)(self.lora)  # moments placed like the parameters
         self.train_step = make_train_step(self.graphdef, self.tx, schedule, step_config(config))
         self.batches = self._batches()
         self.checkpoints = ocp.CheckpointManager(
@@ -146,9 +145,6 @@ class Trainer:
 
     # ------------------------------------------------------------------ loop
 
-    def _device_batch(self, batch: dict) -> dict:
-        return jax.tree.map(lambda x: jax.make_array_from_process_local_data(self.data_sharding, x), batch)
-
     def run(self, *, progress: bool = True) -> list[dict]:
         c = self.config.train
         self.step = self.restore_latest()
@@ -161,7 +157,7 @@ class Trainer:
                 batch = next(self.batches)
                 start = time.perf_counter()
                 self.lora, self.opt_state, metrics = self.train_step(
-                    self.lora, self.opt_state, self.frozen, self.step, self._device_batch(batch))
+                    self.lora, self.opt_state, self.frozen, self.step, parallel.global_batch(batch, self.mesh))
                 metrics = {k: float(v) for k, v in metrics.items()}
                 seconds = time.perf_counter() - start
                 if not math.isfinite(metrics["loss"]):
@@ -182,6 +178,20 @@ class Trainer:
             self.checkpoints.wait_until_finished()
         return history
 
+    def memory_plan(self) -> dict[str, int]:
+        """Per-device bytes of the compiled train step (XLA's memory analysis) and of the parameters."""
+        batch = parallel.global_batch(next(self.batches), self.mesh)
+        compiled = self.train_step.lower(self.lora, self.opt_state, self.frozen, 0, batch).compile()
+        stats = compiled.memory_analysis()
+
+        def per_device(tree) -> int:
+            return sum(x.addressable_shards[0].data.nbytes for x in jax.tree.leaves(tree))
+
+        return {"frozen_params": per_device(self.frozen), "lora_params": per_device(self.lora),
+                "optimizer_state": per_device(self.opt_state), "batch": per_device(batch),
+                "arguments": stats.argument_size_in_bytes, "temporaries": stats.temp_size_in_bytes,
+                "outputs": stats.output_size_in_bytes}
+
     def _stop_diverged(self, loss: float, data_state: dict) -> None:
         # The step kept the previous parameters; save them with the data position before this batch.
         if self.checkpoints.latest_step() != self.step:
@@ -193,4 +203,5 @@ class Trainer:
 
 
 def train(config: ml_collections.ConfigDict, workdir: str | Path, *, progress: bool = True) -> list[dict]:
+    parallel.initialize_distributed()  # a no-op on one host
     return Trainer(config, workdir).run(progress=progress)

@@ -1,0 +1,109 @@
+"""Meshes, the one table of logical-axis rules, multi-host start-up and global batches.
+
+Parameters name their axes (vocab, embed, q_heads, kv_heads, mlp, norm); LOGICAL_RULES maps those
+names to the mesh axes data, fsdp and tensor. The mesh uses Auto axis types on purpose: GSPMD
+propagates shardings through the step from how parameters and batches are placed. Multi-host is
+JAX's own distributed runtime (`jax.distributed.initialize`, which reads the environment of a Cloud
+TPU pod or a SLURM job), launched by the cluster's own tools.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+
+import jax
+import numpy as np
+from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
+
+log = logging.getLogger(__name__)
+
+MESH_AXES = ("data", "fsdp", "tensor")
+BATCH_AXES = ("data", "fsdp")  # the batch is split over both: FSDP is data parallelism with sharded weights
+LOGICAL_RULES = {
+    "vocab": "tensor",
+    "embed": "fsdp",
+    "q_heads": "tensor",
+    "kv_heads": "tensor",
+    "mlp": "tensor",
+    "norm": None,
+}
+
+
+def mesh_shape(data: int = -1, fsdp: int = 1, tensor: int = 1, device_count: int | None = None) -> tuple[int, ...]:
+    """Resolve one -1 ("the rest of the devices") and check the product."""
+    n = jax.device_count() if device_count is None else device_count
+    sizes = [data, fsdp, tensor]
+    if sizes.count(-1) > 1:
+        raise ValueError(f"mesh {dict(zip(MESH_AXES, sizes))}: at most one axis may be -1")
+    known = math.prod(s for s in sizes if s != -1)
+    if -1 in sizes:
+        if n % known:
+            raise ValueError(f"mesh {dict(zip(MESH_AXES, sizes))}: {n} devices are not divisible by {known}")
+        sizes[sizes.index(-1)] = n // known
+    if math.prod(sizes) != n or min(sizes) < 1:
+        raise ValueError(f"mesh {dict(zip(MESH_AXES, sizes))} needs {math.prod(sizes)} devices; there are {n}")
+    return tuple(sizes)
+
+
+def make_mesh(data: int = -1, fsdp: int = 1, tensor: int = 1) -> Mesh:
+    shape = mesh_shape(data, fsdp, tensor)
+    return jax.make_mesh(shape, MESH_AXES, axis_types=(jax.sharding.AxisType.Auto,) * 3)
+
+
+def logical_spec(axes: tuple | None, shape: tuple[int, ...], mesh: Mesh) -> P:
+    """PartitionSpec for a parameter; an axis whose size the mesh axis does not divide stays whole."""
+    if not axes:
+        return P()
+    spec = []
+    for name, size in zip(axes, shape):
+        mesh_axis = LOGICAL_RULES.get(name)
+        if mesh_axis is not None and size % mesh.shape[mesh_axis]:
+            log.info("%s of size %d is not divisible by mesh axis %s=%d: replicated", name, size, mesh_axis,
+                     mesh.shape[mesh_axis])
+            mesh_axis = None
+        spec.append(mesh_axis)
+    return P(*spec)
+
+
+def param_sharding(mesh: Mesh):
+    """The loader's sharding function: each parameter placed by its logical axes."""
+
+    def sharding_for(path, axes, shape):
+        return NamedSharding(mesh, logical_spec(axes, shape, mesh))
+
+    return sharding_for
+
+
+def batch_sharding(mesh: Mesh) -> NamedSharding:
+    return NamedSharding(mesh, P(BATCH_AXES))
+
+
+def global_batch(local_batch, mesh: Mesh):
+    """Each host's rows -> global arrays sharded over the batch axes (rows ordered by process)."""
+    sharding = batch_sharding(mesh)
+    return jax.tree.map(lambda x: jax.make_array_from_process_local_data(sharding, np.asarray(x)), local_batch)
+
+
+def initialize_distributed(coordinator_address: str | None = None, num_processes: int | None = None,
+                           process_id: int | None = None) -> None:
+    """Start JAX's distributed runtime when there is more than one process.
+
+    With no arguments JAX detects the cluster (Cloud TPU pod metadata, SLURM variables); on a single
+    host with nothing to detect, nothing is started.
+    """
+    explicit = coordinator_address is not None
+    if not explicit and not _cluster_detected():
+        return
+    jax.distributed.initialize(coordinator_address=coordinator_address, num_processes=num_processes,
+                               process_id=process_id)
+    log.info("process %d of %d, %d local / %d global devices", jax.process_index(), jax.process_count(),
+             jax.local_device_count(), jax.device_count())
+
+
+def _cluster_detected() -> bool:
+    import os
+
+    slurm = int(os.environ.get("SLURM_NTASKS", "1")) > 1
+    tpu_pod = bool(os.environ.get("TPU_WORKER_HOSTNAMES", "").count(","))
+    return slurm or tpu_pod

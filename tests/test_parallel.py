@@ -1,0 +1,152 @@
+"""Sharded training on 8 simulated CPU devices: every mesh gives the one-device losses and LoRA
+update, parameters really are sharded, and per-device parameter memory falls as 1/n with fsdp."""
+
+import json
+import os
+import subprocess
+import sys
+import textwrap
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from diffemb_jax import parallel
+from training_fixtures import tiny_setup
+
+ROOT = Path(__file__).parent.parent
+MESHES = [(8, 1, 1), (2, 4, 1), (2, 2, 2), (1, 4, 2)]
+
+TRAIN = textwrap.dedent("""
+    import json, sys
+    import jax, numpy as np
+    sys.path.insert(0, "tests")
+    import importlib.util
+    from diffemb_jax.training.trainer import Trainer
+    spec = importlib.util.spec_from_file_location("tiny_cfg", "configs/tiny.py")
+    tiny_cfg = importlib.util.module_from_spec(spec); spec.loader.exec_module(tiny_cfg)
+    model, data, out, meshes = sys.argv[1], sys.argv[2], sys.argv[3], json.loads(sys.argv[4])
+    results = {}
+    for shape in meshes:
+        c = tiny_cfg.get_config()
+        c.model.path, c.data.files, c.train.steps = model, (data,), 3
+        c.mesh.data, c.mesh.fsdp, c.mesh.tensor = shape
+        trainer = Trainer(c, f"{out}/run-{'x'.join(map(str, shape))}")
+        history = trainer.run(progress=False)
+        kernel = trainer.frozen["layers"][0]["mlp"]["up_proj"]["kernel"][...]
+        lora_a = trainer.lora["layers"][0]["mlp"]["up_proj"]["kernel_lora_a"][...]
+        results["x".join(map(str, shape))] = {
+            "losses": [h["loss"] for h in history],
+            "lora": [np.asarray(x).tolist() for x in jax.tree.leaves(trainer.lora)],
+            "kernel_spec": [str(s) for s in kernel.sharding.spec],
+            "kernel_shards": len({str(s.index) for s in kernel.addressable_shards}),
+            "lora_a_spec": [str(s) for s in lora_a.sharding.spec],
+        }
+    json.dump(results, open(f"{out}/results.json", "w"))
+""")
+
+
+def _run(code, *args, devices):
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("XLA_", "PYTEST"))}
+    env.update(JAX_PLATFORMS="cpu", XLA_FLAGS=f"--xla_force_host_platform_device_count={devices}")
+    result = subprocess.run([sys.executable, "-c", code, *map(str, args)], capture_output=True, text=True,
+                            timeout=600, cwd=ROOT, env=env)
+    assert result.returncode == 0, result.stderr[-4000:]
+
+
+@pytest.fixture(scope="module")
+def trained(tmp_path_factory):
+    root = tmp_path_factory.mktemp("parallel")
+    model, data = tiny_setup(root)
+    _run(TRAIN, model, data, root / "one", json.dumps([(1, 1, 1)]), devices=1)
+    _run(TRAIN, model, data, root / "eight", json.dumps(MESHES), devices=8)
+    one = json.loads((root / "one" / "results.json").read_text())["1x1x1"]
+    return one, json.loads((root / "eight" / "results.json").read_text())
+
+
+@pytest.mark.parametrize("shape", MESHES)
+def test_mesh_step_equals_one_device(trained, shape):
+    one, eight = trained
+    got = eight["x".join(map(str, shape))]
+    np.testing.assert_allclose(got["losses"], one["losses"], rtol=1e-5)
+    for a, b in zip(got["lora"], one["lora"]):
+        np.testing.assert_allclose(np.asarray(a), np.asarray(b), atol=1e-5, rtol=0)
+
+
+@pytest.mark.parametrize("shape", MESHES)
+def test_parameters_are_sharded(trained, shape):
+    got = trained[1]["x".join(map(str, shape))]
+    data, fsdp, tensor = shape
+    if fsdp == 1 and tensor == 1:
+        assert got["kernel_shards"] == 1  # pure data parallelism: replicated weights
+    else:
+        assert got["kernel_shards"] == fsdp * tensor
+    assert [s if s in ("fsdp", "tensor") else "None" for s in got["kernel_spec"]] == ["fsdp", "tensor"]
+    assert got["lora_a_spec"][0] == "fsdp"  # adapters follow their base kernel's input axis
+
+
+def test_mesh_shape_resolves_the_rest():
+    assert parallel.mesh_shape(-1, 2, 2, device_count=8) == (2, 2, 2)
+    assert parallel.mesh_shape(1, -1, 2, device_count=8) == (1, 4, 2)
+    with pytest.raises(ValueError, match="at most one axis"):
+        parallel.mesh_shape(-1, -1, 1, device_count=8)
+    with pytest.raises(ValueError, match="needs 6 devices; there are 8"):
+        parallel.mesh_shape(3, 2, 1, device_count=8)
+
+
+PLAN = textwrap.dedent("""
+    import json, sys
+    sys.path.insert(0, "tests")
+    import importlib.util
+    from diffemb_jax.training.trainer import Trainer
+    spec = importlib.util.spec_from_file_location("tiny_cfg", "configs/tiny.py")
+    tiny_cfg = importlib.util.module_from_spec(spec); spec.loader.exec_module(tiny_cfg)
+    model, data, out = sys.argv[1:4]
+    plans = {}
+    for fsdp in (1, 2, 4, 8):
+        c = tiny_cfg.get_config()
+        c.model.path, c.data.files = model, (data,)
+        c.mesh.data, c.mesh.fsdp, c.mesh.tensor = 8 // fsdp, fsdp, 1
+        plans[fsdp] = Trainer(c, f"{out}/plan-{fsdp}").memory_plan()
+    json.dump(plans, open(f"{out}/plans.json", "w"))
+""")
+
+
+def test_compiled_memory_falls_with_fsdp(tmp_path):
+    model, data = tiny_setup(tmp_path)
+    _run(PLAN, model, data, tmp_path, devices=8)
+    plans = {int(k): v for k, v in json.loads((tmp_path / "plans.json").read_text()).items()}
+    for n in (2, 4, 8):
+        # the embedding (vocab 97) shards over fsdp by its embed axis too; only norm scales stay whole
+        assert plans[n]["frozen_params"] == pytest.approx(plans[1]["frozen_params"] / n, rel=0.05)
+        # XLA's own count of the step's argument bytes agrees: frozen + LoRA + optimizer state + batch
+        p = plans[n]
+        assert p["arguments"] == pytest.approx(
+            p["frozen_params"] + p["lora_params"] + p["optimizer_state"] + p["batch"], rel=0.02)
+        assert p["arguments"] < plans[n // 2]["arguments"]
+
+
+ENCODE = textwrap.dedent("""
+    import sys
+    import numpy as np
+    from diffemb_jax import parallel
+    from diffemb_jax.embedding import Embedder
+    model, out = sys.argv[1:3]
+    texts = [" ".join(["the cat plays music"] * (i % 7 + 1)) + f" {i}" for i in range(37)]
+    mesh = parallel.make_mesh(4, 1, 2)
+    embedder = Embedder.from_pretrained(model, mesh=mesh, batch_size=8, max_length=64)
+    kernel = embedder.model.layers[0].mlp.up_proj.kernel[...]
+    assert len({str(s.index) for s in kernel.addressable_shards}) == 2  # sharded over tensor
+    np.save(out, embedder.encode(texts, progress=False))
+""")
+
+
+def test_encoding_on_a_mesh_equals_one_device(tmp_path):
+    import tiny
+    from diffemb_jax.embedding import Embedder
+
+    model = tiny.write_checkpoint("qwen2", tmp_path / "model")
+    _run(ENCODE, model, tmp_path / "mesh.npy", devices=8)
+    texts = [" ".join(["the cat plays music"] * (i % 7 + 1)) + f" {i}" for i in range(37)]
+    want = Embedder.from_pretrained(model, batch_size=8, max_length=64).encode(texts, progress=False)
+    np.testing.assert_allclose(np.load(tmp_path / "mesh.npy"), want, atol=1e-5)
