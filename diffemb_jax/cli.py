@@ -94,6 +94,7 @@ def _bench(args) -> None:
 def build_parser() -> argparse.ArgumentParser:
     from diffemb_jax.embedding.pooling import POOLING_MODES
     from diffemb_jax.model import ATTENTION_MODES
+    from diffemb_jax.model.attention import KERNELS
 
     parser = argparse.ArgumentParser(prog="diffemb", description=__doc__)
     sub = parser.add_subparsers(dest="command", required=True)
@@ -115,7 +116,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--max-length", type=int, default=512)
     p.add_argument("--batch-size", type=int, default=16)
     p.add_argument("--dtype", choices=("float32", "bfloat16"), default="float32")
-    p.add_argument("--kernel", choices=("xla", "cudnn"), default="xla", help="attention kernel (cudnn: GPU)")
+    p.add_argument("--kernel", choices=KERNELS, default="auto",
+                   help="attention kernel: auto picks cudnn on GPU, splash on TPU, xla elsewhere")
     p.add_argument("--mesh", default=None, metavar="DATA,FSDP,TENSOR",
                    help="shard over all devices, e.g. -1,1,1 (data parallel) or 4,1,2; default: one device")
     p.set_defaults(func=_encode)

@@ -63,7 +63,7 @@ class Embedder:
 
     @classmethod
     def from_pretrained(cls, path: str | Path, *, attention: str = "bidirectional", dtype: str = "float32",
-                        kernel: str = "xla", mesh: jax.sharding.Mesh | None = None, **kwargs) -> "Embedder":
+                        kernel: str = "auto", mesh: jax.sharding.Mesh | None = None, **kwargs) -> "Embedder":
         from conversion import load_model  # conversion knows the model; the model knows nothing of it
 
         if mesh is None:

@@ -1,15 +1,25 @@
 """Attention kernels behind one call: the mask rules (padding, causal, window) in one place.
 
-Padding is always masked in both modes; the XLA kernel takes an explicit boolean mask (any padding
-side), cuDNN flash takes per-sequence lengths and so needs right padding, as the Embedder produces.
+Padding is always masked, in both modes. Kernels:
+- xla: an explicit boolean mask, any padding side, every backend;
+- cudnn: cuDNN flash attention on NVIDIA GPUs, padding given as per-sequence lengths (right padding,
+  as the Embedder and the data pipeline produce);
+- splash: Pallas splash attention (TPU), padding as segment ids (real tokens 1, pads 0), the sequence
+  padded up to the kernel's 128-token blocks; on CPU it runs in Pallas interpret mode (for tests).
+`auto` picks by backend and falls back to xla, with the reason logged, where a kernel cannot serve.
 """
 
 from __future__ import annotations
 
+import functools
+import logging
+
 import jax
 import jax.numpy as jnp
 
-KERNELS = ("xla", "cudnn")
+KERNELS = ("auto", "xla", "cudnn", "splash")
+SPLASH_BLOCK = 128
+log = logging.getLogger(__name__)
 
 
 def attention_mask_4d(padding_mask: jax.Array, causal: bool, sliding_window: int | None) -> jax.Array:
@@ -26,8 +36,31 @@ def attention_mask_4d(padding_mask: jax.Array, causal: bool, sliding_window: int
     return keys & allowed[None, None]
 
 
+@functools.cache
+def resolve_kernel(kernel: str, backend: str, dtype: str, head_dim: int, sliding_window: int | None) -> str:
+    """The kernel that will run; `auto` falls back to xla (and says why) where another cannot serve."""
+    if kernel not in KERNELS:
+        raise ValueError(f"unknown attention kernel {kernel!r}; choose one of {KERNELS}")
+    if kernel != "auto":
+        return kernel
+    if backend == "gpu":
+        if dtype not in ("bfloat16", "float16"):
+            log.warning("attention: cudnn needs bfloat16/float16 (got %s); using xla", dtype)
+        elif head_dim > 128 or head_dim % 8:
+            log.warning("attention: cudnn needs head_dim <= 128 and a multiple of 8 (got %d); using xla", head_dim)
+        else:
+            return "cudnn"
+    elif backend == "tpu":
+        if sliding_window is not None:
+            log.warning("attention: the splash path here has no sliding window; using xla")
+        else:
+            return "splash"
+    return "xla"
+
+
 def attend(q, k, v, padding_mask, *, causal: bool, sliding_window: int | None = None, kernel: str = "xla"):
     """q [B,L,H,D], k/v [B,L,KV,D] (grouped heads broadcast) -> [B,L,H,D]."""
+    kernel = resolve_kernel(kernel, jax.default_backend(), str(q.dtype), q.shape[-1], sliding_window)
     if kernel == "xla":
         mask = attention_mask_4d(padding_mask, causal, sliding_window)
         return jax.nn.dot_product_attention(q, k, v, mask=mask, implementation="xla")
@@ -40,4 +73,29 @@ def attend(q, k, v, padding_mask, *, causal: bool, sliding_window: int | None = 
         return jax.nn.dot_product_attention(
             q, k, v, is_causal=causal, query_seq_lengths=lengths, key_value_seq_lengths=lengths,
             local_window_size=window, implementation="cudnn")
-    raise ValueError(f"unknown attention kernel {kernel!r}; choose one of {KERNELS}")
+    if sliding_window is not None:
+        raise ValueError("the splash attention kernel here has no sliding window; use kernel='xla'")
+    return _splash(q, k, v, padding_mask, causal)
+
+
+def _splash(q, k, v, padding_mask, causal: bool):
+    from jax.experimental.pallas.ops.tpu.splash_attention import splash_attention_kernel as splash
+    from jax.experimental.pallas.ops.tpu.splash_attention import splash_attention_mask as masks
+
+    b, length, heads, d = q.shape
+    padded = -(-length // SPLASH_BLOCK) * SPLASH_BLOCK
+    extra = ((0, 0), (0, padded - length), (0, 0), (0, 0))
+    q, k, v = (jnp.pad(x, extra) for x in (q / jnp.sqrt(jnp.float32(d)).astype(q.dtype), k, v))
+    segments = jnp.pad(padding_mask.astype(jnp.int32), ((0, 0), (0, padded - length)))
+    shape = (padded, padded)
+    head_mask = masks.CausalMask(shape) if causal else masks.FullMask(shape)
+    kernel = splash.make_splash_mha(
+        masks.MultiHeadMask([head_mask] * heads), head_shards=1, q_seq_shards=1,
+        interpret=jax.default_backend() != "tpu")
+
+    def one(q, k, v, seg):  # the kernel takes one sequence, heads first
+        out = kernel(q.swapaxes(0, 1), k.swapaxes(0, 1), v.swapaxes(0, 1),
+                     segment_ids=splash.SegmentIds(q=seg, kv=seg))
+        return out.swapaxes(0, 1)
+
+    return jax.vmap(one)(q, k, v, segments)[:, :length]

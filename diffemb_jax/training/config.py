@@ -11,6 +11,7 @@ def base_config() -> ml_collections.ConfigDict:
     c.model = ml_collections.ConfigDict(dict(
         path="",  # converted directory, HF model directory or .gguf file
         attention="bidirectional",  # bidirectional | causal
+        kernel="auto",  # attention kernel: auto | xla | cudnn | splash
         dtype="bfloat16",  # base weights and activations; LoRA and optimizer state are float32
         pooling="mean",  # mean | weighted_mean | last_token
         skip_instruction=False,

@@ -98,7 +98,7 @@ class Trainer:
         self.mesh = parallel.make_mesh(**config.mesh)
         model, self.tokenizer = load_model(config.model.path, dtype=config.model.dtype,
                                            sharding_for=parallel.param_sharding(self.mesh))
-        model.attention, model.remat = config.model.attention, config.train.remat
+        model.attention, model.remat, model.kernel = config.model.attention, config.train.remat, config.model.kernel
         self.model = apply_lora(model, lora_config(config), seed=config.train.seed)  # adapters follow base shardings
         self.graphdef, self.lora, self.frozen = split_model(self.model)
         self.tx, schedule = make_optimizer(config.train.lr, config.train.warmup_steps, config.train.steps,
