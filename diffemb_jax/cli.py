@@ -68,9 +68,11 @@ def _train(argv: list[str]) -> None:
 
 def _plan(argv: list[str]) -> None:
     """Per-device memory of the config's train step on its mesh, from XLA's compiled memory analysis."""
+    from diffemb_jax import parallel
     from diffemb_jax.training.trainer import Trainer
 
     config, workdir = _training_flags("plan", argv)
+    parallel.initialize_distributed()
     plan = Trainer(config, workdir).memory_plan()
     print(f"per-device memory of one train step, mesh {dict(config.mesh)} "
           f"(global batch {config.train.global_batch_size}):")

@@ -60,11 +60,15 @@ def check_config(config) -> None:
 
 
 class MetricsLog:
-    """metrics.jsonl (rewritten on resume to drop steps after the checkpoint) and TensorBoard."""
+    """metrics.jsonl (rewritten on resume to drop steps after the checkpoint) and TensorBoard, written
+    by the lead process only."""
 
-    def __init__(self, workdir: Path, resume_step: int):
+    def __init__(self, workdir: Path, resume_step: int, enabled: bool = True):
         from tensorboardX import SummaryWriter
 
+        self.enabled = enabled
+        if not enabled:
+            return
         self.path = workdir / "metrics.jsonl"
         if self.path.exists():
             kept = [line for line in self.path.read_text().splitlines()
@@ -76,6 +80,8 @@ class MetricsLog:
         self._tb = SummaryWriter(str(workdir / "tensorboard"))
 
     def write(self, record: dict) -> None:
+        if not self.enabled:
+            return
         self._file.write(json.dumps(record) + "\n")
         self._file.flush()
         for key, value in record.items():
@@ -83,6 +89,8 @@ class MetricsLog:
                 self._tb.add_scalar(f"train/{key}", value, record["step"])
 
     def close(self) -> None:
+        if not self.enabled:
+            return
         self._file.close()
         self._tb.close()
 
@@ -93,8 +101,10 @@ class Trainer:
 
         check_config(config)
         self.config, self.workdir = config, Path(workdir)
-        self.workdir.mkdir(parents=True, exist_ok=True)
-        (self.workdir / "config.json").write_text(config.to_json_best_effort(indent=2))
+        self.lead = jax.process_index() == 0  # one writer of shared files; orbax coordinates its own
+        if self.lead:
+            self.workdir.mkdir(parents=True, exist_ok=True)
+            (self.workdir / "config.json").write_text(config.to_json_best_effort(indent=2))
         self.mesh = parallel.make_mesh(**config.mesh)
         model, self.tokenizer = load_model(config.model.path, dtype=config.model.dtype,
                                            sharding_for=parallel.param_sharding(self.mesh))
@@ -115,8 +125,18 @@ class Trainer:
     def _batches(self) -> TrainBatches:
         c = self.config
         cache = Path(c.data.cache_dir or self.workdir / "data")
-        data_dir = build_dataset(c.data.files, c.data.format, cache, skip_bad_rows=c.data.skip_bad_rows,
+
+        def build():
+            return build_dataset(c.data.files, c.data.format, cache, skip_bad_rows=c.data.skip_bad_rows,
                                  num_negatives=c.data.num_negatives)
+
+        if jax.process_count() > 1:  # the lead builds; the others then find it built
+            from jax.experimental import multihost_utils
+
+            if self.lead:
+                build()
+            multihost_utils.sync_global_devices("diffemb: training data built")
+        data_dir = build()
         return TrainBatches(data_dir, self.tokenizer, global_batch_size=c.train.global_batch_size,
                             query_max_length=c.data.query_max_length, doc_max_length=c.data.doc_max_length,
                             num_negatives=c.data.num_negatives, seed=c.train.seed,
@@ -148,9 +168,9 @@ class Trainer:
     def run(self, *, progress: bool = True) -> list[dict]:
         c = self.config.train
         self.step = self.restore_latest()
-        metrics_log = MetricsLog(self.workdir, self.step)
+        metrics_log = MetricsLog(self.workdir, self.step, enabled=self.lead)
         history = []
-        bar = tqdm(total=c.steps, initial=self.step, desc="training", unit="step", disable=not progress)
+        bar = tqdm(total=c.steps, initial=self.step, desc="training", unit="step", disable=not (progress and self.lead))
         try:
             while self.step < c.steps:
                 data_state = self.batches.get_state()
