@@ -47,7 +47,7 @@ class Settings:
     # training (the recipe's loss: in-batch InfoNCE, cosine x 50)
     steps: int = 24
     global_batch_size: int = 8
-    lr: float = 3e-4
+    lr: float = 1e-3
     warmup_steps: int = 2
     lora_rank: int = 8
     lora_alpha: float = 16.0
@@ -166,7 +166,8 @@ def train_and_evaluate(config, workdir: Path, test, settings: Settings) -> dict:
     from diffemb_jax.training.trainer import Trainer, lora_config
 
     attention = config.model.attention
-    with contextlib.redirect_stdout(io.StringIO()):  # tfds announces "Downloading and preparing" a local file
+    # tfds announces "Downloading and preparing" and draws bars while it stores the local JSONL: hide that
+    with contextlib.redirect_stdout(io.StringIO()), contextlib.redirect_stderr(io.StringIO()):
         trainer = Trainer(config, workdir)
     lora = lora_config(config)
     before = evaluate(merge_lora(trainer.model, lora), trainer.tokenizer, test, settings, f"{attention}, before")

@@ -67,3 +67,38 @@ def test_cudnn_on_cpu_is_a_clear_error():
     x = jnp.ones((1, 4, 2, 8), jnp.bfloat16)
     with pytest.raises(ValueError, match="needs an NVIDIA GPU"):
         attend(x, x, x, jnp.ones((1, 4), jnp.int32), causal=False, kernel="cudnn")
+
+
+SHARDED_SPLASH = """
+import jax, jax.numpy as jnp, numpy as np, sys
+sys.path.insert(0, "tests")
+from conftest import padded_batch
+from diffemb_jax import parallel
+from diffemb_jax.model.attention import attend
+rng = np.random.RandomState(0)
+q = jnp.asarray(rng.randn(4, 20, 4, 8), jnp.float32)
+k, v = (jnp.asarray(rng.randn(4, 20, 2, 8), jnp.float32) for _ in range(2))
+_, mask = padded_batch([20, 13, 7, 1], 20, "left")
+want = attend(q, k, v, jnp.asarray(mask), causal=True, kernel="xla")
+mesh = parallel.make_mesh(2, 2, 2)
+with jax.set_mesh(mesh):
+    placed = jax.device_put((q, k, v), jax.sharding.NamedSharding(mesh, jax.P(("data", "fsdp"), None, "tensor")))
+    got = jax.jit(lambda q, k, v, m: attend(q, k, v, m, causal=True, kernel="splash"))(*placed, jnp.asarray(mask))
+real = mask.astype(bool)
+np.testing.assert_allclose(np.asarray(got)[real], np.asarray(want)[real], atol=1e-5)
+print("OK")
+"""
+
+
+def test_splash_inside_shard_map_on_a_mesh():
+    import os
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("XLA_", "PYTEST"))}
+    env.update(JAX_PLATFORMS="cpu", XLA_FLAGS="--xla_force_host_platform_device_count=8")
+    result = subprocess.run([sys.executable, "-c", SHARDED_SPLASH], capture_output=True, text=True, timeout=600,
+                            cwd=Path(__file__).parent.parent, env=env)
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert result.stdout.strip().endswith("OK")

@@ -79,7 +79,9 @@ class Embedder:
         from jax.experimental import multihost_utils
 
         placed = jax.device_put(batch, parallel.batch_sharding(self.mesh))
-        return np.asarray(multihost_utils.process_allgather(self._embed(self._state, *placed), tiled=True))
+        with jax.set_mesh(self.mesh):  # kernels that need it (splash) find the mesh
+            vectors = self._embed(self._state, *placed)
+        return np.asarray(multihost_utils.process_allgather(vectors, tiled=True))
 
     def encode(self, texts: list[str], instruction: str | None = None, *, progress: bool = True) -> np.ndarray:
         if not texts:

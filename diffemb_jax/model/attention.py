@@ -6,6 +6,8 @@ Padding is always masked, in both modes. Kernels:
   as the Embedder and the data pipeline produce);
 - splash: Pallas splash attention (TPU), padding as segment ids (real tokens 1, pads 0), the sequence
   padded up to the kernel's 128-token blocks; on CPU it runs in Pallas interpret mode (for tests).
+  Under a mesh context (`jax.set_mesh`) it runs inside shard_map: batch over data and fsdp, heads
+  over tensor, since GSPMD cannot partition a Pallas call.
 `auto` picks by backend and falls back to xla, with the reason logged, where a kernel cannot serve.
 """
 
@@ -75,7 +77,17 @@ def attend(q, k, v, padding_mask, *, causal: bool, sliding_window: int | None = 
             local_window_size=window, implementation="cudnn")
     if sliding_window is not None:
         raise ValueError("the splash attention kernel here has no sliding window; use kernel='xla'")
-    return _splash(q, k, v, padding_mask, causal)
+    mesh = jax.sharding.get_abstract_mesh()
+    if mesh.empty:
+        return _splash(q, k, v, padding_mask, causal)
+    from jax.sharding import PartitionSpec as P
+
+    batch = tuple(a for a in ("data", "fsdp") if a in mesh.axis_names) or None
+    heads = "tensor" if "tensor" in mesh.axis_names else None
+    qkv, rows = P(batch, None, heads, None), P(batch, None)
+    local = jax.shard_map(functools.partial(_splash, causal=causal), mesh=mesh,
+                          in_specs=(qkv, qkv, qkv, rows), out_specs=qkv, check_vma=False)
+    return local(q, k, v, padding_mask)
 
 
 def _splash(q, k, v, padding_mask, causal: bool):

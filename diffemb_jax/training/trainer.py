@@ -176,8 +176,9 @@ class Trainer:
                 data_state = self.batches.get_state()
                 batch = next(self.batches)
                 start = time.perf_counter()
-                self.lora, self.opt_state, metrics = self.train_step(
-                    self.lora, self.opt_state, self.frozen, self.step, parallel.global_batch(batch, self.mesh))
+                with jax.set_mesh(self.mesh):  # kernels that need it (splash) find the mesh
+                    self.lora, self.opt_state, metrics = self.train_step(
+                        self.lora, self.opt_state, self.frozen, self.step, parallel.global_batch(batch, self.mesh))
                 metrics = {k: float(v) for k, v in metrics.items()}
                 seconds = time.perf_counter() - start
                 if not math.isfinite(metrics["loss"]):
