@@ -173,20 +173,24 @@ def _reset_peak_rss() -> None:
 
 def _measure(warm_up: Callable, timed: Callable):
     """(figures, warm_up(), timed()): seconds of each, the peak RSS of the process so far (loading
-    included) and how far RSS rose above its level before the timed part, during it."""
+    included), the peak RSS during the timed part alone, and how far that rose above the RSS the
+    timed part started from (memory kept from warming up, say by an allocator, is not counted).
+    On a shared machine, cores_used (CPU seconds / wall seconds of the timed part) and the load
+    average say how much of the machine the worker had."""
     start = time.perf_counter()
     warm = warm_up()
     warmup_seconds = time.perf_counter() - start
     load_peak_kb = _proc_status_kb("VmHWM")
     _reset_peak_rss()
     rss_before_kb = _proc_status_kb("VmRSS")
-    start = time.perf_counter()
+    start, cpu_start = time.perf_counter(), time.process_time()
     out = timed()  # plain Python values or numpy: the work is done when it returns
-    seconds = time.perf_counter() - start
+    seconds, cpu_seconds = time.perf_counter() - start, time.process_time() - cpu_start
     timed_peak_kb = _proc_status_kb("VmHWM")
     figures = {"warmup_seconds": warmup_seconds, "seconds": seconds,
-               "peak_rss_mb": max(load_peak_kb, timed_peak_kb) / 1024,
-               "rss_increase_mb": max(timed_peak_kb - rss_before_kb, 0) / 1024}
+               "peak_rss_mb": max(load_peak_kb, timed_peak_kb) / 1024, "timed_peak_rss_mb": timed_peak_kb / 1024,
+               "rss_increase_mb": max(timed_peak_kb - rss_before_kb, 0) / 1024,
+               "cores_used": cpu_seconds / seconds, "load_average_1m": os.getloadavg()[0]}
     return figures, warm, out
 
 
@@ -415,9 +419,12 @@ def _installed(name: str) -> bool:
 
 
 def _check_args(args) -> None:
+    from diffemb_jax.cli import build_parser
+
     kind = KINDS[args.what]
+    defaults = vars(build_parser().parse_args(["bench", args.what]))
     foreign = [name for other in KINDS.values() for name in other.flags
-               if name not in kind.flags and getattr(args, name) != _parser_default(name)]
+               if name not in kind.flags and getattr(args, name) != defaults[name]]
     if foreign:
         raise ValueError(f"diffemb bench {args.what} does not use "
                          + ", ".join("--" + name.replace("_", "-") for name in dict.fromkeys(foreign)))
@@ -431,12 +438,6 @@ def _check_args(args) -> None:
             raise ModuleNotFoundError("diffemb bench train: the PyTorch side needs peft: pip install peft")
     if args.json and not Path(args.json).absolute().parent.is_dir():
         raise FileNotFoundError(f"the folder for --json {args.json} does not exist")
-
-
-def _parser_default(name: str):
-    from diffemb_jax.cli import build_parser
-
-    return build_parser().parse_args(["bench", "encode"]).__dict__[name]
 
 
 def _table(results: dict, columns: tuple[tuple[str, str], ...]) -> str:
@@ -536,14 +537,16 @@ KINDS = {
         prepare=_encode_job, work=_encode_worker, summarize=_encode_summary,
         columns=(("device", "{device}"), ("tokens/s", "{tokens_per_s:.0f}"), ("texts/s", "{texts_per_s:.1f}"),
                  ("warm-up s", "{warmup_seconds:.2f}"), ("peak RSS MB", "{peak_rss_mb:.0f}"),
-                 ("RSS increase MB", "{rss_increase_mb:.0f}"))),
+                 ("RSS increase MB", "{rss_increase_mb:.0f}"), ("cores used", "{cores_used:.2f}"),
+                 ("load 1 min", "{load_average_1m:.2f}"))),
     "train": Kind(
         flags=("model", "queries", "query_length", "doc_length", "lora_rank", "remat", "warmup_steps", "steps"),
         positive=("queries", "query_length", "doc_length", "lora_rank", "steps"),
         prepare=_train_job, work=_train_worker, summarize=_train_summary,
         columns=(("device", "{device}"), ("remat", "{remat}"), ("tokens/s", "{tokens_per_s:.0f}"),
                  ("step s", "{step_seconds:.2f}"), ("warm-up s", "{warmup_seconds:.2f}"),
-                 ("peak RSS MB", "{peak_rss_mb:.0f}"), ("step RSS increase MB", "{rss_increase_mb:.0f}"),
+                 ("peak RSS MB", "{peak_rss_mb:.0f}"), ("timed steps' peak RSS MB", "{timed_peak_rss_mb:.0f}"),
+                 ("cores used", "{cores_used:.2f}"), ("load 1 min", "{load_average_1m:.2f}"),
                  ("first loss", "{first_loss:.6f}"), ("last loss", "{last_loss:.6f}"))),
 }
 

@@ -1,4 +1,4 @@
-"""`diffemb bench encode` end to end on a tiny random LLaMA: both frameworks run and agree."""
+"""`diffemb bench encode|train` end to end on a tiny random LLaMA: both frameworks run and agree."""
 
 from __future__ import annotations
 
@@ -6,6 +6,8 @@ import json
 import string
 import sys
 from pathlib import Path
+
+import pytest
 
 sys.path.insert(0, str(Path(__file__).parent))
 
@@ -43,3 +45,37 @@ def test_bench_encode_tiny_model(tmp_path):
         assert result["texts"] == 8 and result["tokens"] == report["settings"]["tokens"] > 0
         assert result["tokens_per_s"] > 0 and result["peak_rss_mb"] > 0
     assert report["max_abs_diff_first"] < 1e-3
+
+
+def test_bench_train_tiny_model(tmp_path):
+    model_dir = tiny.write_checkpoint("llama", tmp_path / "llama")
+    _write_tokenizer(model_dir, vocab_size=97)
+    out = tmp_path / "bench.json"
+
+    rc = cli.main(["bench", "train", "--model", str(model_dir), "--queries", "4", "--query-length", "8",
+                   "--doc-length", "24", "--lora-rank", "4", "--warmup-steps", "1", "--steps", "1",
+                   "--json", str(out)])
+
+    assert rc == 0
+    report = json.loads(out.read_text())
+    settings = report["settings"]
+    assert set(report["results"]) == {"jax", "torch"}
+    assert 0 < settings["tokens_per_step"] <= settings["padded_tokens_per_step"] == 4 * (8 + 24 + 24)
+    for result in report["results"].values():
+        assert result["tokens_per_step"] == settings["tokens_per_step"]
+        assert result["tokens_per_s"] > 0 and result["step_seconds"] > 0 and result["peak_rss_mb"] > 0
+        assert len(result["losses"]) == 2 and result["remat"] == "none"
+    # LoRA B starts at zero: the first step is the base model's loss on the same ids in both frameworks
+    assert report["first_loss_abs_diff"] < 1e-3
+    assert abs(report["results"]["jax"]["first_loss"] - report["results"]["torch"]["first_loss"]) < 1e-3
+
+
+def test_bench_rejects_the_other_jobs_flags(tmp_path):
+    from diffemb_jax import bench
+
+    args = cli.build_parser().parse_args(["bench", "train", "--batch-size", "4", "--steps", "2"])
+    with pytest.raises(ValueError, match="bench train does not use --batch-size"):
+        bench.main(args)
+    args = cli.build_parser().parse_args(["bench", "encode", "--queries", "4"])
+    with pytest.raises(ValueError, match="bench encode does not use --queries"):
+        bench.main(args)
