@@ -22,23 +22,28 @@ def _export(args) -> None:
     print(f"exported {args.model}{merged} -> {out} (Hugging Face directory)")
 
 
-def _encode(args) -> None:
-    from diffemb_jax.embedding import Embedder
-    from diffemb_jax.embedding.files import check_output_path, read_texts, save_npy_atomic
-
-    import jax
-
+def _embedder(args):
+    """The Embedder that encode and evaluate build from their shared flags (--mesh: all devices)."""
     from diffemb_jax import parallel
+    from diffemb_jax.embedding import Embedder
 
-    output = check_output_path(args.output)
-    texts = read_texts(args.input)
     mesh = None
     if args.mesh:
         parallel.initialize_distributed()
         mesh = parallel.make_mesh(*(int(n) for n in args.mesh.split(",")))
-    embedder = Embedder.from_pretrained(
+    return Embedder.from_pretrained(
         args.model, attention=args.attention, dtype=args.dtype, kernel=args.kernel, pooling=args.pooling,
         skip_instruction=args.skip_instruction, max_length=args.max_length, batch_size=args.batch_size, mesh=mesh)
+
+
+def _encode(args) -> None:
+    import jax
+
+    from diffemb_jax.embedding.files import check_output_path, read_texts, save_npy_atomic
+
+    output = check_output_path(args.output)
+    texts = read_texts(args.input)
+    embedder = _embedder(args)
     vectors = embedder.encode(texts, instruction=args.instruction)
     if jax.process_index() == 0:  # one output, written by the lead process
         save_npy_atomic(output, vectors)
@@ -54,8 +59,6 @@ def _evaluate(args) -> None:
 
     import jax
 
-    from diffemb_jax import parallel
-    from diffemb_jax.embedding import Embedder
     from diffemb_jax.embedding.files import check_output_path
 
     output = check_output_path(args.output, ".json") if args.output else None
@@ -73,13 +76,7 @@ def _evaluate(args) -> None:
         data = read_pairs(args.data)
         report = {"instruction": args.instruction, "pairs": len(data.scores)}
         names = {"spearman": "Spearman", "pearson": "Pearson"}
-    mesh = None
-    if args.mesh:
-        parallel.initialize_distributed()
-        mesh = parallel.make_mesh(*(int(n) for n in args.mesh.split(",")))
-    embedder = Embedder.from_pretrained(
-        args.model, attention=args.attention, dtype=args.dtype, kernel=args.kernel, pooling=args.pooling,
-        skip_instruction=args.skip_instruction, max_length=args.max_length, batch_size=args.batch_size, mesh=mesh)
+    embedder = _embedder(args)
     if args.task == "retrieval":
         metrics = evaluate_embedder(lambda texts: embedder.encode(texts, instruction=args.query_instruction),
                                     embedder.encode, data.queries, data.corpus, data.qrels, top_k=args.top_k)

@@ -26,6 +26,9 @@ import sys
 import tempfile
 from pathlib import Path
 
+sys.path.insert(0, str(Path(__file__).resolve().parent))  # launchers are scripts: share their helpers by path
+from train_args import check_train_args, split_train_args  # noqa: E402
+
 REPO_ROOT = Path(__file__).resolve().parent.parent
 # Software versions ("--version" of `tpu-vm create`) by accelerator family (Cloud TPU docs).
 RUNTIME_VERSIONS = {
@@ -36,43 +39,6 @@ RUNTIME_VERSIONS = {
 }
 TARBALL_EXCLUDES = (".venv", ".git", "__pycache__", "*.egg-info", ".pytest_cache", "./build", "./runs")
 PIP_TPU_JAX = '.venv/bin/pip install -q -U "jax[tpu]" flax'
-
-
-def split_train_args(argv: list[str]) -> tuple[list[str], list[str]]:
-    """Launcher arguments | the arguments of `diffemb train` (everything after the first `--`)."""
-    if "--" not in argv:
-        return argv, []
-    i = argv.index("--")
-    train = argv[i + 1:]
-    if train[:1] == ["train"]:  # `-- train --config ...` means the same thing
-        train = train[1:]
-    return argv[:i], train
-
-
-def flag_value(args: list[str], name: str) -> str | None:
-    """The value of `--name V` or `--name=V` in an absl-style argument list (the last one wins)."""
-    value = None
-    for i, a in enumerate(args):
-        if a == name and i + 1 < len(args):
-            value = args[i + 1]
-        elif a.startswith(name + "="):
-            value = a[len(name) + 1:]
-    return value
-
-
-def check_train_args(parser: argparse.ArgumentParser, train: list[str]) -> None:
-    if not train:
-        parser.error("no diffemb train arguments: put them after `--`, e.g. "
-                     "-- --config configs/recipe.py:dream-7b,long_documents --workdir DIR "
-                     "--config.model.path=MODEL --config.data.files=train.jsonl")
-    for name in ("--config", "--workdir"):
-        if not flag_value(train, name):
-            parser.error(f"the diffemb train arguments after `--` have no {name}")
-    workdir = flag_value(train, "--workdir")
-    if "://" in workdir:
-        parser.error(f"--workdir {workdir}: diffemb train writes its workdir with local file operations, so a URL "
-                     "is not a workdir; mount the bucket on every worker (gcsfuse) or use a shared filesystem "
-                     "(Filestore/NFS) and pass that path")
 
 
 def accelerator_type(name: str) -> str:
@@ -119,7 +85,7 @@ def parse_args(argv: list[str]) -> tuple[argparse.Namespace, list[str]]:
     parser = build_parser()
     own, train = split_train_args(argv)
     args = parser.parse_args(own)
-    check_train_args(parser, train)
+    check_train_args(parser, train, "mount the bucket on every worker (gcsfuse) or use a shared filesystem (Filestore/NFS) and pass that path")
     args.accelerator_type = accelerator_type(args.accelerator_type)
     if args.create and not (args.version or runtime_version(args.accelerator_type)):
         parser.error(f"no default --version for {args.accelerator_type}: pass --version (the TPU software version)")

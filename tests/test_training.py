@@ -17,7 +17,6 @@ import orbax.checkpoint as ocp
 import pytest
 from flax import nnx
 
-import tiny
 from diffemb_jax.cli import main as cli
 from diffemb_jax.model import Decoder, ModelConfig
 from diffemb_jax.training.lora import LoraConfig, apply_lora, merge_lora

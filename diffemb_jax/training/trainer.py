@@ -16,10 +16,8 @@ import time
 from pathlib import Path
 
 import jax
-import jax.numpy as jnp
 import ml_collections
 import orbax.checkpoint as ocp
-from flax import nnx
 from tqdm.auto import tqdm
 
 from diffemb_jax import parallel
