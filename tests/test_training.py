@@ -217,3 +217,21 @@ def test_missing_model_path_is_explained(tmp_path, capsys):
     config = Path(__file__).parent.parent / "configs" / "tiny.py"
     assert cli(["train", f"--config={config}", f"--workdir={tmp_path / 'run'}"]) == 2
     assert "config.model.path is empty" in capsys.readouterr().err
+
+
+def test_the_step_compiles_once_and_keeps_placements(tmp_path):
+    import importlib.util
+
+    from diffemb_jax.training.trainer import Trainer
+
+    spec = importlib.util.spec_from_file_location("tiny_cfg", Path(__file__).parent.parent / "configs" / "tiny.py")
+    tiny_cfg = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(tiny_cfg)
+    model, data = tiny_setup(tmp_path)
+    config = tiny_cfg.get_config()
+    config.model.path, config.data.files, config.train.steps = str(model), (str(data),), 3
+    trainer = Trainer(config, tmp_path / "run")
+    before = jax.tree.map(lambda x: x.sharding, trainer.lora)
+    trainer.run(progress=False)
+    assert trainer.train_step._cache_size() == 1
+    assert jax.tree.map(lambda x: x.sharding, trainer.lora) == before

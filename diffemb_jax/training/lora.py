@@ -18,6 +18,9 @@ from flax import nnx
 
 from diffemb_jax.model import Decoder
 
+# peft's A initialisation (kaiming_uniform with a=sqrt(5): U(+-1/sqrt(fan_in))), so training starts
+# where the reference recipe starts; qwix's default (he_uniform) is sqrt(6) times wider.
+PEFT_A_INIT = jax.nn.initializers.variance_scaling(1 / 3, "fan_in", "uniform")
 DEFAULT_TARGETS = r".*(q_proj|k_proj|v_proj|o_proj|gate_proj|up_proj|down_proj)"
 
 
@@ -38,6 +41,7 @@ def apply_lora(model: Decoder, lora: LoraConfig, *, seed: int = 0) -> Decoder:
     if lora.rank < 1:
         raise ValueError(f"LoRA rank must be >= 1, got {lora.rank}")
     provider = qwix.LoraProvider(module_path=lora.targets, rank=lora.rank, alpha=lora.alpha, dropout=lora.dropout,
+                                 lora_a_initializer=PEFT_A_INIT,
                                  disable_jit=True)  # qwix would jit each intercepted call: dropout RNG updates must stay in our trace
     sample = jnp.ones((1, 8), jnp.int32)
     remat, model.remat = model.remat, "none"  # adapters are created while tracing: not inside a checkpoint

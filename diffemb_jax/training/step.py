@@ -115,8 +115,11 @@ def make_optimizer(lr: float, warmup_steps: int, total_steps: int, grad_clip: fl
     return tx, schedule
 
 
-def make_train_step(graphdef, tx: optax.GradientTransformation, schedule, cfg: StepConfig):
+def make_train_step(graphdef, tx: optax.GradientTransformation, schedule, cfg: StepConfig, out_shardings=None):
     """jit-compiled (lora, opt_state, frozen, step, batch) -> (lora, opt_state, metrics).
+
+    `out_shardings` (a prefix of the outputs) pins updated parameters and moments to where they came
+    from; left to GSPMD, they may come back laid out otherwise, and the next step compiles again.
 
     A non-finite loss leaves parameters and optimizer state as they were, so the caller can stop and
     save the last good state.
@@ -132,7 +135,9 @@ def make_train_step(graphdef, tx: optax.GradientTransformation, schedule, cfg: S
         metrics = {**metrics, "grad_norm": optax.global_norm(grads), "lr": schedule(step)}
         return keep(new_lora, lora), keep(new_opt, opt_state), metrics
 
-    return jax.jit(step_fn, donate_argnums=(0, 1))
+    if out_shardings is None:
+        return jax.jit(step_fn, donate_argnums=(0, 1))
+    return jax.jit(step_fn, donate_argnums=(0, 1), out_shardings=out_shardings)
 
 
 def batch_tokens(batch: dict[str, Any]) -> int:

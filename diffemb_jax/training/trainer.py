@@ -18,6 +18,7 @@ from pathlib import Path
 import jax
 import ml_collections
 import orbax.checkpoint as ocp
+from jax.sharding import NamedSharding, PartitionSpec as P
 from tqdm.auto import tqdm
 
 from diffemb_jax import parallel
@@ -112,7 +113,12 @@ class Trainer:
         self.tx, schedule = make_optimizer(config.train.lr, config.train.warmup_steps, config.train.steps,
                                            config.train.grad_clip, config.train.weight_decay)
         self.opt_state = self.tx.init(self.lora)  # eager: zeros_like keeps each parameter's sharding
-        self.train_step = make_train_step(self.graphdef, self.tx, schedule, step_config(config))
+        replicated = NamedSharding(self.mesh, P())
+        placement = jax.tree.map(lambda x: x.sharding if isinstance(x.sharding, NamedSharding) else replicated,
+                                 (self.lora, self.opt_state))
+        self.lora, self.opt_state = jax.device_put((self.lora, self.opt_state), placement)
+        self.train_step = make_train_step(self.graphdef, self.tx, schedule, step_config(config),
+                                          out_shardings=(*placement, replicated))
         self.batches = self._batches()
         self.checkpoints = ocp.CheckpointManager(
             (self.workdir / "checkpoints").absolute(),
