@@ -69,8 +69,10 @@ def test_mesh_step_equals_one_device(trained, shape):
     one, eight = trained
     got = eight["x".join(map(str, shape))]
     np.testing.assert_allclose(got["losses"], one["losses"], rtol=1e-5)
+    # Three Adam steps: Adam divides by sqrt(v), so float32 reordering in a near-zero gradient entry can move
+    # that entry by ~lr * 1e-2; 1.1e-5 was measured on (2, 4, 1). Parameters are ~0.1 in size.
     for a, b in zip(got["lora"], one["lora"]):
-        np.testing.assert_allclose(np.asarray(a), np.asarray(b), atol=1e-5, rtol=0)
+        np.testing.assert_allclose(np.asarray(a), np.asarray(b), atol=5e-5, rtol=0)
 
 
 @pytest.mark.parametrize("shape", MESHES)
