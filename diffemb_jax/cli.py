@@ -51,55 +51,105 @@ def _encode(args) -> None:
 
 
 def _evaluate(args) -> None:
-    """Score a model on a BEIR folder (retrieval) or on sentence pairs (similarity): a markdown table,
-    and with --output the same numbers as JSON, written atomically by the lead process."""
-    import json
-    import os
-    import tempfile
-
+    """Score a model on a BEIR folder (retrieval), on sentence pairs (similarity) or on one of the
+    paper's benchmarks (longembed, bright, followir): a markdown table, and with --output the same
+    numbers as JSON, written atomically by the lead process. Data are read and checked first."""
     import jax
 
-    from diffemb_jax.embedding.files import check_output_path
+    from diffemb_jax.embedding.files import check_output_path, write_json_atomic
 
     output = check_output_path(args.output, ".json") if args.output else None
-    if args.task == "retrieval":  # read and check the data before loading the model
-        from diffemb_jax.evaluation.beir import load_beir
-        from diffemb_jax.evaluation.retrieval import evaluate_embedder
-
-        data = load_beir(args.data, args.split)
-        report = {"split": args.split, "query_instruction": args.query_instruction, "top_k": args.top_k,
-                  "queries": len(data.qrels), "documents": len(data.corpus)}
-        names = {"ndcg@10": "nDCG@10", "map@100": "MAP@100", "recall@100": "Recall@100", "mrr@10": "MRR@10"}
-    else:
-        from diffemb_jax.evaluation.similarity import evaluate_similarity, read_pairs
-
-        data = read_pairs(args.data)
-        report = {"instruction": args.instruction, "pairs": len(data.scores)}
-        names = {"spearman": "Spearman", "pearson": "Pearson"}
-    embedder = _embedder(args)
-    if args.task == "retrieval":
-        metrics = evaluate_embedder(lambda texts: embedder.encode(texts, instruction=args.query_instruction),
-                                    embedder.encode, data.queries, data.corpus, data.qrels, top_k=args.top_k)
-    else:
-        metrics = evaluate_similarity(lambda texts: embedder.encode(texts, instruction=args.instruction), data)
-        metrics.pop("pairs")
+    evaluate = {"retrieval": _evaluate_retrieval, "similarity": _evaluate_similarity, "longembed": _evaluate_longembed,
+                "bright": _evaluate_bright, "followir": _evaluate_followir}[args.task]
+    run = evaluate(args)  # reads the data; returns the work that needs the model
+    report, text = run(_embedder(args))
     if jax.process_index() != 0:
         return
-    what = ", ".join(f"{v} {k}" for k, v in report.items() if k in ("queries", "documents", "pairs"))
-    print(f"{args.task} of {args.model} on {args.data} ({what}):")
-    print("| " + " | ".join(names.values()) + " |\n|" + "---:|" * len(names))
-    print("| " + " | ".join(f"{metrics[k]:.4f}" for k in names) + " |")
+    print(text)
     if output is not None:
-        record = {"task": args.task, "model": str(args.model), "data": str(args.data), **report, "metrics": metrics}
-        fd, tmp = tempfile.mkstemp(prefix=f".{output.name}.", suffix=".tmp", dir=output.parent)
-        try:
-            with os.fdopen(fd, "w") as f:
-                f.write(json.dumps(record, indent=2) + "\n")
-            os.replace(tmp, output)
-        except BaseException:
-            os.unlink(tmp)
-            raise
+        write_json_atomic(output, {"task": args.task, "model": str(args.model), "data": str(args.data), **report})
         print(f"wrote {output}")
+
+
+def _evaluate_retrieval(args):
+    from diffemb_jax.evaluation.beir import load_beir
+    from diffemb_jax.evaluation.retrieval import evaluate_embedder
+
+    data = load_beir(args.data, args.split)
+    names = {"ndcg@10": "nDCG@10", "map@100": "MAP@100", "recall@100": "Recall@100", "mrr@10": "MRR@10"}
+
+    def run(embedder):
+        metrics = evaluate_embedder(lambda texts: embedder.encode(texts, instruction=args.query_instruction),
+                                    embedder.encode, data.queries, data.corpus, data.qrels, top_k=args.top_k)
+        report = {"split": args.split, "query_instruction": args.query_instruction, "top_k": args.top_k,
+                  "queries": len(data.qrels), "documents": len(data.corpus), "metrics": metrics}
+        return report, _metrics_table(f"retrieval of {args.model} on {args.data} ({len(data.qrels)} queries, "
+                                      f"{len(data.corpus)} documents):", names, metrics)
+    return run
+
+
+def _evaluate_similarity(args):
+    from diffemb_jax.evaluation.similarity import evaluate_similarity, read_pairs
+
+    data = read_pairs(args.data)
+    names = {"spearman": "Spearman", "pearson": "Pearson"}
+
+    def run(embedder):
+        metrics = evaluate_similarity(lambda texts: embedder.encode(texts, instruction=args.instruction), data)
+        metrics.pop("pairs")
+        report = {"instruction": args.instruction, "pairs": len(data.scores), "metrics": metrics}
+        return report, _metrics_table(f"similarity of {args.model} on {args.data} ({len(data.scores)} pairs):",
+                                      names, metrics)
+    return run
+
+
+def _metrics_table(title: str, names: dict[str, str], metrics: dict[str, float]) -> str:
+    return (f"{title}\n| " + " | ".join(names.values()) + " |\n|" + "---:|" * len(names) + "\n| "
+            + " | ".join(f"{metrics[k]:.4f}" for k in names) + " |")
+
+
+def _evaluate_longembed(args):
+    from diffemb_jax.evaluation import longembed
+
+    data = longembed.load_longembed(args.data, args.tasks, args.lengths)
+
+    def run(embedder):
+        result = longembed.score_longembed(embedder, data, args.query_instruction or None)
+        report = {"query_instruction": args.query_instruction, "max_length": args.max_length,
+                  "lengths": args.lengths, "sizes": result.sizes,
+                  "metrics": {"ndcg@10 (real) / mean ndcg@1 (synthetic)": result.scores, "average": result.average,
+                              "ndcg@1 by length": result.by_length}}
+        return report, f"LongEmbed, {args.model} (max length {args.max_length}):\n{longembed.table(result)}"
+    return run
+
+
+def _evaluate_bright(args):
+    from diffemb_jax.evaluation import bright
+
+    data = bright.load_bright(args.data, args.domains, args.long)
+    instructions = {d: args.query_instruction for d in data} if args.query_instruction is not None else None
+
+    def run(embedder):
+        result = bright.score_bright(embedder, data, long=args.long, instructions=instructions, top_k=args.top_k)
+        report = {"long": args.long, "top_k": args.top_k, "max_length": args.max_length,
+                  "instructions": {d: (instructions or {}).get(d, bright.DOMAINS[d][1]) for d in data},
+                  "sizes": result.sizes, "metrics": result.metrics, "average_ndcg@10": result.average}
+        return report, f"BRIGHT nDCG@10, {args.model} (max length {args.max_length}):\n{bright.table(result)}"
+    return run
+
+
+def _evaluate_followir(args):
+    from diffemb_jax.evaluation import followir
+
+    data = followir.load_followir(args.data, args.tasks)
+
+    def run(embedder):
+        result = followir.score_followir(embedder, data, args.query_instruction or None)
+        report = {"query_instruction": args.query_instruction, "max_length": args.max_length,
+                  "sizes": result.sizes, "metrics": result.scores,
+                  "average": {"base": result.average("base"), "p-MRR": result.average("p-MRR")}}
+        return report, f"FollowIR, {args.model} (max length {args.max_length}):\n{followir.table(result)}"
+    return run
 
 
 def _training_flags(command: str, argv: list[str]):
@@ -218,6 +268,7 @@ def build_parser() -> argparse.ArgumentParser:
     t = tasks.add_parser("similarity", parents=[common], help="Spearman and Pearson of cosine against gold scores")
     t.add_argument("--data", required=True, help=".tsv (header with sentence1, sentence2, score) or .jsonl")
     t.add_argument("--instruction", default=None, help="task instruction put in front of both sentences")
+    _benchmark_parsers(tasks, common)
     p.set_defaults(func=_evaluate)
 
     p = sub.add_parser("demo", help="convert the bundled SmolLM2-135M and embed a few sentences")
@@ -241,6 +292,36 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--json", default=None, help="also write the results to this JSON file")
     p.set_defaults(func=_bench)
     return parser
+
+
+def _benchmark_parsers(tasks, common) -> None:
+    """evaluate longembed | bright | followir: the paper's benchmarks with its settings as defaults."""
+    from diffemb_jax.evaluation import bright, followir, longembed
+
+    source_help = "local copy of the dataset repository, or its id if it is in the HF cache (default: %(default)s)"
+    t = tasks.add_parser("longembed", parents=[common], help="LongEmbed: 4 tasks at nDCG@10, Passkey and Needle at "
+                         "nDCG@1 over context lengths 256..32768")
+    t.add_argument("--data", default=longembed.DEFAULT_SOURCE, help=source_help)
+    t.add_argument("--tasks", nargs="+", choices=tuple(longembed.TASKS), default=list(longembed.TASKS))
+    t.add_argument("--lengths", nargs="+", type=int, default=list(longembed.LENGTHS),
+                   help="Passkey and Needle context lengths to score")
+    t.add_argument("--query-instruction", default=longembed.INSTRUCTION, help="\"\" for none (default: %(default)s)")
+    t.set_defaults(max_length=32768)
+    t = tasks.add_parser("bright", parents=[common], help="BRIGHT: nDCG@10 on twelve domains, excluded_ids applied")
+    t.add_argument("--data", default=bright.DEFAULT_SOURCE, help=source_help)
+    t.add_argument("--domains", nargs="+", choices=tuple(bright.DOMAINS), default=None, help="default: all")
+    t.add_argument("--long", action="store_true", help="the long_documents corpus and gold_ids_long")
+    t.add_argument("--top-k", type=int, default=bright.TOP_K)
+    t.add_argument("--query-instruction", default=None, help="one instruction for every domain instead of the "
+                   "per-domain ones (\"\" for none)")
+    t.set_defaults(max_length=4096)
+    t = tasks.add_parser("followir", parents=[common], help="FollowIR: Robust04, News21, Core17 reranking; "
+                         "MAP@1000 / nDCG@5 and p-MRR")
+    t.add_argument("--data", default=None, help="folder with one subfolder a task (Robust04InstructionRetrieval, "
+                   "News21InstructionRetrieval, Core17InstructionRetrieval); default: mteb/<Task>InstructionRetrieval "
+                   "from the HF cache")
+    t.add_argument("--tasks", nargs="+", choices=tuple(followir.TASKS), default=list(followir.TASKS))
+    t.add_argument("--query-instruction", default=followir.INSTRUCTION, help="\"\" for none (default: %(default)s)")
 
 
 def main(argv: list[str] | None = None) -> int:

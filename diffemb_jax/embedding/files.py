@@ -60,11 +60,30 @@ def check_output_path(path: str | Path, suffix: str = ".npy") -> Path:
 
 def save_npy_atomic(path: str | Path, array: np.ndarray) -> None:
     """Write to a temporary file in the same folder, then rename: readers see all or nothing."""
-    path = Path(path)
+    _write_atomic(Path(path), lambda f: np.save(f, array))
+
+
+def write_json_atomic(path: str | Path, record) -> None:
+    """JSON (indented, NaN as null) written all or nothing, as save_npy_atomic."""
+    text = json.dumps(_nan_to_none(record), indent=2) + "\n"
+    _write_atomic(Path(path), lambda f: f.write(text.encode("utf-8")))
+
+
+def _nan_to_none(value):
+    if isinstance(value, float) and value != value:
+        return None
+    if isinstance(value, dict):
+        return {str(k): _nan_to_none(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_nan_to_none(v) for v in value]
+    return value
+
+
+def _write_atomic(path: Path, write) -> None:
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
     try:
         with os.fdopen(fd, "wb") as f:
-            np.save(f, array)
+            write(f)
         os.replace(tmp, path)
     except BaseException:
         os.unlink(tmp)
