@@ -90,6 +90,25 @@ def test_mrr_at_10_equals_ir_measures_msmarco():
     assert expected != pytest.approx(_uncut_rr(qrels, run))  # some first hit lies below rank 10
 
 
+def test_metrics_equal_ir_measures_trectools():
+    """Oracle: ir_measures over trectools (a second implementation, not trec_eval): nDCG@10, AP@100
+    and RR@10 per query, averaged over judged queries. trectools gives NaN where no relevant document
+    is retrieved within the cut (its 0/0); trec_eval and we count those queries 0."""
+    ir_measures = pytest.importorskip("ir_measures")
+    trectools = ir_measures.providers.registry["trectools"]
+    if not trectools.is_available():
+        pytest.fail("ir_measures' trectools provider is unavailable: install trectools (a test dependency)")
+    qrels, run = _random_qrels_and_run(seed=3)
+    run = {q: docs for q, docs in run.items() if q in qrels}
+    ours = evaluate_run(qrels, run)
+    for name, measure in (("ndcg@10", ir_measures.nDCG @ 10), ("map@100", ir_measures.AP @ 100),
+                          ("mrr@10", ir_measures.RR @ 10)):
+        per_query = {m.query_id: m.value for m in trectools.iter_calc([measure], qrels, run)}
+        expected = sum(0.0 if math.isnan(v) else v for v in per_query.values()) / len(qrels)
+        assert ours[name] == pytest.approx(expected, abs=1e-9), name
+        assert expected > 0, name
+
+
 def _uncut_rr(qrels, run):
     total = 0.0
     for qid, judged in qrels.items():
