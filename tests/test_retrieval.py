@@ -5,7 +5,7 @@ import math
 import numpy as np
 import pytest
 
-from diffemb_jax.evaluation.retrieval import evaluate_embedder, evaluate_run, run_from_search, search
+from diffemb_jax.evaluation.retrieval import evaluate_embedder, evaluate_run, run_from_search, search, search_corpus
 
 
 def _unit(rng, n, d):
@@ -23,6 +23,25 @@ def test_search_equals_brute_force(top_k, batch):
     expected = np.argsort(-full, axis=1)[:, :min(top_k, len(docs))]
     np.testing.assert_array_equal(indices, expected)
     np.testing.assert_allclose(scores, np.take_along_axis(full, expected, axis=1), atol=1e-6)
+
+
+def test_search_corpus_embeds_the_corpus_chunk_by_chunk():
+    """Oracle: a full numpy argsort; the encoder never sees more than `chunk` documents at once."""
+    rng = np.random.default_rng(2)
+    vectors = {f"doc {i}": v for i, v in enumerate(_unit(rng, 45, 8))}
+    queries = {f"query {i}": v for i, v in enumerate(_unit(rng, 6, 8))}
+    calls = []
+
+    def encode_docs(texts):
+        calls.append(len(texts))
+        return np.stack([vectors[t] for t in texts])
+
+    scores, indices = search_corpus(lambda texts: np.stack([queries[t] for t in texts]), encode_docs,
+                                    list(queries), list(vectors), top_k=10, chunk=7)
+    full = np.stack(list(queries.values())) @ np.stack(list(vectors.values())).T
+    np.testing.assert_array_equal(indices, np.argsort(-full, axis=1)[:, :10])
+    np.testing.assert_allclose(scores, np.sort(full, axis=1)[:, ::-1][:, :10], atol=1e-6)
+    assert calls == [7, 7, 7, 7, 7, 7, 3]
 
 
 def test_search_breaks_ties_by_lower_index_across_shards():

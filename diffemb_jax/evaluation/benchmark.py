@@ -13,7 +13,7 @@ from typing import Protocol
 import numpy as np
 
 from diffemb_jax.embedding.files import InputError
-from diffemb_jax.evaluation.retrieval import Qrels, RetrievalSet, Run, run_from_search, search
+from diffemb_jax.evaluation.retrieval import Qrels, RetrievalSet, Run, run_from_search, search_corpus
 
 
 class Embeds(Protocol):
@@ -43,9 +43,9 @@ def retrieve(embedder: Embeds, data: RetrievalSet, *, instruction: str | None, t
     qids, docids = list(data.qrels), list(data.corpus)
     excluded = excluded or {}
     depth = top_k + max((len(excluded.get(q, ())) for q in qids), default=0)
-    query_vectors = _encode(embedder, [data.queries[q] for q in qids], instruction)
-    doc_vectors = _encode(embedder, [data.corpus[d] for d in docids], None)
-    scores, indices = search(query_vectors, doc_vectors, depth)
+    scores, indices = search_corpus(lambda texts: _encode(embedder, texts, instruction),
+                                    lambda texts: _encode(embedder, texts, None),
+                                    [data.queries[q] for q in qids], [data.corpus[d] for d in docids], depth)
     run = run_from_search(qids, docids, scores, indices)
     for qid, docs in run.items():
         drop = set(excluded.get(qid, ()))

@@ -1,7 +1,8 @@
 """Dense retrieval and its metrics: exact top-k search over doc shards, TREC runs, pytrec_eval scores.
 
 search scores a corpus in shards of `batch` documents and keeps a running top-k, so memory is
-O(Q * (k + batch)) whatever the corpus size. Ties are broken by the lower document index.
+O(Q * (k + batch)) whatever the corpus size; search_corpus also embeds the corpus shard by shard, so
+its embeddings never need to fit in memory together. Ties are broken by the lower document index.
 Metrics come from pytrec_eval (trec_eval), averaged over every judged query: a query with
 judgments but no retrieved documents counts 0 (trec_eval -c), a run query without judgments is
 ignored. trec_eval orders a query's documents by score, then by doc id descending, whatever order
@@ -19,6 +20,7 @@ import pytrec_eval
 
 DEFAULT_MEASURES = ("ndcg_cut_10", "map_cut_100", "recall_100", "recip_rank")
 MRR_CUTOFF = 10
+CORPUS_CHUNK = 16384  # documents embedded at a time while searching
 
 Qrels = dict[str, dict[str, int]]
 Run = dict[str, dict[str, float]]
@@ -34,24 +36,55 @@ class RetrievalSet:
     qrels: Qrels
 
 
+class TopK:
+    """Exact running top-k of query x document dot products over document shards added in order
+    (document indices continue across shards): memory O(Q * (k + shard))."""
+
+    def __init__(self, query_vectors: np.ndarray, top_k: int):
+        self.queries = np.asarray(query_vectors, dtype=np.float32)
+        if self.queries.ndim != 2:
+            raise ValueError(f"need [Q, D] queries, got {self.queries.shape}")
+        if top_k < 1:
+            raise ValueError(f"top_k must be >= 1, got {top_k}")
+        self.top_k, self.seen = top_k, 0
+        self.scores = np.empty((len(self.queries), 0), np.float32)
+        self.indices = np.empty((len(self.queries), 0), np.int64)
+
+    def add(self, doc_vectors: np.ndarray) -> None:
+        shard = np.asarray(doc_vectors, dtype=np.float32)
+        if shard.ndim != 2 or shard.shape[1] != self.queries.shape[1]:
+            raise ValueError(f"need [n, {self.queries.shape[1]}] documents, got {shard.shape}")
+        scores = np.concatenate([self.scores, self.queries @ shard.T], axis=1)
+        shard_indices = np.broadcast_to(np.arange(self.seen, self.seen + len(shard)), (len(self.queries), len(shard)))
+        indices = np.concatenate([self.indices, shard_indices], axis=1)
+        order = np.argsort(-scores, axis=1, kind="stable")[:, :self.top_k]  # stable: ties keep the lower index
+        self.scores = np.take_along_axis(scores, order, axis=1)
+        self.indices = np.take_along_axis(indices, order, axis=1)
+        self.seen += len(shard)
+
+
 def search(query_vectors: np.ndarray, doc_vectors: np.ndarray, top_k: int = 100,
            batch: int = 1024) -> tuple[np.ndarray, np.ndarray]:
     """Exact top-k by dot product (cosine for L2-normalised vectors): scores, indices [Q, min(k, N)]."""
     queries = np.asarray(query_vectors, dtype=np.float32)
     docs = np.asarray(doc_vectors, dtype=np.float32)
     _check_search_args(queries, docs, top_k, batch)
-    k = min(top_k, len(docs))
-    best_scores = np.empty((len(queries), 0), np.float32)
-    best_indices = np.empty((len(queries), 0), np.int64)
+    best = TopK(queries, top_k)
     for start in range(0, len(docs), batch):
-        shard = docs[start:start + batch]
-        scores = np.concatenate([best_scores, queries @ shard.T], axis=1)
-        shard_indices = np.broadcast_to(np.arange(start, start + len(shard)), (len(queries), len(shard)))
-        indices = np.concatenate([best_indices, shard_indices], axis=1)
-        order = np.argsort(-scores, axis=1, kind="stable")[:, :k]
-        best_scores = np.take_along_axis(scores, order, axis=1)
-        best_indices = np.take_along_axis(indices, order, axis=1)
-    return best_scores, best_indices
+        best.add(docs[start:start + batch])
+    return best.scores, best.indices
+
+
+def search_corpus(encode_queries: Encoder, encode_docs: Encoder, query_texts: list[str], doc_texts: list[str],
+                  top_k: int, chunk: int = CORPUS_CHUNK) -> tuple[np.ndarray, np.ndarray]:
+    """Encode the queries, then the corpus `chunk` documents at a time, each chunk folded into a
+    running top-k: the corpus's embeddings are never all in memory at once."""
+    if not doc_texts:
+        raise ValueError("the corpus is empty")
+    best = TopK(_encode(encode_queries, query_texts, "encode_queries"), top_k)
+    for start in range(0, len(doc_texts), chunk):
+        best.add(_encode(encode_docs, doc_texts[start:start + chunk], "encode_docs"))
+    return best.scores, best.indices
 
 
 def _check_search_args(queries: np.ndarray, docs: np.ndarray, top_k: int, batch: int) -> None:
@@ -107,9 +140,8 @@ def evaluate_embedder(encode_queries: Encoder, encode_docs: Encoder, queries: di
     """Encode the judged queries and the corpus, search, score; encoders return L2-normalised [n, D]."""
     _check_judgments(queries, corpus, qrels)
     qids, docids = list(qrels), list(corpus)
-    query_vectors = _encode(encode_queries, [queries[q] for q in qids], "encode_queries")
-    doc_vectors = _encode(encode_docs, [corpus[d] for d in docids], "encode_docs")
-    scores, indices = search(query_vectors, doc_vectors, top_k)
+    scores, indices = search_corpus(encode_queries, encode_docs, [queries[q] for q in qids],
+                                    [corpus[d] for d in docids], top_k)
     return evaluate_run(qrels, run_from_search(qids, docids, scores, indices))
 
 
