@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import logging
 import sys
+from pathlib import Path
 
 
 def _convert(args) -> None:
@@ -32,7 +33,8 @@ def _embedder(args):
         parallel.initialize_distributed()
         mesh = parallel.make_mesh(*(int(n) for n in args.mesh.split(",")))
     return Embedder.from_pretrained(
-        args.model, attention=args.attention, dtype=args.dtype, kernel=args.kernel, pooling=args.pooling,
+        args.model, adapter=args.adapter, attention=args.attention, dtype=args.dtype, kernel=args.kernel,
+        pooling=args.pooling,
         skip_instruction=args.skip_instruction, max_length=args.max_length, batch_size=args.batch_size, mesh=mesh)
 
 
@@ -173,12 +175,15 @@ def _training_flags(command: str, argv: list[str]):
 
 
 def _train(argv: list[str]) -> None:
-    from diffemb_jax.training.trainer import train
+    from diffemb_jax.training.trainer import ADAPTER_DIR, train
 
     config, workdir = _training_flags("train", argv)
     history = train(config, workdir)
     if history:
         print(f"trained to step {history[-1]['step']}: loss {history[-1]['loss']:.4f}; workdir {workdir}")
+    adapter = Path(workdir) / ADAPTER_DIR
+    if adapter.is_dir():
+        print(f"PEFT adapter: {adapter} (diffemb encode|evaluate|export --adapter {adapter})")
 
 
 def _plan(argv: list[str]) -> None:
@@ -232,6 +237,8 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("encode", help="embed the lines of a .txt or .jsonl file into a .npy")
     p.add_argument("--model", required=True, help="converted directory, HF model directory or .gguf file")
+    p.add_argument("--adapter", default=None, help="PEFT LoRA adapter directory (e.g. WORKDIR/adapter of a "
+                   "training run) merged into the model's weights")
     p.add_argument("--input", required=True, help=".txt (one text a line) or .jsonl (field \"text\")")
     p.add_argument("--output", required=True, help="OUT.npy; row i is line i of the input")
     p.add_argument("--attention", choices=ATTENTION_MODES, default="bidirectional")
@@ -251,6 +258,7 @@ def build_parser() -> argparse.ArgumentParser:
     tasks = p.add_subparsers(dest="task", required=True)
     common = argparse.ArgumentParser(add_help=False)
     common.add_argument("--model", required=True, help="converted directory, HF model directory or .gguf file")
+    common.add_argument("--adapter", default=None, help="PEFT LoRA adapter directory merged into the weights")
     common.add_argument("--attention", choices=ATTENTION_MODES, default="bidirectional")
     common.add_argument("--pooling", choices=POOLING_MODES, default="mean")
     common.add_argument("--skip-instruction", action="store_true", help="pool only the tokens after the instruction")

@@ -382,3 +382,36 @@ def test_cli_export_bad_inputs(tmp_path, capsys):
         err = capsys.readouterr().err
         assert needle in err, err
     assert sorted(p.name for p in tmp_path.iterdir()) == ["adapter", "bad", "exists", "hf"]  # nothing half-written
+
+
+def test_trained_adapter_loads_in_peft(tmp_path, capsys):
+    """A LoRA trained here for a few steps (`diffemb train`) -> WORKDIR/adapter -> peft + transformers.
+    Oracle: peft's PeftModel on transformers' Qwen2ForCausalLM; bidirectional mean pooling within 1e-4
+    of ours, which loads the same adapter through `Embedder.from_pretrained(..., adapter=)`'s path."""
+    from training_fixtures import train_args, write_training_data
+
+    oracle = tiny.oracle_model("qwen2")
+    hf_dir = tiny.write_checkpoint("qwen2", tmp_path / "hf", model=oracle)
+    data = write_training_data(tmp_path / "train.jsonl")
+    workdir = tmp_path / "run"
+    assert cli(train_args(hf_dir, data, workdir, "--config.train.steps=4")) == 0
+    adapter = workdir / "adapter"
+    assert f"PEFT adapter: {adapter}" in capsys.readouterr().out
+    config = json.loads((adapter / "adapter_config.json").read_text())
+    assert config["base_model_name_or_path"] == str(hf_dir) and config["r"] == 4
+
+    peft_model = peft.PeftModel.from_pretrained(oracle, adapter).eval()
+    lora_b = [p for n, p in peft_model.named_parameters() if "lora_B" in n]
+    assert len(lora_b) == 14 and all(p.abs().sum() > 0 for p in lora_b)  # trained, and every tensor placed
+    ids, mask = padded_batch(LENGTHS, 9, "right")
+    theirs = _torch_mean(tiny.oracle_hidden(peft_model.base_model.model, ids, mask, "bidirectional"), mask)
+    base = _torch_mean(tiny.oracle_hidden(tiny.oracle_model("qwen2"), ids, mask, "bidirectional"), mask)
+    assert np.abs(theirs - base).max() > 1e-3  # the adapter changes the embeddings
+    model, _ = load_model(hf_dir, progress=False)
+    np.testing.assert_allclose(_our_embeddings(merged_from_peft(model, adapter), ids, mask), theirs,
+                               atol=1e-4, rtol=0)
+
+    # Rerunning the finished run trains nothing and keeps the adapter.
+    before = (adapter / "adapter_model.safetensors").read_bytes()
+    assert cli(train_args(hf_dir, data, workdir, "--config.train.steps=4")) == 0
+    assert (adapter / "adapter_model.safetensors").read_bytes() == before

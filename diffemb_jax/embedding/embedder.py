@@ -62,14 +62,20 @@ class Embedder:
         self._embed = jax.jit(embed)
 
     @classmethod
-    def from_pretrained(cls, path: str | Path, *, attention: str = "bidirectional", dtype: str = "float32",
-                        kernel: str = "auto", mesh: jax.sharding.Mesh | None = None, **kwargs) -> "Embedder":
+    def from_pretrained(cls, path: str | Path, *, adapter: str | Path | None = None, attention: str = "bidirectional",
+                        dtype: str = "float32", kernel: str = "auto", mesh: jax.sharding.Mesh | None = None,
+                        **kwargs) -> "Embedder":
+        """A model directory or .gguf, with a PEFT LoRA `adapter` directory merged into its weights if given."""
         from conversion import load_model  # conversion knows the model; the model knows nothing of it
 
         if mesh is None:
             model, tokenizer = load_model(path, dtype=dtype)
         else:
             model, tokenizer = load_model(path, dtype=dtype, sharding_for=parallel.param_sharding(mesh))
+        if adapter is not None:
+            from conversion.peft_adapters import merged_from_peft
+
+            model = merged_from_peft(model, adapter)
         model.attention, model.kernel = attention, kernel
         return cls(model, tokenizer, mesh=mesh, **kwargs)
 

@@ -3,7 +3,9 @@
 A checkpoint (orbax, async, keep-N, atomic) holds the LoRA parameters, the optimizer state, the step
 and the data iterator's state; dropout keys derive from (seed, step). Restarting the same command
 therefore continues with the very batches and random numbers the uninterrupted run would have used. Metrics go to
-WORKDIR/metrics.jsonl and TensorBoard (WORKDIR/tensorboard) with a progress bar.
+WORKDIR/metrics.jsonl and TensorBoard (WORKDIR/tensorboard) with a progress bar. After the last
+step the LoRA is written as a PEFT adapter, WORKDIR/adapter, the way out to PyTorch and to
+`diffemb encode|evaluate|export --adapter`.
 """
 
 from __future__ import annotations
@@ -12,12 +14,14 @@ import json
 import logging
 import math
 import os
+import shutil
 import time
 from pathlib import Path
 
 import jax
 import ml_collections
 import orbax.checkpoint as ocp
+from flax import nnx
 from jax.sharding import NamedSharding, PartitionSpec as P
 from tqdm.auto import tqdm
 
@@ -27,6 +31,7 @@ from diffemb_jax.training.lora import LoraConfig, apply_lora
 from diffemb_jax.training.step import StepConfig, batch_tokens, make_optimizer, make_train_step, split_model
 
 log = logging.getLogger(__name__)
+ADAPTER_DIR = "adapter"  # WORKDIR/adapter: the trained LoRA as a PEFT adapter, written after the last step
 
 
 class TrainingDiverged(RuntimeError):
@@ -201,7 +206,29 @@ class Trainer:
             bar.close()
             metrics_log.close()
             self.checkpoints.wait_until_finished()
+        if self.step >= c.steps and (history or not (self.workdir / ADAPTER_DIR).exists()):
+            self.write_adapter()
         return history
+
+    def write_adapter(self) -> Path:
+        """The trained LoRA as a PEFT adapter directory, WORKDIR/adapter, for the HF export of the base
+        model: transformers + peft load it, and so do `diffemb encode|evaluate|export --adapter`.
+        Every process takes part (the adapters may be spread over hosts); the lead writes."""
+        from conversion.peft_adapters import save_peft_adapter
+
+        lora = self.lora
+        if jax.process_count() > 1:
+            from jax.experimental import multihost_utils
+
+            lora = multihost_utils.process_allgather(lora, tiled=True)
+        out = self.workdir / ADAPTER_DIR
+        if self.lead:
+            if out.exists():  # a longer run of the same workdir: the new adapter replaces the old
+                shutil.rmtree(out)
+            save_peft_adapter(nnx.merge(self.graphdef, lora, self.frozen), lora_config(self.config), out,
+                              base_model_name_or_path=str(self.config.model.path))
+            log.info("wrote the trained LoRA as a PEFT adapter to %s", out)
+        return out
 
     def memory_plan(self) -> dict[str, int]:
         """Per-device bytes of the compiled train step (XLA's memory analysis) and of the parameters."""
