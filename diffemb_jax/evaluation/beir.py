@@ -13,11 +13,9 @@ that name the file and line and say what to do.
 
 from __future__ import annotations
 
-import json
-from collections.abc import Iterator
 from pathlib import Path
 
-from diffemb_jax.embedding.files import InputError
+from diffemb_jax.embedding.files import InputError, jsonl_objects, nonblank_lines
 from diffemb_jax.evaluation.retrieval import Qrels, RetrievalSet
 
 QRELS_HEADER = ("query-id", "corpus-id", "score")
@@ -47,7 +45,7 @@ def document_text(title: str | None, text: str) -> str:
 
 def _read_corpus(path: Path) -> dict[str, str]:
     corpus: dict[str, str] = {}
-    for number, record in _jsonl(path):
+    for number, record in jsonl_objects(path):
         docid = _id(path, number, record)
         text = _string(path, number, record, "text")
         title = record.get("title")
@@ -66,7 +64,7 @@ def _read_corpus(path: Path) -> dict[str, str]:
 
 def _read_queries(path: Path) -> dict[str, str]:
     queries: dict[str, str] = {}
-    for number, record in _jsonl(path):
+    for number, record in jsonl_objects(path):
         qid = _id(path, number, record)
         text = _string(path, number, record, "text").strip()
         if qid in queries:
@@ -81,7 +79,7 @@ def _read_queries(path: Path) -> dict[str, str]:
 
 def _read_qrels(path: Path, queries: dict[str, str], corpus: dict[str, str]) -> Qrels:
     qrels: Qrels = {}
-    for index, (number, line) in enumerate(_lines(path)):
+    for index, (number, line) in enumerate(nonblank_lines(path)):
         fields = [f.strip() for f in (line.split("\t") if "\t" in line else line.split())]
         if index == 0 and tuple(f.lower() for f in fields) == QRELS_HEADER:
             continue
@@ -105,31 +103,6 @@ def _read_qrels(path: Path, queries: dict[str, str], corpus: dict[str, str]) -> 
     if not qrels:
         raise InputError(f"{path}: no relevance judgments; expected lines 'query-id<TAB>corpus-id<TAB>score'")
     return qrels
-
-
-def _lines(path: Path) -> Iterator[tuple[int, str]]:
-    """(line number, line) of each non-blank line, decoded as UTF-8 (a BOM is allowed)."""
-    if not path.is_file():
-        raise InputError(f"{path}: no such file")
-    with open(path, "rb") as f:
-        for number, raw in enumerate(f, start=1):
-            try:
-                line = raw.decode("utf-8-sig" if number == 1 else "utf-8").rstrip("\r\n")
-            except UnicodeDecodeError as e:
-                raise InputError(f"{path}:{number}: not valid UTF-8 ({e.reason} at byte {e.start})") from e
-            if line.strip():
-                yield number, line
-
-
-def _jsonl(path: Path) -> Iterator[tuple[int, dict]]:
-    for number, line in _lines(path):
-        try:
-            record = json.loads(line)
-        except json.JSONDecodeError as e:
-            raise InputError(f"{path}:{number}: not valid JSON ({e.msg} at column {e.colno})") from e
-        if not isinstance(record, dict):
-            raise InputError(f"{path}:{number}: expected a JSON object, got {type(record).__name__}")
-        yield number, record
 
 
 def _id(path: Path, number: int, record: dict) -> str:

@@ -14,7 +14,7 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-from diffemb_jax.embedding.files import InputError
+from diffemb_jax.embedding.files import InputError, jsonl_objects
 
 EXTENSIONS = (".parquet", ".jsonl", ".json")
 
@@ -138,24 +138,14 @@ def _read_file(path: Path) -> list[dict]:
         import pyarrow.parquet as pq
 
         return pq.read_table(path).to_pylist()
-    text = path.read_text(encoding="utf-8-sig")
-    if path.suffix == ".json" and text.lstrip().startswith("["):
-        rows = json.loads(text)
-        if not all(isinstance(r, dict) for r in rows):
-            raise InputError(f"{path}: expected a JSON list of objects")
-        return rows
-    rows = []
-    for number, line in enumerate(text.splitlines(), start=1):
-        if not line.strip():
-            continue
-        try:
-            row = json.loads(line)
-        except json.JSONDecodeError as e:
-            raise InputError(f"{path}:{number}: not valid JSON ({e.msg} at column {e.colno})") from e
-        if not isinstance(row, dict):
-            raise InputError(f"{path}:{number}: expected a JSON object, got {type(row).__name__}")
-        rows.append(row)
-    return rows
+    if path.suffix == ".json":
+        text = path.read_text(encoding="utf-8-sig")
+        if text.lstrip().startswith("["):
+            rows = json.loads(text)
+            if not all(isinstance(r, dict) for r in rows):
+                raise InputError(f"{path}: expected a JSON list of objects")
+            return rows
+    return [row for _, row in jsonl_objects(path)]
 
 
 def field(row: dict, key: str, where: str):
