@@ -2,7 +2,9 @@
 
 Texts are sorted by token length (longest first, so a shape that does not fit fails at once), cut
 into batches of a fixed row count, and each batch is right-padded to the smallest bucket length
-that holds it; XLA therefore compiles at most one program per bucket. Rows come back in input order.
+that holds it; XLA therefore compiles at most one program per bucket. Each batch is dispatched
+before the previous one's vectors are fetched, so the host pads and sends the next batch while the
+device computes. Rows come back in input order.
 On a mesh, parameters are sharded by their logical axes and every batch is split over the data
 (and fsdp) axes; each process gets the whole result back.
 """
@@ -79,14 +81,20 @@ class Embedder:
         model.attention, model.kernel = attention, kernel
         return cls(model, tokenizer, mesh=mesh, **kwargs)
 
-    def _run(self, batch) -> np.ndarray:
+    def _dispatch(self, batch):
+        """Start the batch on the device and return at once (JAX dispatches asynchronously)."""
         if self.mesh is None:
-            return np.asarray(self._embed(self._state, *batch))
-        from jax.experimental import multihost_utils
-
+            return self._embed(self._state, *batch)
         placed = jax.device_put(batch, parallel.batch_sharding(self.mesh))
         with jax.set_mesh(self.mesh):  # kernels that need it (splash) find the mesh
-            vectors = self._embed(self._state, *placed)
+            return self._embed(self._state, *placed)
+
+    def _fetch(self, vectors) -> np.ndarray:
+        """Wait for a dispatched batch; on a mesh every process gets all rows."""
+        if self.mesh is None:
+            return np.asarray(vectors)
+        from jax.experimental import multihost_utils
+
         return np.asarray(multihost_utils.process_allgather(vectors, tiled=True))
 
     def encode(self, texts: list[str], instruction: str | None = None, *, progress: bool = True) -> np.ndarray:
@@ -101,14 +109,20 @@ class Embedder:
                         tokens.truncated, len(texts), self.max_length)
         order = sorted(range(len(texts)), key=lambda i: -len(tokens.ids[i]))
         out = np.zeros((len(texts), self.model.cfg.hidden_size), np.float32)
+        pending = None  # (rows, vectors) of the batch on the device while the next one is padded and sent
         with tqdm(total=len(texts), desc="encoding", unit="text", disable=not progress) as bar:
-            for start in range(0, len(order), self.batch_size):
+            for start in range(0, len(order) + self.batch_size, self.batch_size):
                 rows = order[start : start + self.batch_size]
-                longest = max(len(tokens.ids[i]) for i in rows)
-                length = next(b for b in self.buckets if b >= longest)
-                batch = pad_batch([tokens.ids[i] for i in rows], [tokens.embed_lengths[i] for i in rows],
-                                  length, self.batch_size)
-                vectors = self._run(batch)
-                out[rows] = vectors[: len(rows)]
-                bar.update(len(rows))
+                dispatched = None
+                if rows:
+                    longest = max(len(tokens.ids[i]) for i in rows)
+                    length = next(b for b in self.buckets if b >= longest)
+                    batch = pad_batch([tokens.ids[i] for i in rows], [tokens.embed_lengths[i] for i in rows],
+                                      length, self.batch_size)
+                    dispatched = (rows, self._dispatch(batch))
+                if pending is not None:
+                    done_rows, vectors = pending
+                    out[done_rows] = self._fetch(vectors)[: len(done_rows)]
+                    bar.update(len(done_rows))
+                pending = dispatched
         return out
