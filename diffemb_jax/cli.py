@@ -52,6 +52,10 @@ def _encode(args) -> None:
         print(f"wrote {vectors.shape[0]} x {vectors.shape[1]} float32 embeddings to {output}")
 
 
+# Per-benchmark default of --max-length: LongEmbed's longest context, BRIGHT's training length.
+EVALUATE_MAX_LENGTH = {"longembed": 32768, "bright": 4096}
+
+
 def _evaluate(args) -> None:
     """Score a model on a BEIR folder (retrieval), on sentence pairs (similarity) or on one of the
     paper's benchmarks (longembed, bright, followir): a markdown table, and with --output the same
@@ -61,6 +65,8 @@ def _evaluate(args) -> None:
     from diffemb_jax.embedding.files import check_output_path, write_json_atomic
 
     output = check_output_path(args.output, ".json") if args.output else None
+    if args.max_length is None:
+        args.max_length = EVALUATE_MAX_LENGTH.get(args.task, 512)
     evaluate = {"retrieval": _evaluate_retrieval, "similarity": _evaluate_similarity, "longembed": _evaluate_longembed,
                 "bright": _evaluate_bright, "followir": _evaluate_followir}[args.task]
     run = evaluate(args)  # reads the data; returns the work that needs the model
@@ -262,7 +268,8 @@ def build_parser() -> argparse.ArgumentParser:
     common.add_argument("--attention", choices=ATTENTION_MODES, default="bidirectional")
     common.add_argument("--pooling", choices=POOLING_MODES, default="mean")
     common.add_argument("--skip-instruction", action="store_true", help="pool only the tokens after the instruction")
-    common.add_argument("--max-length", type=int, default=512)
+    common.add_argument("--max-length", type=int, default=None, help="tokens per text; default: 512, longembed "
+                        f"{EVALUATE_MAX_LENGTH['longembed']}, bright {EVALUATE_MAX_LENGTH['bright']}")
     common.add_argument("--batch-size", type=int, default=16)
     common.add_argument("--dtype", choices=("float32", "bfloat16"), default="float32")
     common.add_argument("--kernel", choices=KERNELS, default="auto")
@@ -314,7 +321,6 @@ def _benchmark_parsers(tasks, common) -> None:
     t.add_argument("--lengths", nargs="+", type=int, default=list(longembed.LENGTHS),
                    help="Passkey and Needle context lengths to score")
     t.add_argument("--query-instruction", default=longembed.INSTRUCTION, help="\"\" for none (default: %(default)s)")
-    t.set_defaults(max_length=32768)
     t = tasks.add_parser("bright", parents=[common], help="BRIGHT: nDCG@10 on twelve domains, excluded_ids applied")
     t.add_argument("--data", default=bright.DEFAULT_SOURCE, help=source_help)
     t.add_argument("--domains", nargs="+", choices=tuple(bright.DOMAINS), default=None, help="default: all")
@@ -322,7 +328,6 @@ def _benchmark_parsers(tasks, common) -> None:
     t.add_argument("--top-k", type=int, default=bright.TOP_K)
     t.add_argument("--query-instruction", default=None, help="one instruction for every domain instead of the "
                    "per-domain ones (\"\" for none)")
-    t.set_defaults(max_length=4096)
     t = tasks.add_parser("followir", parents=[common], help="FollowIR: Robust04, News21, Core17 reranking; "
                          "MAP@1000 / nDCG@5 and p-MRR")
     t.add_argument("--data", default=None, help="folder with one subfolder a task (Robust04InstructionRetrieval, "
