@@ -13,6 +13,7 @@ import re
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 import qwix
 from flax import nnx
 
@@ -56,8 +57,14 @@ def apply_lora(model: Decoder, lora: LoraConfig, *, seed: int = 0) -> Decoder:
 
 def set_dropout_key(model, key: jax.Array) -> None:
     """Where qwix draws LoRA dropout masks from. Set inside the traced step from a key derived from
-    (seed, step), so masks are reproducible on resume and identical when GradCache re-encodes."""
-    model.set_attributes(qwix_rngs=nnx.Rngs(dropout=key), raise_if_not_found=False)
+    (seed, step), so masks are reproducible on resume and identical when GradCache re-encodes.
+
+    The stream's call count is kept in numpy, not traced: flax checks the sharding of a traced count
+    on every update, and jax answers by walking the whole trace so far, which made tracing the
+    SmolLM2 step quadratic in its depth (102 s of its 224 s compile)."""
+    rngs = nnx.Rngs(dropout=key)
+    rngs.dropout.count.set_value(np.zeros(key.shape, np.uint32))
+    model.set_attributes(qwix_rngs=rngs, raise_if_not_found=False)
 
 
 def _to_float32(model) -> None:
