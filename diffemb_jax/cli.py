@@ -238,6 +238,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--batch-size", type=int, default=16)
     p.add_argument("--max-length", type=int, default=128)
     p.add_argument("--dtype", choices=("float32", "bfloat16"), default="float32")
+    p.add_argument("--peak-tflops", type=float, default=None,
+                   help="the device's peak TFLOP/s at --dtype, for MFU (default: known GPUs only)")
     p.add_argument("--json", default=None, help="also write the results to this JSON file")
     p.set_defaults(func=_bench)
     return parser
