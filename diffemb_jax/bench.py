@@ -204,6 +204,43 @@ def peak_tflops(args_peak: float | None, device_kind: str, dtype: str) -> float 
     return next((v for (kind, dt), v in KNOWN_PEAK_TFLOPS.items() if kind in device_kind and dt == dtype), None)
 
 
+# ----------------------------------------------------------------------------- named shapes
+
+_7B_QWEN2 = ("qwen2", dict(hidden_size=3584, num_hidden_layers=28, num_attention_heads=28, num_key_value_heads=4,
+                           intermediate_size=18944, vocab_size=152064, rope_theta=1e6, rms_norm_eps=1e-6))
+# --shape: (transformers model type, config) of models benched at random weights. Dream and LLaDA
+# compute as the Qwen2 and LLaMA of their shape (the bench runs bidirectional attention on all).
+SHAPES = {
+    "tiny": ("llama", dict(hidden_size=64, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
+                           intermediate_size=128, vocab_size=49152, tie_word_embeddings=True)),
+    "smollm2-135m": ("llama", dict(hidden_size=576, num_hidden_layers=30, num_attention_heads=9, num_key_value_heads=3,
+                                   intermediate_size=1536, vocab_size=49152, rope_theta=1e5, rms_norm_eps=1e-5,
+                                   tie_word_embeddings=True)),
+    "dream-7b": _7B_QWEN2,
+    "qwen2.5-7b": _7B_QWEN2,
+    "llama3-8b": ("llama", dict(hidden_size=4096, num_hidden_layers=32, num_attention_heads=32, num_key_value_heads=8,
+                                intermediate_size=14336, vocab_size=128256, rope_theta=5e5, rms_norm_eps=1e-5)),
+    "llada-8b": ("llama", dict(hidden_size=4096, num_hidden_layers=32, num_attention_heads=32, num_key_value_heads=32,
+                               intermediate_size=12288, vocab_size=126464, rope_theta=5e5, rms_norm_eps=1e-5)),
+}
+
+
+def random_checkpoint(shape: str, directory: Path, dtype: str) -> Path:
+    """A transformers checkpoint of a named shape with random weights (seeded), and the SmolLM2
+    tokenizer, whose ids fit every shape's vocabulary. Both frameworks then load it as --model."""
+    import torch
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    from diffemb_jax import assets
+
+    model_type, fields = SHAPES[shape]
+    torch.manual_seed(SEED)
+    config = AutoConfig.for_model(model_type, max_position_embeddings=4096, **fields)
+    AutoModelForCausalLM.from_config(config, dtype=getattr(torch, dtype)).save_pretrained(directory)
+    tokenizer_for(assets.smollm2_gguf()).save(str(directory / "tokenizer.json"))
+    return directory
+
+
 # ----------------------------------------------------------------------------- workers (child processes)
 
 
@@ -465,7 +502,7 @@ def _spawn(framework: str, job_path: Path) -> dict:
 
 def _command(args) -> str:
     parts = ["diffemb", "bench", args.what]
-    for name in KINDS[args.what].flags + ("dtype", "peak_tflops", "json"):
+    for name in ("model", "shape") + KINDS[args.what].flags + ("dtype", "peak_tflops", "json"):
         if getattr(args, name) is not None:
             parts += ["--" + name.replace("_", "-"), str(getattr(args, name))]
     return " ".join(parts)
@@ -504,6 +541,8 @@ def _check_args(args) -> None:
             raise ModuleNotFoundError("diffemb bench train: the PyTorch side needs peft: pip install peft")
     if args.peak_tflops is not None and not args.peak_tflops > 0:
         raise ValueError(f"--peak-tflops must be positive, got {args.peak_tflops}")
+    if args.model and args.shape:
+        raise ValueError("diffemb bench: --model and --shape exclude each other (--shape benches random weights)")
     if args.json and not Path(args.json).absolute().parent.is_dir():
         raise FileNotFoundError(f"the folder for --json {args.json} does not exist")
 
@@ -546,7 +585,7 @@ def _encode_job(args, tokenizer) -> tuple[dict, dict]:
 
 def _encode_flops(job: dict, cfg: dict) -> tuple[int, int, str]:
     """(model FLOPs, tokens) of the timed run, and the formula."""
-    return sum(forward_flops(cfg, n) for n in job["lengths"]), job["tokens"], FORWARD_FORMULA
+    return sum(forward_flops(cfg, n) for n in job["lengths"]), job["tokens"], [FORWARD_FORMULA]
 
 
 def _encode_summary(results: dict) -> tuple[dict, list[str]]:
@@ -582,13 +621,13 @@ def _train_job(args, tokenizer) -> tuple[dict, dict]:
 def _train_flops(job: dict, cfg: dict) -> tuple[int, int, str]:
     lengths = [sum(row) for side in SIDES for row in job["batch"][side]["padding_mask"]]
     per_step = sum(train_flops(cfg, n, job["lora"]["rank"]) for n in lengths)
-    return per_step * job["steps"], job["tokens_per_step"] * job["steps"], FORWARD_FORMULA + "; " + TRAIN_FORMULA
+    return per_step * job["steps"], job["tokens_per_step"] * job["steps"], [FORWARD_FORMULA, TRAIN_FORMULA]
 
 
 def _flops_summary(kind, job: dict, results: dict, peak: float | None) -> tuple[dict, list[str]]:
     """Model TFLOP/s of each framework (into its result) and, where the peak is known, its MFU."""
     flops, tokens, formula = kind.flops(job, results["jax"]["model_config"])
-    lines = [f"model FLOPs per token: {flops / tokens / 1e9:.4f} GFLOP; {formula}"]
+    lines = [f"model FLOPs per token: {flops / tokens / 1e9:.4g} GFLOP, from", *("  " + f for f in formula)]
     for f, r in results.items():
         r["model_tflops_per_s"] = flops / r["seconds"] / 1e12
         r["peak_tflops"] = peak_tflops(peak, r["device_kind"], job["dtype"])
@@ -616,18 +655,18 @@ def _train_summary(results: dict) -> tuple[dict, list[str]]:
 class Kind:
     """One thing to bench: its flags, the job the parent builds, the workers' work, the report."""
 
-    flags: tuple[str, ...]  # argparse names echoed in the command (besides --dtype and --json)
+    flags: tuple[str, ...]  # argparse names of this kind only, echoed in the command
     positive: tuple[str, ...]  # of those, the ones that must be >= 1
     prepare: Callable  # (args, tokenizer) -> (settings: reported, payload: sent to workers only)
     work: Callable  # in the worker: (framework, job) -> result
-    flops: Callable  # (job, model config dict) -> (model FLOPs, tokens) of the timed run, formula
+    flops: Callable  # (job, model config dict) -> (model FLOPs, tokens) of the timed run, formula lines
     columns: tuple[tuple[str, str], ...]
     summarize: Callable  # (results) -> (summary fields, lines to print)
 
 
 KINDS = {
     "encode": Kind(
-        flags=("model", "texts", "batch_size", "max_length"), positive=("texts", "batch_size", "max_length"),
+        flags=("texts", "batch_size", "max_length"), positive=("texts", "batch_size", "max_length"),
         prepare=_encode_job, work=_encode_worker, summarize=_encode_summary, flops=_encode_flops,
         columns=(("device", "{device}"), ("tokens/s", "{tokens_per_s:.0f}"), ("texts/s", "{texts_per_s:.1f}"),
                  ("model TFLOP/s", "{model_tflops_per_s:.3f}"),
@@ -635,7 +674,7 @@ KINDS = {
                  ("RSS increase MB", "{rss_increase_mb:.0f}"), ("cores used", "{cores_used:.2f}"),
                  ("load 1 min", "{load_average_1m:.2f}"))),
     "train": Kind(
-        flags=("model", "queries", "query_length", "doc_length", "lora_rank", "remat", "warmup_steps", "steps"),
+        flags=("queries", "query_length", "doc_length", "lora_rank", "remat", "warmup_steps", "steps"),
         positive=("queries", "query_length", "doc_length", "lora_rank", "steps"),
         prepare=_train_job, work=_train_worker, summarize=_train_summary, flops=_train_flops,
         columns=(("device", "{device}"), ("remat", "{remat}"), ("tokens/s", "{tokens_per_s:.0f}"),
@@ -653,17 +692,20 @@ def main(args) -> dict:
 
     kind = KINDS[args.what]
     _check_args(args)
-    model = Path(args.model) if args.model else converted_smollm2()
-    if not model.exists():
-        raise FileNotFoundError(f"{model} does not exist")
-    tokenizer = tokenizer_for(model)
-    settings, payload = kind.prepare(args, tokenizer)
-    settings = {"model": str(model), "torch_source": str(torch_source(model)), **settings,
-                "versions": _versions(), "python": platform.python_version(), "cpu_count": os.cpu_count(),
-                "load_average_at_start": [round(x, 2) for x in os.getloadavg()]}
-    print(f"command: {_command(args)}")
-    print("settings: " + json.dumps(settings))
     with tempfile.TemporaryDirectory(prefix="diffemb-bench-") as tmp:
+        if args.shape:
+            model = random_checkpoint(args.shape, Path(tmp) / args.shape, args.dtype)
+        else:
+            model = Path(args.model) if args.model else converted_smollm2()
+        if not model.exists():
+            raise FileNotFoundError(f"{model} does not exist")
+        tokenizer = tokenizer_for(model)
+        settings, payload = kind.prepare(args, tokenizer)
+        settings = {"model": str(model), "shape": args.shape, "torch_source": str(torch_source(model)), **settings,
+                    "versions": _versions(), "python": platform.python_version(), "cpu_count": os.cpu_count(),
+                    "load_average_at_start": [round(x, 2) for x in os.getloadavg()]}
+        print(f"command: {_command(args)}")
+        print("settings: " + json.dumps(settings))
         tokenizer.save(os.path.join(tmp, "tokenizer.json"))
         job = {**settings, "what": args.what, "tokenizer": os.path.join(tmp, "tokenizer.json"), **payload}
         job_path = Path(tmp) / "job.json"

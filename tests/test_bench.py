@@ -120,3 +120,25 @@ def test_model_flops_formulas_match_torch_flop_counter():
     adapted = get_peft_model(base, LoraConfig(r=rank, lora_alpha=2 * rank, target_modules=list(bench.LORA_TARGETS)))
     assert counted(lambda: bench._torch_embed(adapted, ids, padding).sum().backward()) \
         == rows * bench.train_flops(cfg, n, rank)
+
+
+def test_bench_encode_named_shape_at_random_weights(tmp_path):
+    out = tmp_path / "bench.json"
+
+    rc = cli.main(["bench", "encode", "--shape", "tiny", "--texts", "4", "--batch-size", "2", "--max-length", "16",
+                   "--json", str(out)])
+
+    assert rc == 0
+    report = json.loads(out.read_text())
+    assert report["settings"]["shape"] == "tiny"
+    config = report["results"]["jax"]["model_config"]
+    assert (config["hidden_size"], config["num_layers"], config["num_kv_heads"]) == (64, 2, 2)
+    assert report["max_abs_diff_first"] < 1e-3  # the same random weights on both sides
+
+
+def test_bench_shape_excludes_model():
+    from diffemb_jax import bench
+
+    args = cli.build_parser().parse_args(["bench", "encode", "--shape", "tiny", "--model", "somewhere"])
+    with pytest.raises(ValueError, match="--model and --shape exclude each other"):
+        bench.main(args)
