@@ -4,6 +4,8 @@ qwix intercepts the matmuls of the modules whose path matches `targets` and adds
 `x @ A @ B * alpha / rank` with A, B held as `nnx.LoRAParam`, so an optimizer built with
 `wrt=nnx.LoRAParam` trains the adapters only. LoRA parameters are kept in float32 whatever the base
 dtype. Dropout on the adapters' input is always on in an adapted model (qwix): evaluate merged models. `merge_lora` folds them back into plain kernels for export or faster inference.
+The adapter product x @ A @ B has a backward of our own (`_low_rank`): the same gradients, with the
+products ordered so that XLA on CPU does not transpose large operands.
 """
 
 from __future__ import annotations
