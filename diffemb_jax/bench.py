@@ -161,7 +161,7 @@ def torch_source(model: Path) -> Path:
 # Matrix products only (2 FLOPs per multiply-add), of the useful work: each text at its own length n,
 # padding not counted, though both frameworks compute on it (so this is model FLOPs, as in MFU).
 FORWARD_FORMULA = ("forward, per text of n tokens: n x L x (2 x P + 2 x r x S) + 4 x L x n^2 x H x hd, "
-                   "P = sum over a block's 7 projections of d_in x d_out, S = sum of d_in + d_out (LoRA "
+                   "L layers, P = sum over a block's 7 projections of d_in x d_out, S = sum of d_in + d_out (LoRA "
                    "x @ A @ B, r = 0 without LoRA), H x hd = query width (QK^T and PV over n keys)")
 TRAIN_FORMULA = ("train = forward + backward; backward: n x L x (2 x P + 4 x r x S) + 8 x L x n^2 x H x hd "
                  "- n x (2 x Pqkv + 2 x r x 3d): input gradients through the frozen base (no weight "
@@ -335,13 +335,9 @@ def _jax_encoder(job: dict):
 
 
 def _jax_info(model) -> dict:
-    return {"model_config": dataclasses.asdict(model.cfg), "device_kind": jax_device_kind()}
-
-
-def jax_device_kind() -> str:
     import jax
 
-    return jax.devices()[0].device_kind
+    return {"model_config": dataclasses.asdict(model.cfg), "device_kind": jax.devices()[0].device_kind}
 
 
 def _torch_encoder(job: dict):
