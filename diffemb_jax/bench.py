@@ -11,10 +11,14 @@ most --doc-length tokens, every side padded to a fixed shape. Bidirectional atte
 in-batch InfoNCE over [positives; negatives] (cosine x 50), LoRA r=--lora-rank, alpha=2r, dropout
 0.05 on q,k,v,o,gate,up,down, AdamW (weight decay 0, the HF linear schedule from lr to 0 over all
 the steps run) after clipping gradients to norm 1. JAX runs the project's own train step (qwix
-LoRA); PyTorch runs transformers + peft. --warmup-steps steps (JAX: compilation) are timed apart
-from the --steps timed ones. LoRA B starts at zero, so the first step's loss is the base model's on
+LoRA), compiled ahead of time (compile s); PyTorch runs transformers + peft. --warmup-steps steps
+are timed apart from the --steps timed ones. LoRA B starts at zero, so the first step's loss is the base model's on
 both sides and must agree; after that the two draw different LoRA A initialisations and dropout
 masks, so losses only stay close.
+
+Both report model TFLOP/s: matrix-product FLOPs of the useful work (formulas in FORWARD_FORMULA and
+TRAIN_FORMULA, padding not counted) over the timed seconds, and MFU against --peak-tflops, or against
+the known peak of the JAX device (KNOWN_PEAK_TFLOPS); on CPU no peak is assumed.
 
 Each framework runs in a child process of its own, one after the other, so the peak memory
 reported is that framework's alone. Memory figures read /proc, so they are Linux-only.
@@ -152,6 +156,91 @@ def torch_source(model: Path) -> Path:
     return Path(source)
 
 
+# ----------------------------------------------------------------------------- model FLOPs
+
+# Matrix products only (2 FLOPs per multiply-add), of the useful work: each text at its own length n,
+# padding not counted, though both frameworks compute on it (so this is model FLOPs, as in MFU).
+FORWARD_FORMULA = ("forward, per text of n tokens: n x L x (2 x P + 2 x r x S) + 4 x L x n^2 x H x hd, "
+                   "L layers, P = sum over a block's 7 projections of d_in x d_out, S = sum of d_in + d_out (LoRA "
+                   "x @ A @ B, r = 0 without LoRA), H x hd = query width (QK^T and PV over n keys)")
+TRAIN_FORMULA = ("train = forward + backward; backward: n x L x (2 x P + 4 x r x S) + 8 x L x n^2 x H x hd "
+                 "- n x (2 x Pqkv + 2 x r x 3d): input gradients through the frozen base (no weight "
+                 "gradients), dQ dK dV dP of attention, dA dB and input gradient of each adapter; the "
+                 "first block's q, k, v take no input gradient (the embeddings are frozen)")
+
+
+def _projections(cfg: dict) -> list[tuple[int, int]]:
+    """(d_in, d_out) of a block's q, k, v, o, gate, up, down projections."""
+    d, f = cfg["hidden_size"], cfg["intermediate_size"]
+    q, kv = cfg["num_heads"] * cfg["head_dim"], cfg["num_kv_heads"] * cfg["head_dim"]
+    return [(d, q), (d, kv), (d, kv), (q, d), (d, f), (d, f), (f, d)]
+
+
+def forward_flops(cfg: dict, n: int, rank: int = 0) -> int:
+    """Model FLOPs of one forward pass over a text of n tokens (FORWARD_FORMULA); cfg: a ModelConfig as a dict."""
+    proj = _projections(cfg)
+    p, s = sum(i * o for i, o in proj), sum(i + o for i, o in proj)
+    width = cfg["num_heads"] * cfg["head_dim"]
+    return cfg["num_layers"] * (n * (2 * p + 2 * rank * s) + 4 * n * n * width)
+
+
+def train_flops(cfg: dict, n: int, rank: int) -> int:
+    """Model FLOPs of forward and backward of the LoRA train step for a text of n tokens (TRAIN_FORMULA)."""
+    proj = _projections(cfg)
+    p, s = sum(i * o for i, o in proj), sum(i + o for i, o in proj)
+    width = cfg["num_heads"] * cfg["head_dim"]
+    first_qkv = sum(i * o for i, o in proj[:3]) + rank * sum(i for i, _ in proj[:3])
+    backward = cfg["num_layers"] * (n * (2 * p + 4 * rank * s) + 8 * n * n * width) - 2 * n * first_qkv
+    return forward_flops(cfg, n, rank) + backward
+
+
+# Dense peak TFLOP/s of accelerators the MFU is computed against without --peak-tflops (DESIGN.md).
+KNOWN_PEAK_TFLOPS = {("H100", "bfloat16"): 989.0, ("H200", "bfloat16"): 989.0}
+
+
+def peak_tflops(args_peak: float | None, device_kind: str, dtype: str) -> float | None:
+    if args_peak is not None:
+        return args_peak
+    return next((v for (kind, dt), v in KNOWN_PEAK_TFLOPS.items() if kind in device_kind and dt == dtype), None)
+
+
+# ----------------------------------------------------------------------------- named shapes
+
+_7B_QWEN2 = ("qwen2", dict(hidden_size=3584, num_hidden_layers=28, num_attention_heads=28, num_key_value_heads=4,
+                           intermediate_size=18944, vocab_size=152064, rope_theta=1e6, rms_norm_eps=1e-6))
+# --shape: (transformers model type, config) of models benched at random weights. Dream and LLaDA
+# compute as the Qwen2 and LLaMA of their shape (the bench runs bidirectional attention on all).
+SHAPES = {
+    "tiny": ("llama", dict(hidden_size=64, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
+                           intermediate_size=128, vocab_size=49152, tie_word_embeddings=True)),
+    "smollm2-135m": ("llama", dict(hidden_size=576, num_hidden_layers=30, num_attention_heads=9, num_key_value_heads=3,
+                                   intermediate_size=1536, vocab_size=49152, rope_theta=1e5, rms_norm_eps=1e-5,
+                                   tie_word_embeddings=True)),
+    "dream-7b": _7B_QWEN2,
+    "qwen2.5-7b": _7B_QWEN2,
+    "llama3-8b": ("llama", dict(hidden_size=4096, num_hidden_layers=32, num_attention_heads=32, num_key_value_heads=8,
+                                intermediate_size=14336, vocab_size=128256, rope_theta=5e5, rms_norm_eps=1e-5)),
+    "llada-8b": ("llama", dict(hidden_size=4096, num_hidden_layers=32, num_attention_heads=32, num_key_value_heads=32,
+                               intermediate_size=12288, vocab_size=126464, rope_theta=5e5, rms_norm_eps=1e-5)),
+}
+
+
+def random_checkpoint(shape: str, directory: Path, dtype: str) -> Path:
+    """A transformers checkpoint of a named shape with random weights (seeded), and the SmolLM2
+    tokenizer, whose ids fit every shape's vocabulary. Both frameworks then load it as --model."""
+    import torch
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    from diffemb_jax import assets
+
+    model_type, fields = SHAPES[shape]
+    torch.manual_seed(SEED)
+    config = AutoConfig.for_model(model_type, max_position_embeddings=4096, **fields)
+    AutoModelForCausalLM.from_config(config, dtype=getattr(torch, dtype)).save_pretrained(directory)
+    tokenizer_for(assets.smollm2_gguf()).save(str(directory / "tokenizer.json"))
+    return directory
+
+
 # ----------------------------------------------------------------------------- workers (child processes)
 
 
@@ -242,7 +331,13 @@ def _jax_encoder(job: dict):
 
     embedder = Embedder.from_pretrained(job["model"], attention="bidirectional", dtype=job["dtype"],
                                         max_length=job["max_length"], batch_size=job["batch_size"])
-    return lambda texts: embedder.encode(texts, progress=False), jax.default_backend()
+    return lambda texts: embedder.encode(texts, progress=False), jax.default_backend(), _jax_info(embedder.model)
+
+
+def _jax_info(model) -> dict:
+    import jax
+
+    return {"model_config": dataclasses.asdict(model.cfg), "device_kind": jax.devices()[0].device_kind}
 
 
 def _torch_encoder(job: dict):
@@ -270,15 +365,15 @@ def _torch_encoder(job: dict):
             out[rows] = _torch_embed(model, input_ids, padding)
         return out.numpy()
 
-    return encode, f"cpu, {torch.get_num_threads()} threads"
+    return encode, f"cpu, {torch.get_num_threads()} threads", {"device_kind": "cpu"}
 
 
 def _encode_worker(framework: str, job: dict) -> dict:
     """Load, warm up (one single-text call per bucket length), then time encoding of all the texts."""
-    encode, device = {"jax": _jax_encoder, "torch": _torch_encoder}[framework](job)
+    encode, device, info = {"jax": _jax_encoder, "torch": _torch_encoder}[framework](job)
     figures, _, vectors = _measure(lambda: [encode([text]) for text in job["warmup"]],
                                    lambda: encode(job["texts"]))
-    return {"device": device, "tokens": job["tokens"], "texts": len(job["texts"]), **figures,
+    return {"device": device, **info, "tokens": job["tokens"], "texts": len(job["texts"]), **figures,
             "tokens_per_s": job["tokens"] / figures["seconds"],
             "texts_per_s": len(job["texts"]) / figures["seconds"],
             "first_embeddings": vectors[:COMPARED].tolist()}
@@ -288,7 +383,8 @@ def _encode_worker(framework: str, job: dict) -> dict:
 
 
 def _jax_trainer(job: dict):
-    """step(i) -> loss: diffemb_jax.training.step's jitted step on a LoRA-adapted Decoder."""
+    """step(i) -> loss: diffemb_jax.training.step's jitted step on a LoRA-adapted Decoder, compiled
+    ahead of time so that compilation is timed apart."""
     import warnings
 
     import jax
@@ -318,12 +414,15 @@ def _jax_trainer(job: dict):
     # to step 0 would make step 1 compile again.
     lora, opt_state = jax.device_put((lora, tx.init(lora)), jax.devices()[0])
     state = {"lora": lora, "opt_state": opt_state}
+    start = time.perf_counter()
+    train_step = train_step.lower(lora, opt_state, frozen, 0, batch).compile()
+    info = {**_jax_info(model), "compile_seconds": time.perf_counter() - start}
 
     def step(i: int) -> float:
         state["lora"], state["opt_state"], metrics = train_step(state["lora"], state["opt_state"], frozen, i, batch)
         return float(metrics["loss"])  # blocks until the step is done
 
-    return step, jax.default_backend()
+    return step, jax.default_backend(), info
 
 
 def _torch_trainer(job: dict):
@@ -361,17 +460,17 @@ def _torch_trainer(job: dict):
         schedule.step()
         return loss.item()
 
-    return step, f"cpu, {torch.get_num_threads()} threads"
+    return step, f"cpu, {torch.get_num_threads()} threads", {"device_kind": "cpu", "compile_seconds": 0.0}
 
 
 def _train_worker(framework: str, job: dict) -> dict:
     """Load, run --warmup-steps steps, then time --steps steps, all on the same batch."""
-    step, device = {"jax": _jax_trainer, "torch": _torch_trainer}[framework](job)
+    step, device, info = {"jax": _jax_trainer, "torch": _torch_trainer}[framework](job)
     warmup, steps = job["warmup_steps"], job["steps"]
     figures, warm_losses, losses = _measure(lambda: [step(i) for i in range(warmup)],
                                             lambda: [step(i) for i in range(warmup, warmup + steps)])
     losses = warm_losses + losses
-    return {"device": device, "remat": job["remat"], "tokens_per_step": job["tokens_per_step"], **figures,
+    return {"device": device, **info, "remat": job["remat"], "tokens_per_step": job["tokens_per_step"], **figures,
             "step_seconds": figures["seconds"] / steps,
             "tokens_per_s": job["tokens_per_step"] * steps / figures["seconds"],
             "losses": losses, "first_loss": losses[0], "last_loss": losses[-1]}
@@ -399,7 +498,7 @@ def _spawn(framework: str, job_path: Path) -> dict:
 
 def _command(args) -> str:
     parts = ["diffemb", "bench", args.what]
-    for name in KINDS[args.what].flags + ("dtype", "json"):
+    for name in ("model", "shape") + KINDS[args.what].flags + ("dtype", "peak_tflops", "json"):
         if getattr(args, name) is not None:
             parts += ["--" + name.replace("_", "-"), str(getattr(args, name))]
     return " ".join(parts)
@@ -436,6 +535,10 @@ def _check_args(args) -> None:
             raise ValueError(f"--warmup-steps must be >= 0, got {args.warmup_steps}")
         if not _installed("peft"):
             raise ModuleNotFoundError("diffemb bench train: the PyTorch side needs peft: pip install peft")
+    if args.peak_tflops is not None and not args.peak_tflops > 0:
+        raise ValueError(f"--peak-tflops must be positive, got {args.peak_tflops}")
+    if args.model and args.shape:
+        raise ValueError("diffemb bench: --model and --shape exclude each other (--shape benches random weights)")
     if args.json and not Path(args.json).absolute().parent.is_dir():
         raise FileNotFoundError(f"the folder for --json {args.json} does not exist")
 
@@ -472,7 +575,13 @@ def _encode_job(args, tokenizer) -> tuple[dict, dict]:
     settings = {"texts": len(texts), "tokens": token_count(tokenizer, texts, args.max_length),
                 "batch_size": args.batch_size, "max_length": args.max_length, "dtype": args.dtype,
                 "buckets": buckets}
-    return settings, {"texts": texts, "warmup": warmup_texts(tokenizer, texts, buckets)}
+    lengths = [min(len(enc.ids), args.max_length) for enc in tokenizer.encode_batch(texts)]
+    return settings, {"texts": texts, "warmup": warmup_texts(tokenizer, texts, buckets), "lengths": lengths}
+
+
+def _encode_flops(job: dict, cfg: dict) -> tuple[int, int, str]:
+    """(model FLOPs, tokens) of the timed run, and the formula."""
+    return sum(forward_flops(cfg, n) for n in job["lengths"]), job["tokens"], [FORWARD_FORMULA]
 
 
 def _encode_summary(results: dict) -> tuple[dict, list[str]]:
@@ -505,6 +614,25 @@ def _train_job(args, tokenizer) -> tuple[dict, dict]:
     return settings, {"batch": batch}
 
 
+def _train_flops(job: dict, cfg: dict) -> tuple[int, int, str]:
+    lengths = [sum(row) for side in SIDES for row in job["batch"][side]["padding_mask"]]
+    per_step = sum(train_flops(cfg, n, job["lora"]["rank"]) for n in lengths)
+    return per_step * job["steps"], job["tokens_per_step"] * job["steps"], [FORWARD_FORMULA, TRAIN_FORMULA]
+
+
+def _flops_summary(kind, job: dict, results: dict, peak: float | None) -> tuple[dict, list[str]]:
+    """Model TFLOP/s of each framework (into its result) and, where the peak is known, its MFU."""
+    flops, tokens, formula = kind.flops(job, results["jax"]["model_config"])
+    lines = [f"model FLOPs per token: {flops / tokens / 1e9:.4g} GFLOP, from", *("  " + f for f in formula)]
+    for f, r in results.items():
+        r["model_tflops_per_s"] = flops / r["seconds"] / 1e12
+        r["peak_tflops"] = peak_tflops(peak, r["device_kind"], job["dtype"])
+        r["mfu"] = r["model_tflops_per_s"] / r["peak_tflops"] if r["peak_tflops"] else None
+        lines.append(f"{FRAMEWORKS[f]} MFU: " + (f"{r['mfu']:.2%} of {r['peak_tflops']:g} TFLOP/s" if r["mfu"] else
+                     f"unknown (no peak known for {r['device_kind']} {job['dtype']}: pass --peak-tflops)"))
+    return {"model_flops_per_token": flops / tokens}, lines
+
+
 def _train_summary(results: dict) -> tuple[dict, list[str]]:
     jax_r, torch_r = results["jax"], results["torch"]
     summary = {"tokens_per_s_ratio": jax_r["tokens_per_s"] / torch_r["tokens_per_s"],
@@ -523,28 +651,31 @@ def _train_summary(results: dict) -> tuple[dict, list[str]]:
 class Kind:
     """One thing to bench: its flags, the job the parent builds, the workers' work, the report."""
 
-    flags: tuple[str, ...]  # argparse names echoed in the command (besides --dtype and --json)
+    flags: tuple[str, ...]  # argparse names of this kind only, echoed in the command
     positive: tuple[str, ...]  # of those, the ones that must be >= 1
     prepare: Callable  # (args, tokenizer) -> (settings: reported, payload: sent to workers only)
     work: Callable  # in the worker: (framework, job) -> result
+    flops: Callable  # (job, model config dict) -> (model FLOPs, tokens) of the timed run, formula lines
     columns: tuple[tuple[str, str], ...]
     summarize: Callable  # (results) -> (summary fields, lines to print)
 
 
 KINDS = {
     "encode": Kind(
-        flags=("model", "texts", "batch_size", "max_length"), positive=("texts", "batch_size", "max_length"),
-        prepare=_encode_job, work=_encode_worker, summarize=_encode_summary,
+        flags=("texts", "batch_size", "max_length"), positive=("texts", "batch_size", "max_length"),
+        prepare=_encode_job, work=_encode_worker, summarize=_encode_summary, flops=_encode_flops,
         columns=(("device", "{device}"), ("tokens/s", "{tokens_per_s:.0f}"), ("texts/s", "{texts_per_s:.1f}"),
+                 ("model TFLOP/s", "{model_tflops_per_s:.3f}"),
                  ("warm-up s", "{warmup_seconds:.2f}"), ("peak RSS MB", "{peak_rss_mb:.0f}"),
                  ("RSS increase MB", "{rss_increase_mb:.0f}"), ("cores used", "{cores_used:.2f}"),
                  ("load 1 min", "{load_average_1m:.2f}"))),
     "train": Kind(
-        flags=("model", "queries", "query_length", "doc_length", "lora_rank", "remat", "warmup_steps", "steps"),
+        flags=("queries", "query_length", "doc_length", "lora_rank", "remat", "warmup_steps", "steps"),
         positive=("queries", "query_length", "doc_length", "lora_rank", "steps"),
-        prepare=_train_job, work=_train_worker, summarize=_train_summary,
+        prepare=_train_job, work=_train_worker, summarize=_train_summary, flops=_train_flops,
         columns=(("device", "{device}"), ("remat", "{remat}"), ("tokens/s", "{tokens_per_s:.0f}"),
-                 ("step s", "{step_seconds:.2f}"), ("warm-up s", "{warmup_seconds:.2f}"),
+                 ("model TFLOP/s", "{model_tflops_per_s:.3f}"), ("step s", "{step_seconds:.2f}"),
+                 ("compile s", "{compile_seconds:.2f}"), ("warm-up s", "{warmup_seconds:.2f}"),
                  ("peak RSS MB", "{peak_rss_mb:.0f}"), ("timed steps' peak RSS MB", "{timed_peak_rss_mb:.0f}"),
                  ("cores used", "{cores_used:.2f}"), ("load 1 min", "{load_average_1m:.2f}"),
                  ("first loss", "{first_loss:.6f}"), ("last loss", "{last_loss:.6f}"))),
@@ -557,26 +688,30 @@ def main(args) -> dict:
 
     kind = KINDS[args.what]
     _check_args(args)
-    model = Path(args.model) if args.model else converted_smollm2()
-    if not model.exists():
-        raise FileNotFoundError(f"{model} does not exist")
-    tokenizer = tokenizer_for(model)
-    settings, payload = kind.prepare(args, tokenizer)
-    settings = {"model": str(model), "torch_source": str(torch_source(model)), **settings,
-                "versions": _versions(), "python": platform.python_version(), "cpu_count": os.cpu_count(),
-                "load_average_at_start": [round(x, 2) for x in os.getloadavg()]}
-    print(f"command: {_command(args)}")
-    print("settings: " + json.dumps(settings))
     with tempfile.TemporaryDirectory(prefix="diffemb-bench-") as tmp:
+        if args.shape:
+            model = random_checkpoint(args.shape, Path(tmp) / args.shape, args.dtype)
+        else:
+            model = Path(args.model) if args.model else converted_smollm2()
+        if not model.exists():
+            raise FileNotFoundError(f"{model} does not exist")
+        tokenizer = tokenizer_for(model)
+        settings, payload = kind.prepare(args, tokenizer)
+        settings = {"model": str(model), "shape": args.shape, "torch_source": str(torch_source(model)), **settings,
+                    "versions": _versions(), "python": platform.python_version(), "cpu_count": os.cpu_count(),
+                    "load_average_at_start": [round(x, 2) for x in os.getloadavg()]}
+        print(f"command: {_command(args)}")
+        print("settings: " + json.dumps(settings))
         tokenizer.save(os.path.join(tmp, "tokenizer.json"))
         job = {**settings, "what": args.what, "tokenizer": os.path.join(tmp, "tokenizer.json"), **payload}
         job_path = Path(tmp) / "job.json"
         job_path.write_text(json.dumps(job))
         results = {framework: _spawn(framework, job_path) for framework in FRAMEWORKS}
     summary, lines = kind.summarize(results)
-    report = {"command": _command(args), "settings": settings, "results": results, **summary}
+    flops, flops_lines = _flops_summary(kind, job, results, args.peak_tflops)
+    report = {"command": _command(args), "settings": settings, "results": results, **summary, **flops}
     print("\n" + _table(results, kind.columns) + "\n")
-    print("\n".join(lines))
+    print("\n".join(lines + flops_lines))
     if args.json:
         _write_json_atomic(Path(args.json), report)
         print(f"wrote {args.json}")

@@ -220,6 +220,7 @@ def _bench(args) -> None:
 
 
 def build_parser() -> argparse.ArgumentParser:
+    from diffemb_jax.bench import SHAPES
     from diffemb_jax.embedding.pooling import POOLING_MODES
     from diffemb_jax.model import ATTENTION_MODES
     from diffemb_jax.model.attention import KERNELS
@@ -300,10 +301,14 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--warmup-steps", type=int, default=1, help="train: untimed steps first (JAX: compilation)")
     p.add_argument("--steps", type=int, default=5, help="train: timed steps")
     p.add_argument("--model", default=None, help="model to bench (default: the bundled SmolLM2-135M)")
+    p.add_argument("--shape", default=None, choices=tuple(SHAPES),
+                   help="bench this model shape at random weights instead (on CPU only the small ones are practical)")
     p.add_argument("--texts", type=int, default=64, help="number of texts")
     p.add_argument("--batch-size", type=int, default=16)
     p.add_argument("--max-length", type=int, default=128)
     p.add_argument("--dtype", choices=("float32", "bfloat16"), default="float32")
+    p.add_argument("--peak-tflops", type=float, default=None,
+                   help="the device's peak TFLOP/s at --dtype, for MFU (default: known GPUs only)")
     p.add_argument("--json", default=None, help="also write the results to this JSON file")
     p.set_defaults(func=_bench)
     return parser

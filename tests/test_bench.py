@@ -45,6 +45,9 @@ def test_bench_encode_tiny_model(tmp_path):
         assert result["texts"] == 8 and result["tokens"] == report["settings"]["tokens"] > 0
         assert result["tokens_per_s"] > 0 and result["peak_rss_mb"] > 0
     assert report["max_abs_diff_first"] < 1e-3
+    assert report["model_flops_per_token"] > 0
+    for result in report["results"].values():  # no peak known on CPU without --peak-tflops
+        assert result["mfu"] is None and result["model_tflops_per_s"] > 0
 
 
 def test_bench_train_tiny_model(tmp_path):
@@ -54,7 +57,7 @@ def test_bench_train_tiny_model(tmp_path):
 
     rc = cli.main(["bench", "train", "--model", str(model_dir), "--queries", "4", "--query-length", "8",
                    "--doc-length", "24", "--lora-rank", "4", "--warmup-steps", "1", "--steps", "1",
-                   "--json", str(out)])
+                   "--peak-tflops", "2.5", "--json", str(out)])
 
     assert rc == 0
     report = json.loads(out.read_text())
@@ -68,6 +71,10 @@ def test_bench_train_tiny_model(tmp_path):
     # LoRA B starts at zero: the first step is the base model's loss on the same ids in both frameworks
     assert report["first_loss_abs_diff"] < 1e-3
     assert abs(report["results"]["jax"]["first_loss"] - report["results"]["torch"]["first_loss"]) < 1e-3
+    assert report["results"]["jax"]["compile_seconds"] > 0 == report["results"]["torch"]["compile_seconds"]
+    assert report["model_flops_per_token"] > 0
+    for result in report["results"].values():
+        assert result["mfu"] == pytest.approx(result["model_tflops_per_s"] / 2.5)
 
 
 def test_bench_rejects_the_other_jobs_flags(tmp_path):
@@ -78,4 +85,60 @@ def test_bench_rejects_the_other_jobs_flags(tmp_path):
         bench.main(args)
     args = cli.build_parser().parse_args(["bench", "encode", "--queries", "4"])
     with pytest.raises(ValueError, match="bench encode does not use --queries"):
+        bench.main(args)
+    args = cli.build_parser().parse_args(["bench", "encode", "--peak-tflops", "0"])
+    with pytest.raises(ValueError, match="--peak-tflops must be positive"):
+        bench.main(args)
+
+
+def test_model_flops_formulas_match_torch_flop_counter():
+    """Oracle: torch's FlopCounterMode over transformers + peft on a tiny LLaMA (eager attention, no
+    padding), a forward of the base model and a forward and backward with LoRA; exact counts."""
+    import dataclasses
+
+    import torch
+    from peft import LoraConfig, get_peft_model
+    from torch.utils.flop_counter import FlopCounterMode
+
+    from diffemb_jax import bench
+    from diffemb_jax.model.config import config_from_hf
+
+    hf = tiny.oracle_model("llama")
+    base = hf.model
+    base.config._attn_implementation = "eager"
+    cfg = dataclasses.asdict(config_from_hf(hf.config.to_dict()))
+    rows, n, rank = 3, 11, 4
+    ids, padding = torch.randint(1, 97, (rows, n)), torch.ones(rows, n, dtype=torch.bool)
+
+    def counted(fn) -> int:
+        with FlopCounterMode(display=False) as counter:
+            fn()
+        return counter.get_total_flops()
+
+    with torch.no_grad():
+        assert counted(lambda: bench._torch_embed(base, ids, padding)) == rows * bench.forward_flops(cfg, n)
+    adapted = get_peft_model(base, LoraConfig(r=rank, lora_alpha=2 * rank, target_modules=list(bench.LORA_TARGETS)))
+    assert counted(lambda: bench._torch_embed(adapted, ids, padding).sum().backward()) \
+        == rows * bench.train_flops(cfg, n, rank)
+
+
+def test_bench_encode_named_shape_at_random_weights(tmp_path):
+    out = tmp_path / "bench.json"
+
+    rc = cli.main(["bench", "encode", "--shape", "tiny", "--texts", "4", "--batch-size", "2", "--max-length", "16",
+                   "--json", str(out)])
+
+    assert rc == 0
+    report = json.loads(out.read_text())
+    assert report["settings"]["shape"] == "tiny"
+    config = report["results"]["jax"]["model_config"]
+    assert (config["hidden_size"], config["num_layers"], config["num_kv_heads"]) == (64, 2, 2)
+    assert report["max_abs_diff_first"] < 1e-3  # the same random weights on both sides
+
+
+def test_bench_shape_excludes_model():
+    from diffemb_jax import bench
+
+    args = cli.build_parser().parse_args(["bench", "encode", "--shape", "tiny", "--model", "somewhere"])
+    with pytest.raises(ValueError, match="--model and --shape exclude each other"):
         bench.main(args)

@@ -4,17 +4,22 @@ qwix intercepts the matmuls of the modules whose path matches `targets` and adds
 `x @ A @ B * alpha / rank` with A, B held as `nnx.LoRAParam`, so an optimizer built with
 `wrt=nnx.LoRAParam` trains the adapters only. LoRA parameters are kept in float32 whatever the base
 dtype. Dropout on the adapters' input is always on in an adapted model (qwix): evaluate merged models. `merge_lora` folds them back into plain kernels for export or faster inference.
+The adapter product x @ A @ B has a backward of our own (`_low_rank`): the same gradients, with the
+products ordered so that XLA on CPU does not transpose large operands.
 """
 
 from __future__ import annotations
 
 import dataclasses
+import inspect
 import re
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 import qwix
 from flax import nnx
+from qwix._src.providers import lora as qwix_lora
 
 from diffemb_jax.model import Decoder
 
@@ -22,6 +27,53 @@ from diffemb_jax.model import Decoder
 # where the reference recipe starts; qwix's default (he_uniform) is sqrt(6) times wider.
 PEFT_A_INIT = jax.nn.initializers.variance_scaling(1 / 3, "fan_in", "uniform")
 DEFAULT_TARGETS = r".*(q_proj|k_proj|v_proj|o_proj|gate_proj|up_proj|down_proj)"
+_TOKENS = (((0,), (0,)), ((), ()))  # dot_general dimensions: contract the token axis of both operands
+
+
+@jax.custom_vjp
+def _low_rank(x, a, b):
+    """x [T, d] @ A [d, r] @ B [r, n], the adapter's product."""
+    return _low_rank_fwd(x, a, b)[0]
+
+
+def _low_rank_fwd(x, a, b):
+    h = jax.lax.dot_general(x, a, (((1,), (0,)), ((), ())))
+    return jax.lax.dot_general(h, b, (((1,), (0,)), ((), ()))), (x, a, b, h)
+
+
+def _low_rank_bwd(saved, g):
+    """The gradients autodiff gives, with the products over tokens ordered so that only the rank-wide
+    operand is transposed: left to autodiff, XLA on CPU writes out a transposed copy of the
+    [tokens, n] cotangent (and of x) for dB (dA), which took a quarter of the SmolLM2 train step."""
+    x, a, b, h = saved
+    dh = jax.lax.dot_general(g, b, (((1,), (1,)), ((), ())))  # [T, r]
+    db = jax.lax.dot_general(h, g, _TOKENS)  # [r, n]
+    da = jax.lax.dot_general(dh, x, _TOKENS).T  # [r, d] -> [d, r]
+    dx = jax.lax.dot_general(dh, a, (((1,), (1,)), ((), ())))
+    return dx.astype(x.dtype), da.astype(a.dtype), db.astype(b.dtype)
+
+
+_low_rank.defvjp(_low_rank_fwd, _low_rank_bwd)
+
+
+def _lora_delta(lhs, lora_a, lora_b, lhs_ca, lhs_ba, contract_shape, batch_shape, remain_shape, rank,
+                precision=None):
+    """qwix's adapter delta for a dense layer (x [..., d] @ kernel [d, n]) through `_low_rank`;
+    any other contraction is left to qwix."""
+    if tuple(lhs_ca) != (lhs.ndim - 1,) or lhs_ba or len(contract_shape) != 1 or len(remain_shape) != 1 \
+            or precision is not None:
+        return _qwix_lora_delta(lhs, lora_a, lora_b, lhs_ca, lhs_ba, contract_shape, batch_shape, remain_shape,
+                                rank, precision=precision)
+    out = _low_rank(lhs.reshape(-1, lhs.shape[-1]), lora_a, lora_b)
+    return out.reshape(*lhs.shape[:-1], out.shape[-1])
+
+
+# qwix computes the delta in a private function of its LoRA provider; ours is the same product with a
+# faster backward. Where a qwix version names or calls it otherwise, qwix's own stays in place.
+_qwix_lora_delta = getattr(qwix_lora, "_compute_lora_delta", None)
+if _qwix_lora_delta is not None and list(inspect.signature(_qwix_lora_delta).parameters) == list(
+        inspect.signature(_lora_delta).parameters):
+    qwix_lora._compute_lora_delta = _lora_delta
 
 
 @dataclasses.dataclass(frozen=True)
@@ -56,8 +108,14 @@ def apply_lora(model: Decoder, lora: LoraConfig, *, seed: int = 0) -> Decoder:
 
 def set_dropout_key(model, key: jax.Array) -> None:
     """Where qwix draws LoRA dropout masks from. Set inside the traced step from a key derived from
-    (seed, step), so masks are reproducible on resume and identical when GradCache re-encodes."""
-    model.set_attributes(qwix_rngs=nnx.Rngs(dropout=key), raise_if_not_found=False)
+    (seed, step), so masks are reproducible on resume and identical when GradCache re-encodes.
+
+    The stream's call count is kept in numpy, not traced: flax checks the sharding of a traced count
+    on every update, and jax answers by walking the whole trace so far, which made tracing the
+    SmolLM2 step quadratic in its depth (102 s of its 224 s compile)."""
+    rngs = nnx.Rngs(dropout=key)
+    rngs.dropout.count.set_value(np.zeros(key.shape, np.uint32))
+    model.set_attributes(qwix_rngs=rngs, raise_if_not_found=False)
 
 
 def _to_float32(model) -> None:

@@ -66,13 +66,24 @@ def loss_and_grads(graphdef, lora, frozen, batch: dict, cfg: StepConfig, key: ja
         return _grad_cache(graphdef, lora, frozen, batch, cfg, key)
 
     def objective(lora):
-        q, p, n = (_embed(graphdef, lora, frozen, batch[side], cfg, jax.random.fold_in(key, i))
-                   for i, side in enumerate(SIDES))
-        metrics = contrastive_loss(q, p, n, cfg)
+        metrics = contrastive_loss(*_embed_sides(graphdef, lora, frozen, batch, cfg, key), cfg)
         return metrics["loss"], metrics
 
     (_, metrics), grads = jax.value_and_grad(objective, has_aux=True)(lora)
     return metrics, grads
+
+
+def _embed_sides(graphdef, lora, frozen, batch: dict, cfg: StepConfig, key: jax.Array):
+    """(queries, positives, negatives) embedded; positives and negatives of one length go through the
+    model as one batch: a third less program to compile, and larger matrix products."""
+    pos, neg = batch["positive"], batch["negative"]
+    q = _embed(graphdef, lora, frozen, batch["query"], cfg, jax.random.fold_in(key, 0))
+    if pos["input_ids"].shape[1] != neg["input_ids"].shape[1]:
+        return q, *(_embed(graphdef, lora, frozen, batch[side], cfg, jax.random.fold_in(key, i))
+                    for i, side in enumerate(SIDES[1:], 1))
+    docs = {k: jnp.concatenate([pos[k], neg[k]]) for k in pos}
+    vectors = _embed(graphdef, lora, frozen, docs, cfg, jax.random.fold_in(key, 1))
+    return q, vectors[: pos["input_ids"].shape[0]], vectors[pos["input_ids"].shape[0] :]
 
 
 def _chunks(side: dict, size: int) -> list[dict]:
