@@ -18,10 +18,16 @@ masks, so losses only stay close.
 
 Both report model TFLOP/s: matrix-product FLOPs of the useful work (formulas in FORWARD_FORMULA and
 TRAIN_FORMULA, padding not counted) over the timed seconds, and MFU against --peak-tflops, or against
-the known peak of the JAX device (KNOWN_PEAK_TFLOPS); on CPU no peak is assumed.
+the known peak of the device each ran on (KNOWN_PEAK_TFLOPS); on CPU no peak is assumed.
+
+Devices: JAX runs on its default device; the PyTorch side on CUDA where torch sees a GPU (--dtype
+bfloat16 loads bf16 weights there; --remat full turns on transformers' gradient checkpointing, as the
+recipe does), else on the CPU. A summary line warns when one ran on the CPU and the other did not.
 
 Each framework runs in a child process of its own, one after the other, so the peak memory
-reported is that framework's alone. Memory figures read /proc, so they are Linux-only.
+reported is that framework's alone. RSS figures read /proc, so they are Linux-only. On an
+accelerator, peak device memory is the allocator's (JAX memory_stats, torch max_memory_allocated),
+null on the CPU.
 """
 
 from __future__ import annotations
@@ -35,6 +41,7 @@ import json
 import os
 import platform
 import re
+import string
 import subprocess
 import sys
 import tempfile
@@ -50,6 +57,7 @@ DOC_MODULES = ("json", "re", "textwrap", "itertools", "functools", "collections"
                "decimal", "fractions", "math", "os", "shutil")
 FRAMEWORKS = {"jax": "JAX", "torch": "PyTorch"}
 COMPARED = 4  # embeddings of the first texts sent back to compare the two frameworks
+NONE = "–"  # a table cell with no figure
 
 # The train step: the reference recipe (DESIGN.md) on both sides.
 SIDES = ("query", "positive", "negative")
@@ -260,25 +268,56 @@ def _reset_peak_rss() -> None:
         pass
 
 
-def _measure(warm_up: Callable, timed: Callable):
+def device_peak_mb(framework: str) -> float | None:
+    """This process's peak accelerator memory so far, in MB: what the allocator handed out (not the
+    pool JAX preallocates, nor torch's cache). None on the CPU, where the RSS figures cover it."""
+    if framework == "torch":
+        import torch
+
+        return torch.cuda.max_memory_allocated() / 2**20 if torch.cuda.is_available() else None
+    import jax
+
+    device = jax.local_devices()[0]
+    stats = (device.memory_stats() or {}) if device.platform != "cpu" else {}
+    return stats["peak_bytes_in_use"] / 2**20 if "peak_bytes_in_use" in stats else None
+
+
+def _reset_device_peak(framework: str) -> bool:
+    """Restart the peak-memory mark for the timed part, where one can: torch on CUDA (JAX has no reset)."""
+    if framework == "torch":
+        import torch
+
+        if torch.cuda.is_available():
+            torch.cuda.reset_peak_memory_stats()
+            return True
+    return False
+
+
+def _measure(framework: str, warm_up: Callable, timed: Callable):
     """(figures, warm_up(), timed()): seconds of each, the peak RSS of the process so far (loading
     included), the peak RSS during the timed part alone, and how far that rose above the RSS the
     timed part started from (memory kept from warming up, say by an allocator, is not counted).
-    On a shared machine, cores_used (CPU seconds / wall seconds of the timed part) and the load
-    average say how much of the machine the worker had."""
+    On an accelerator, the same two peaks of device memory (the timed one where the framework can
+    restart its mark; None otherwise). On a shared machine, cores_used (CPU seconds / wall seconds
+    of the timed part) and the load average say how much of the machine the worker had."""
     start = time.perf_counter()
     warm = warm_up()
     warmup_seconds = time.perf_counter() - start
-    load_peak_kb = _proc_status_kb("VmHWM")
+    load_peak_kb, load_peak_device = _proc_status_kb("VmHWM"), device_peak_mb(framework)
     _reset_peak_rss()
+    device_reset = _reset_device_peak(framework)
     rss_before_kb = _proc_status_kb("VmRSS")
     start, cpu_start = time.perf_counter(), time.process_time()
-    out = timed()  # plain Python values or numpy: the work is done when it returns
+    # Plain Python values or numpy: the work is done when it returns (.item(), .cpu(), float() and
+    # np.asarray wait for the device), so no explicit synchronisation is needed.
+    out = timed()
     seconds, cpu_seconds = time.perf_counter() - start, time.process_time() - cpu_start
-    timed_peak_kb = _proc_status_kb("VmHWM")
+    timed_peak_kb, timed_peak_device = _proc_status_kb("VmHWM"), device_peak_mb(framework)
     figures = {"warmup_seconds": warmup_seconds, "seconds": seconds,
                "peak_rss_mb": max(load_peak_kb, timed_peak_kb) / 1024, "timed_peak_rss_mb": timed_peak_kb / 1024,
                "rss_increase_mb": max(timed_peak_kb - rss_before_kb, 0) / 1024,
+               "peak_device_mb": None if timed_peak_device is None else max(load_peak_device, timed_peak_device),
+               "timed_peak_device_mb": timed_peak_device if device_reset else None,
                "cores_used": cpu_seconds / seconds, "load_average_1m": os.getloadavg()[0]}
     return figures, warm, out
 
@@ -299,15 +338,34 @@ def _torch_gguf_model(source: Path, dtype):
     return model
 
 
-def _torch_model(source: Path, dtype: str):
-    """The base model (no LM head) in eval mode, on every core."""
+def _torch_device():
+    """CUDA where torch sees a GPU, as JAX then runs on it too: the ratio compares one device. Else the CPU."""
+    import torch
+
+    return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+
+
+def _torch_device_info(device) -> tuple[str, dict]:
+    """(the device column, info): the GPU's name, or the CPU and the threads torch uses."""
+    import torch
+
+    if device.type == "cuda":
+        name = torch.cuda.get_device_name(device)
+        return name, {"device_kind": name}
+    return f"cpu, {torch.get_num_threads()} threads", {"device_kind": "cpu"}
+
+
+def _torch_model(source: Path, dtype: str, device):
+    """The base model (no LM head) in eval mode on `device`, SDPA attention, on every core."""
     import torch
     from transformers import AutoModel
 
     torch.set_num_threads(os.cpu_count())
     if source.suffix == ".gguf":
-        return _torch_gguf_model(source, getattr(torch, dtype)).eval()
-    return AutoModel.from_pretrained(str(source), dtype=getattr(torch, dtype), attn_implementation="sdpa").eval()
+        model = _torch_gguf_model(source, getattr(torch, dtype))
+    else:
+        model = AutoModel.from_pretrained(str(source), dtype=getattr(torch, dtype), attn_implementation="sdpa")
+    return model.to(device).eval()
 
 
 def _torch_embed(model, input_ids, padding):
@@ -325,13 +383,18 @@ def _torch_embed(model, input_ids, padding):
 
 
 def _jax_encoder(job: dict):
-    import jax
-
     from diffemb_jax.embedding import Embedder
 
     embedder = Embedder.from_pretrained(job["model"], attention="bidirectional", dtype=job["dtype"],
                                         max_length=job["max_length"], batch_size=job["batch_size"])
-    return lambda texts: embedder.encode(texts, progress=False), jax.default_backend(), _jax_info(embedder.model)
+    return lambda texts: embedder.encode(texts, progress=False), _jax_device(), _jax_info(embedder.model)
+
+
+def _jax_device() -> str:
+    """The device column: "cpu", or the accelerator's name (as torch's column gives it)."""
+    import jax
+
+    return "cpu" if jax.default_backend() == "cpu" else jax.devices()[0].device_kind
 
 
 def _jax_info(model) -> dict:
@@ -345,7 +408,8 @@ def _torch_encoder(job: dict):
     import tokenizers
     import torch
 
-    model = _torch_model(Path(job["torch_source"]), job["dtype"])
+    device = _torch_device()
+    model = _torch_model(Path(job["torch_source"]), job["dtype"], device)
     tokenizer = tokenizers.Tokenizer.from_file(job["tokenizer"])
     batch_size, buckets, max_length = job["batch_size"], job["buckets"], job["max_length"]
 
@@ -362,16 +426,16 @@ def _torch_encoder(job: dict):
             for r, i in enumerate(rows):
                 input_ids[r, : len(ids[i])] = torch.tensor(ids[i])
                 padding[r, : len(ids[i])] = True
-            out[rows] = _torch_embed(model, input_ids, padding)
+            out[rows] = _torch_embed(model, input_ids.to(device), padding.to(device)).cpu()  # .cpu() waits
         return out.numpy()
 
-    return encode, f"cpu, {torch.get_num_threads()} threads", {"device_kind": "cpu"}
+    return encode, *_torch_device_info(device)
 
 
 def _encode_worker(framework: str, job: dict) -> dict:
     """Load, warm up (one single-text call per bucket length), then time encoding of all the texts."""
     encode, device, info = {"jax": _jax_encoder, "torch": _torch_encoder}[framework](job)
-    figures, _, vectors = _measure(lambda: [encode([text]) for text in job["warmup"]],
+    figures, _, vectors = _measure(framework, lambda: [encode([text]) for text in job["warmup"]],
                                    lambda: encode(job["texts"]))
     return {"device": device, **info, "tokens": job["tokens"], "texts": len(job["texts"]), **figures,
             "tokens_per_s": job["tokens"] / figures["seconds"],
@@ -422,7 +486,7 @@ def _jax_trainer(job: dict):
         state["lora"], state["opt_state"], metrics = train_step(state["lora"], state["opt_state"], frozen, i, batch)
         return float(metrics["loss"])  # blocks until the step is done
 
-    return step, jax.default_backend(), info
+    return step, _jax_device(), info
 
 
 def _torch_trainer(job: dict):
@@ -434,10 +498,12 @@ def _torch_trainer(job: dict):
 
     warnings.filterwarnings("ignore", message=".*is_gradient_checkpointing.*")  # peft's call, deprecated
     torch.manual_seed(job["seed"])
-    model = _torch_model(Path(job["torch_source"]), job["dtype"])
+    device = _torch_device()
+    model = _torch_model(Path(job["torch_source"]), job["dtype"], device)
     if job["remat"] == "full":  # peft then makes the embeddings' output require grad
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
     lora_cfg = job["lora"]
+    # peft puts the adapters on the base layers' device, in float32 (autocast_adapter_dtype)
     model = get_peft_model(model, LoraConfig(r=lora_cfg["rank"], lora_alpha=lora_cfg["alpha"],
                                              lora_dropout=lora_cfg["dropout"], target_modules=list(LORA_TARGETS)))
     model.train()
@@ -446,9 +512,10 @@ def _torch_trainer(job: dict):
     optimizer = torch.optim.AdamW(params, lr=opt["lr"], weight_decay=opt["weight_decay"])
     total = job["warmup_steps"] + job["steps"]
     schedule = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: max(0.0, 1.0 - s / total))
-    batch = {side: (torch.tensor(job["batch"][side]["input_ids"], dtype=torch.long),
-                    torch.tensor(job["batch"][side]["padding_mask"], dtype=torch.bool)) for side in SIDES}
-    labels = torch.arange(len(job["batch"]["query"]["input_ids"]))
+    batch = {side: (torch.tensor(job["batch"][side]["input_ids"], dtype=torch.long, device=device),
+                    torch.tensor(job["batch"][side]["padding_mask"], dtype=torch.bool, device=device))
+             for side in SIDES}
+    labels = torch.arange(len(job["batch"]["query"]["input_ids"]), device=device)
 
     def step(_: int) -> float:
         optimizer.zero_grad(set_to_none=True)
@@ -458,16 +525,17 @@ def _torch_trainer(job: dict):
         torch.nn.utils.clip_grad_norm_(params, opt["grad_clip"])
         optimizer.step()
         schedule.step()
-        return loss.item()
+        return loss.item()  # waits for the step: no device work is queued after it
 
-    return step, f"cpu, {torch.get_num_threads()} threads", {"device_kind": "cpu", "compile_seconds": 0.0}
+    device_name, info = _torch_device_info(device)
+    return step, device_name, {**info, "compile_seconds": 0.0}
 
 
 def _train_worker(framework: str, job: dict) -> dict:
     """Load, run --warmup-steps steps, then time --steps steps, all on the same batch."""
     step, device, info = {"jax": _jax_trainer, "torch": _torch_trainer}[framework](job)
     warmup, steps = job["warmup_steps"], job["steps"]
-    figures, warm_losses, losses = _measure(lambda: [step(i) for i in range(warmup)],
+    figures, warm_losses, losses = _measure(framework, lambda: [step(i) for i in range(warmup)],
                                             lambda: [step(i) for i in range(warmup, warmup + steps)])
     losses = warm_losses + losses
     return {"device": device, **info, "remat": job["remat"], "tokens_per_step": job["tokens_per_step"], **figures,
@@ -543,10 +611,16 @@ def _check_args(args) -> None:
         raise FileNotFoundError(f"the folder for --json {args.json} does not exist")
 
 
+def _cell(fmt: str, result: dict) -> str:
+    """A result's fields formatted, or NONE where one is None (device memory on the CPU)."""
+    names = [name for _, name, _, _ in string.Formatter().parse(fmt) if name]
+    return NONE if any(result[name] is None for name in names) else fmt.format(**result)
+
+
 def _table(results: dict, columns: tuple[tuple[str, str], ...]) -> str:
     """Markdown; each column is (header, format of a result's fields); numbers are right-aligned."""
-    rows = [[FRAMEWORKS[f]] + [fmt.format(**r) for _, fmt in columns] for f, r in results.items()]
-    numeric = [all(re.fullmatch(r"[-+0-9.e]+", row[i + 1]) for row in rows) for i in range(len(columns))]
+    rows = [[FRAMEWORKS[f]] + [_cell(fmt, r) for _, fmt in columns] for f, r in results.items()]
+    numeric = [all(re.fullmatch(r"[-+0-9.e]+|" + NONE, row[i + 1]) for row in rows) for i in range(len(columns))]
     lines = ["| framework | " + " | ".join(header for header, _ in columns) + " |",
              "|---|" + "".join("---:|" if n else "---|" for n in numeric)]
     lines += ["| " + " | ".join(row) + " |" for row in rows]
@@ -620,6 +694,15 @@ def _train_flops(job: dict, cfg: dict) -> tuple[int, int, str]:
     return per_step * job["steps"], job["tokens_per_step"] * job["steps"], [FORWARD_FORMULA, TRAIN_FORMULA]
 
 
+def device_mismatch(results: dict) -> str | None:
+    """A warning where one framework ran on the CPU and the other on an accelerator (torch without
+    CUDA on a GPU machine, say): the ratio then compares two kinds of hardware."""
+    if len({r["device_kind"] == "cpu" for r in results.values()}) == 1:
+        return None
+    return ("WARNING: " + ", ".join(f"{FRAMEWORKS[f]} ran on {r['device']}" for f, r in results.items())
+            + ": the ratio compares different hardware")
+
+
 def _flops_summary(kind, job: dict, results: dict, peak: float | None) -> tuple[dict, list[str]]:
     """Model TFLOP/s of each framework (into its result) and, where the peak is known, its MFU."""
     flops, tokens, formula = kind.flops(job, results["jax"]["model_config"])
@@ -667,8 +750,8 @@ KINDS = {
         columns=(("device", "{device}"), ("tokens/s", "{tokens_per_s:.0f}"), ("texts/s", "{texts_per_s:.1f}"),
                  ("model TFLOP/s", "{model_tflops_per_s:.3f}"),
                  ("warm-up s", "{warmup_seconds:.2f}"), ("peak RSS MB", "{peak_rss_mb:.0f}"),
-                 ("RSS increase MB", "{rss_increase_mb:.0f}"), ("cores used", "{cores_used:.2f}"),
-                 ("load 1 min", "{load_average_1m:.2f}"))),
+                 ("RSS increase MB", "{rss_increase_mb:.0f}"), ("peak device MB", "{peak_device_mb:.0f}"),
+                 ("cores used", "{cores_used:.2f}"), ("load 1 min", "{load_average_1m:.2f}"))),
     "train": Kind(
         flags=("queries", "query_length", "doc_length", "lora_rank", "remat", "warmup_steps", "steps"),
         positive=("queries", "query_length", "doc_length", "lora_rank", "steps"),
@@ -677,6 +760,7 @@ KINDS = {
                  ("model TFLOP/s", "{model_tflops_per_s:.3f}"), ("step s", "{step_seconds:.2f}"),
                  ("compile s", "{compile_seconds:.2f}"), ("warm-up s", "{warmup_seconds:.2f}"),
                  ("peak RSS MB", "{peak_rss_mb:.0f}"), ("timed steps' peak RSS MB", "{timed_peak_rss_mb:.0f}"),
+                 ("peak device MB", "{peak_device_mb:.0f}"),
                  ("cores used", "{cores_used:.2f}"), ("load 1 min", "{load_average_1m:.2f}"),
                  ("first loss", "{first_loss:.6f}"), ("last loss", "{last_loss:.6f}"))),
 }
@@ -709,7 +793,10 @@ def main(args) -> dict:
         results = {framework: _spawn(framework, job_path) for framework in FRAMEWORKS}
     summary, lines = kind.summarize(results)
     flops, flops_lines = _flops_summary(kind, job, results, args.peak_tflops)
-    report = {"command": _command(args), "settings": settings, "results": results, **summary, **flops}
+    mismatch = device_mismatch(results)
+    report = {"command": _command(args), "settings": settings, "results": results, **summary, **flops,
+              "device_mismatch": mismatch}
+    lines = ([mismatch] if mismatch else []) + lines
     print("\n" + _table(results, kind.columns) + "\n")
     print("\n".join(lines + flops_lines))
     if args.json:

@@ -48,6 +48,7 @@ def test_bench_encode_tiny_model(tmp_path):
     assert report["model_flops_per_token"] > 0
     for result in report["results"].values():  # no peak known on CPU without --peak-tflops
         assert result["mfu"] is None and result["model_tflops_per_s"] > 0
+    _assert_device_fields(report)
 
 
 def test_bench_train_tiny_model(tmp_path):
@@ -75,6 +76,42 @@ def test_bench_train_tiny_model(tmp_path):
     assert report["model_flops_per_token"] > 0
     for result in report["results"].values():
         assert result["mfu"] == pytest.approx(result["model_tflops_per_s"] / 2.5)
+    _assert_device_fields(report)
+
+
+def _assert_device_fields(report: dict) -> None:
+    """Device-memory fields are always there: null on the CPU, MB on an accelerator."""
+    assert report["device_mismatch"] is None
+    for result in report["results"].values():
+        on_cpu = result["device_kind"] == "cpu"
+        assert (result["peak_device_mb"] is None) == on_cpu
+        if on_cpu:
+            assert result["timed_peak_device_mb"] is None
+
+
+def test_device_peak_memory_is_none_without_an_accelerator():
+    import jax
+    import torch
+
+    from diffemb_jax import bench
+
+    for framework, accelerated in (("jax", jax.default_backend() != "cpu"), ("torch", torch.cuda.is_available())):
+        peak = bench.device_peak_mb(framework)
+        assert (peak is None) == (not accelerated) and (peak is None or peak >= 0)
+
+
+def test_table_shows_a_dash_for_missing_figures_and_warns_of_mixed_devices():
+    from diffemb_jax import bench
+
+    results = {"jax": {"device": "NVIDIA H100 80GB HBM3", "device_kind": "NVIDIA H100 80GB HBM3",
+                       "peak_device_mb": 1234.4},
+               "torch": {"device": "cpu, 16 threads", "device_kind": "cpu", "peak_device_mb": None}}
+    table = bench._table(results, (("device", "{device}"), ("peak device MB", "{peak_device_mb:.0f}")))
+    assert table.splitlines()[1:] == ["|---|---|---:|", "| JAX | NVIDIA H100 80GB HBM3 | 1234 |",
+                                      "| PyTorch | cpu, 16 threads | – |"]
+    assert "ratio compares different hardware" in bench.device_mismatch(results)
+    results["torch"].update(device="NVIDIA H100 80GB HBM3", device_kind="NVIDIA H100 80GB HBM3")
+    assert bench.device_mismatch(results) is None
 
 
 def test_bench_rejects_the_other_jobs_flags(tmp_path):
@@ -142,3 +179,4 @@ def test_bench_shape_excludes_model():
     args = cli.build_parser().parse_args(["bench", "encode", "--shape", "tiny", "--model", "somewhere"])
     with pytest.raises(ValueError, match="--model and --shape exclude each other"):
         bench.main(args)
+
