@@ -180,3 +180,29 @@ def test_bench_shape_excludes_model():
     with pytest.raises(ValueError, match="--model and --shape exclude each other"):
         bench.main(args)
 
+
+@pytest.mark.parametrize("remat, entries", [("none", 1), ("full", 2)])
+def test_torch_reference_recomputes_the_layers_under_remat_full(tmp_path, monkeypatch, remat, entries):
+    """--remat full is the recipe's gradient checkpointing on the PyTorch side: each layer's MLP is
+    entered again in the backward (counted on entry: recomputation stops before the MLP returns)."""
+    from transformers.models.llama.modeling_llama import LlamaMLP
+
+    from diffemb_jax import bench
+
+    model_dir = tiny.write_checkpoint("llama", tmp_path / "llama")
+    rows = {"input_ids": [[5, 6, 7, 8]] * 2, "padding_mask": [[1, 1, 1, 0]] * 2}
+    job = {"torch_source": str(model_dir), "dtype": "float32", "seed": 42, "remat": remat, "scale": 50.0,
+           "lora": {"rank": 4, "alpha": 8.0, "dropout": 0.05}, "warmup_steps": 0, "steps": 1,
+           "optimizer": {"lr": 1e-4, "weight_decay": 0.0, "grad_clip": 1.0},
+           "batch": {side: rows for side in bench.SIDES}}
+    step, _, _ = bench._torch_trainer(job)
+    calls, forward = [], LlamaMLP.forward
+
+    def counted(self, *args, **kwargs):
+        calls.append(self)
+        return forward(self, *args, **kwargs)
+
+    monkeypatch.setattr(LlamaMLP, "forward", counted)
+    step(0)
+    layers = len({id(mlp) for mlp in calls})
+    assert layers > 0 and len(calls) == entries * layers * len(bench.SIDES)
