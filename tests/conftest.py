@@ -4,6 +4,9 @@ from pathlib import Path
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+# On a GPU, JAX in this process would otherwise take 75% of the memory up front, and the bench
+# workers (child processes, test_bench.py) would then find too little to start on the GPU.
+os.environ.setdefault("XLA_PYTHON_CLIENT_PREALLOCATE", "false")
 sys.path.insert(0, str(Path(__file__).parent))
 
 import numpy as np  # noqa: E402
