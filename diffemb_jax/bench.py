@@ -32,6 +32,7 @@ null on the CPU.
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import importlib
 import importlib.metadata
@@ -553,11 +554,30 @@ def run_worker(framework: str, job_path: str, out_path: str) -> None:
 # ----------------------------------------------------------------------------- parent
 
 
-def _spawn(framework: str, job_path: Path) -> dict:
+PREALLOCATE = "XLA_PYTHON_CLIENT_PREALLOCATE"
+
+
+@contextlib.contextmanager
+def _parent_preallocation_off():
+    """The parent may run JAX (converting the default model): on a GPU it must not take the memory the
+    workers need. Yields the environment for the workers, with the caller's own setting."""
+    caller = os.environ.get(PREALLOCATE)
+    worker_env = dict(os.environ)
+    os.environ[PREALLOCATE] = "false"
+    try:
+        yield worker_env
+    finally:
+        if caller is None:
+            os.environ.pop(PREALLOCATE, None)
+        else:
+            os.environ[PREALLOCATE] = caller
+
+
+def _spawn(framework: str, job_path: Path, env: dict) -> dict:
     out_path = job_path.with_name(f"{framework}.json")
     cmd = [sys.executable, "-m", "diffemb_jax.bench", "--worker", framework, str(job_path), str(out_path)]
     print(f"running the {FRAMEWORKS[framework]} worker ...", flush=True)
-    rc = subprocess.run(cmd).returncode
+    rc = subprocess.run(cmd, env=env).returncode
     if rc != 0:
         raise SystemExit(f"diffemb bench: the {FRAMEWORKS[framework]} worker failed (exit status {rc}); "
                          "its error is above")
@@ -772,7 +792,7 @@ def main(args) -> dict:
 
     kind = KINDS[args.what]
     _check_args(args)
-    with tempfile.TemporaryDirectory(prefix="diffemb-bench-") as tmp:
+    with tempfile.TemporaryDirectory(prefix="diffemb-bench-") as tmp, _parent_preallocation_off() as worker_env:
         if args.shape:
             model = random_checkpoint(args.shape, Path(tmp) / args.shape, args.dtype)
         else:
@@ -790,7 +810,7 @@ def main(args) -> dict:
         job = {**settings, "what": args.what, "tokenizer": os.path.join(tmp, "tokenizer.json"), **payload}
         job_path = Path(tmp) / "job.json"
         job_path.write_text(json.dumps(job))
-        results = {framework: _spawn(framework, job_path) for framework in FRAMEWORKS}
+        results = {framework: _spawn(framework, job_path, worker_env) for framework in FRAMEWORKS}
     summary, lines = kind.summarize(results)
     flops, flops_lines = _flops_summary(kind, job, results, args.peak_tflops)
     mismatch = device_mismatch(results)

@@ -206,3 +206,19 @@ def test_torch_reference_recomputes_the_layers_under_remat_full(tmp_path, monkey
     step(0)
     layers = len({id(mlp) for mlp in calls})
     assert layers > 0 and len(calls) == entries * layers * len(bench.SIDES)
+
+
+def test_parent_preallocation_off_gives_workers_the_callers_setting(monkeypatch):
+    from diffemb_jax import bench
+
+    for caller in (None, "true"):
+        if caller is None:
+            monkeypatch.delenv(bench.PREALLOCATE, raising=False)
+        else:
+            monkeypatch.setenv(bench.PREALLOCATE, caller)
+        with bench._parent_preallocation_off() as worker_env:
+            import os
+
+            assert os.environ[bench.PREALLOCATE] == "false"
+            assert worker_env.get(bench.PREALLOCATE) == caller
+        assert os.environ.get(bench.PREALLOCATE) == caller
