@@ -209,6 +209,8 @@ def test_torch_reference_recomputes_the_layers_under_remat_full(tmp_path, monkey
 
 
 def test_parent_preallocation_off_gives_workers_the_callers_setting(monkeypatch):
+    import os
+
     from diffemb_jax import bench
 
     for caller in (None, "true"):
@@ -217,8 +219,6 @@ def test_parent_preallocation_off_gives_workers_the_callers_setting(monkeypatch)
         else:
             monkeypatch.setenv(bench.PREALLOCATE, caller)
         with bench._parent_preallocation_off() as worker_env:
-            import os
-
             assert os.environ[bench.PREALLOCATE] == "false"
             assert worker_env.get(bench.PREALLOCATE) == caller
         assert os.environ.get(bench.PREALLOCATE) == caller
