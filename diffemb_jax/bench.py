@@ -647,17 +647,6 @@ def _table(results: dict, columns: tuple[tuple[str, str], ...]) -> str:
     return "\n".join(lines)
 
 
-def _write_json_atomic(path: Path, report: dict) -> None:
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.tmp-", dir=path.absolute().parent)
-    try:
-        with os.fdopen(fd, "w") as f:
-            json.dump(report, f, indent=2)
-        os.replace(tmp, path)
-    except BaseException:
-        os.unlink(tmp)
-        raise
-
-
 # --- encode
 
 
@@ -789,6 +778,7 @@ KINDS = {
 def main(args) -> dict:
     """Bench both frameworks in turn, print the comparison, and return it (also written to --json)."""
     from diffemb_jax.demo import converted_smollm2
+    from diffemb_jax.embedding.files import write_json_atomic
 
     kind = KINDS[args.what]
     _check_args(args)
@@ -820,7 +810,7 @@ def main(args) -> dict:
     print("\n" + _table(results, kind.columns) + "\n")
     print("\n".join(lines + flops_lines))
     if args.json:
-        _write_json_atomic(Path(args.json), report)
+        write_json_atomic(Path(args.json), report)
         print(f"wrote {args.json}")
     return report
 

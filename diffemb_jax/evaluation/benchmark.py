@@ -13,7 +13,8 @@ from typing import Protocol
 import numpy as np
 
 from diffemb_jax.embedding.files import InputError
-from diffemb_jax.evaluation.retrieval import Qrels, RetrievalSet, Run, run_from_search, search_corpus
+from diffemb_jax.evaluation.retrieval import (Qrels, RetrievalSet, Run, encode_checked, run_from_search,
+                                              search_corpus)
 
 
 class Embeds(Protocol):
@@ -43,8 +44,7 @@ def retrieve(embedder: Embeds, data: RetrievalSet, *, instruction: str | None, t
     qids, docids = list(data.qrels), list(data.corpus)
     excluded = excluded or {}
     depth = top_k + max((len(excluded.get(q, ())) for q in qids), default=0)
-    scores, indices = search_corpus(lambda texts: _encode(embedder, texts, instruction),
-                                    lambda texts: _encode(embedder, texts, None),
+    scores, indices = search_corpus(lambda texts: embedder.encode(texts, instruction=instruction), embedder.encode,
                                     [data.queries[q] for q in qids], [data.corpus[d] for d in docids], depth)
     run = run_from_search(qids, docids, scores, indices)
     for qid, docs in run.items():
@@ -61,21 +61,15 @@ def rerank(embedder: Embeds, queries: dict[str, str], corpus: dict[str, str], ca
     needed = list(dict.fromkeys(d for qid in candidates for d in candidates[qid]))
     doc_row = {d: i for i, d in enumerate(needed)}
     qids = list(candidates)
-    query_vectors = _encode(embedder, [queries[q] for q in qids], instruction)
-    doc_vectors = _encode(embedder, [corpus[d] for d in needed], None) if needed else None
+    query_vectors = encode_checked(lambda texts: embedder.encode(texts, instruction=instruction),
+                                   [queries[q] for q in qids], "the embedder")
+    doc_vectors = encode_checked(embedder.encode, [corpus[d] for d in needed], "the embedder") if needed else None
     run: Run = {}
     for qid, vector in zip(qids, query_vectors):
         rows = [doc_row[d] for d in candidates[qid]]
         scores = doc_vectors[rows] @ vector if rows else []
         run[qid] = {d: float(s) for d, s in zip(candidates[qid], scores)}
     return run
-
-
-def _encode(embedder: Embeds, texts: list[str], instruction: str | None) -> np.ndarray:
-    vectors = np.asarray(embedder.encode(texts, instruction=instruction), dtype=np.float32)
-    if vectors.ndim != 2 or len(vectors) != len(texts):
-        raise ValueError(f"the embedder returned shape {vectors.shape} for {len(texts)} texts; expected [n, D]")
-    return vectors
 
 
 def markdown_table(columns: Sequence[str], rows: Sequence[tuple[str, Sequence[float | None]]],

@@ -22,6 +22,7 @@ from pathlib import Path
 
 from diffemb_jax.embedding.files import InputError
 from diffemb_jax.evaluation import hub_data
+from diffemb_jax.evaluation.beir import document_text
 from diffemb_jax.evaluation.benchmark import Embeds, checked_set, markdown_table, mean, rerank
 from diffemb_jax.evaluation.retrieval import Qrels, Run, evaluate_run
 
@@ -75,7 +76,7 @@ def load_task(folder: Path, task: str) -> FollowIRTask:
     corpus = {}
     for r in hub_data.read_config(folder, "corpus"):
         docid = _id(r, f"{where}, corpus")
-        corpus[docid] = " ".join(t for t in (r.get("title") or "", str(hub_data.field(r, "text", where))) if t).strip()
+        corpus[docid] = document_text(r.get("title"), str(hub_data.field(r, "text", where)))
     instructions = {}
     if hub_data.has_config(folder, "instruction"):
         instructions = {str(hub_data.field(r, "query-id", where)): str(hub_data.field(r, "instruction", where))

@@ -81,9 +81,9 @@ def search_corpus(encode_queries: Encoder, encode_docs: Encoder, query_texts: li
     running top-k: the corpus's embeddings are never all in memory at once."""
     if not doc_texts:
         raise ValueError("the corpus is empty")
-    best = TopK(_encode(encode_queries, query_texts, "encode_queries"), top_k)
+    best = TopK(encode_checked(encode_queries, query_texts, "encode_queries"), top_k)
     for start in range(0, len(doc_texts), chunk):
-        best.add(_encode(encode_docs, doc_texts[start:start + chunk], "encode_docs"))
+        best.add(encode_checked(encode_docs, doc_texts[start:start + chunk], "encode_docs"))
     return best.scores, best.indices
 
 
@@ -156,7 +156,8 @@ def _check_judgments(queries: dict[str, str], corpus: dict[str, str], qrels: Qre
                 raise ValueError(f"qrels doc id {docid!r} (query {qid!r}) is not in the corpus")
 
 
-def _encode(encode: Encoder, texts: list[str], name: str) -> np.ndarray:
+def encode_checked(encode: Encoder, texts: list[str], name: str) -> np.ndarray:
+    """encode(texts), refused unless it is one vector a text."""
     vectors = np.asarray(encode(texts))
     if vectors.ndim != 2 or len(vectors) != len(texts):
         raise ValueError(f"{name} returned shape {vectors.shape} for {len(texts)} texts; expected [n, D]")
