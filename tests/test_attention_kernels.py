@@ -1,5 +1,7 @@
 """Attention kernels: Pallas splash attention (interpret mode on CPU) equals the XLA path on the
-decoder, both modes, both padding sides; `auto` picks by backend and falls back with a reason."""
+decoder, both modes, both padding sides; the XLA path's query chunks equal its one pass and bound
+its memory; `auto` picks by backend and falls back with a reason. (The chunks against transformers:
+test_model_parity.)"""
 
 import logging
 
@@ -11,6 +13,7 @@ from conftest import padded_batch
 
 import tiny
 from conversion import load_model
+from diffemb_jax.model import attention as kernels
 from diffemb_jax.model.attention import attend, resolve_kernel
 
 
@@ -44,6 +47,47 @@ def test_splash_gradients_equal_xla():
         return ((out ** 2).sum(axis=(2, 3)) * mask).sum()
 
     np.testing.assert_allclose(jax.grad(loss)(q, "splash"), jax.grad(loss)(q, "xla"), atol=1e-4)
+
+
+@pytest.mark.parametrize("causal,window", [(False, None), (True, None), (True, 5)])
+@pytest.mark.parametrize("side", ["right", "left"])
+def test_query_chunks_equal_one_pass_with_gradients(causal, window, side):
+    rng = np.random.RandomState(1)
+    q = jnp.asarray(rng.randn(2, 23, 4, 8), jnp.float32)
+    k, v = (jnp.asarray(rng.randn(2, 23, 2, 8), jnp.float32) for _ in range(2))
+    mask = jnp.asarray(padded_batch([23, 14], 23, side)[1])
+
+    def loss(q, k, v, chunk):  # over real queries: fully masked pad rows are unused
+        out = kernels._xla(q, k, v, mask, causal, window, chunk)
+        return ((out ** 2).sum(axis=(2, 3)) * mask).sum()
+
+    one_pass = loss(q, k, v, 23), jax.grad(loss, argnums=(0, 1, 2))(q, k, v, 23)
+    chunked = loss(q, k, v, 8), jax.grad(loss, argnums=(0, 1, 2))(q, k, v, 8)  # 8 + 8 + 7 queries
+    np.testing.assert_allclose(chunked[0], one_pass[0], rtol=1e-5)
+    for a, b in zip(chunked[1], one_pass[1]):
+        np.testing.assert_allclose(a, b, atol=1e-4)
+
+
+def test_query_chunks_bound_memory():
+    """XLA's own account of the compiled programs at 8192 tokens: one pass holds at least the
+    [H, L, L] scores (512 MiB here); chunks of 1024 queries hold less, and under a quarter of what
+    one pass holds, forward and backward."""
+    length, heads = 8192, 2
+    q = jax.ShapeDtypeStruct((1, length, heads, 8), jnp.float32)
+    kv = jax.ShapeDtypeStruct((1, length, 1, 8), jnp.float32)
+    mask = jax.ShapeDtypeStruct((1, length), jnp.int32)
+    scores = heads * length * length * 4
+
+    def temp_bytes(chunk, backward):
+        fn = lambda q, k, v, m: kernels._xla(q, k, v, m, False, None, chunk)  # noqa: E731
+        if backward:
+            fn = jax.grad(lambda *a, f=fn: f(*a).sum(), argnums=(0, 1, 2))
+        return jax.jit(fn).lower(q, kv, kv, mask).compile().memory_analysis().temp_size_in_bytes
+
+    for backward in (False, True):
+        one_pass, chunked = temp_bytes(length, backward), temp_bytes(1024, backward)
+        assert one_pass >= scores
+        assert chunked < min(scores, one_pass / 4)
 
 
 def test_auto_picks_by_backend_and_explains_fallbacks(caplog):

@@ -35,6 +35,22 @@ def test_hidden_states_match_transformers(family_pair, side, attention):
     np.testing.assert_allclose(ours[real], theirs[real], atol=1e-4, rtol=0)
 
 
+@pytest.mark.parametrize("attention", ["bidirectional", "causal"])
+def test_query_chunked_attention_matches_transformers(family_pair, attention, monkeypatch):
+    """The xla kernel's long-sequence path (queries a chunk at a time), forced here at 4 tokens so
+    that 9 tokens make three chunks, the last one short."""
+    from diffemb_jax.model import attention as kernels
+
+    family, oracle, directory = family_pair
+    monkeypatch.setattr(kernels, "QUERY_CHUNK", 4)
+    model, _ = load_model(directory, progress=False)
+    model.attention = attention
+    ids, mask = padded_batch(LENGTHS, 9, "left")
+    ours = np.asarray(model(jnp.asarray(ids), jnp.asarray(mask)))
+    theirs = tiny.oracle_hidden(oracle, ids, mask, attention)
+    np.testing.assert_allclose(ours[mask.astype(bool)], theirs[mask.astype(bool)], atol=1e-4, rtol=0)
+
+
 def test_lm_head_logits_match_transformers(family_pair):
     """The head (tied for llama, its own matrix elsewhere) that diffusion and MNTP objectives need."""
     _, oracle, directory = family_pair
@@ -73,8 +89,14 @@ def test_left_and_right_padding_agree_on_real_tokens(family_pair):
         np.testing.assert_allclose(a[i, :n], b[i, 9 - n:], atol=1e-5)
 
 
-def test_mistral_sliding_window_matches_transformers(tmp_path):
-    """Causal mode with a window shorter than the sequence: transformers builds the window mask."""
+@pytest.mark.parametrize("query_chunk", [None, 4])
+def test_mistral_sliding_window_matches_transformers(tmp_path, query_chunk, monkeypatch):
+    """Causal mode with a window shorter than the sequence: transformers builds the window mask.
+    Also with the xla kernel's query chunks, which must place the window by absolute position."""
+    from diffemb_jax.model import attention as kernels
+
+    if query_chunk:
+        monkeypatch.setattr(kernels, "QUERY_CHUNK", query_chunk)
     oracle = tiny.oracle_model("mistral", sliding_window=3)
     directory = tiny.write_checkpoint("mistral", tmp_path / "hf", model=oracle)
     model, _ = load_model(directory, progress=False)

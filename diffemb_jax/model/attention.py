@@ -1,7 +1,9 @@
 """Attention kernels behind one call: the mask rules (padding, causal, window) in one place.
 
 Padding is always masked, in both modes. Kernels:
-- xla: an explicit boolean mask, any padding side, every backend;
+- xla: an explicit boolean mask, any padding side, every backend. Beyond QUERY_CHUNK tokens it attends
+  QUERY_CHUNK queries at a time (the backward pass recomputes each chunk's scores), so memory grows
+  with length x QUERY_CHUNK rather than length squared: a 32k-token document needs no 32k x 32k scores;
 - cudnn: cuDNN flash attention on NVIDIA GPUs, padding given as per-sequence lengths (right padding,
   as the Embedder and the data pipeline produce);
 - splash: Pallas splash attention (TPU), padding as segment ids (real tokens 1, pads 0), the sequence
@@ -21,21 +23,45 @@ import jax.numpy as jnp
 
 KERNELS = ("auto", "xla", "cudnn", "splash")
 SPLASH_BLOCK = 128
+QUERY_CHUNK = 1024
 log = logging.getLogger(__name__)
 
 
-def attention_mask_4d(padding_mask: jax.Array, causal: bool, sliding_window: int | None) -> jax.Array:
-    """[B, L] 0/1 padding mask -> [B, 1, L, L] boolean (query, key) mask."""
+def attention_mask_4d(padding_mask: jax.Array, causal: bool, sliding_window: int | None,
+                      query_positions: jax.Array | None = None) -> jax.Array:
+    """[B, L] 0/1 padding mask -> [B, 1, Q, L] boolean (query, key) mask, for the queries at
+    `query_positions` (default: all L)."""
     keys = padding_mask.astype(bool)[:, None, None, :]
-    length = padding_mask.shape[-1]
     if not causal:
         return keys
-    q = jnp.arange(length)[:, None]
+    length = padding_mask.shape[-1]
+    q = (jnp.arange(length) if query_positions is None else query_positions)[:, None]
     k = jnp.arange(length)[None, :]
     allowed = k <= q
     if sliding_window is not None:
         allowed &= k > q - sliding_window
     return keys & allowed[None, None]
+
+
+def _xla(q, k, v, padding_mask, causal: bool, sliding_window: int | None, chunk: int):
+    """XLA attention; longer than `chunk`, one chunk of queries at a time under jax.checkpoint, so
+    neither the forward nor the backward pass holds more than one chunk's [B, H, chunk, L] scores."""
+    b, length, heads, d = q.shape
+    if length <= chunk:
+        mask = attention_mask_4d(padding_mask, causal, sliding_window)
+        return jax.nn.dot_product_attention(q, k, v, mask=mask, implementation="xla")
+    n = -(-length // chunk)
+    q = jnp.pad(q, ((0, 0), (0, n * chunk - length), (0, 0), (0, 0)))  # padded queries are cut off below
+    chunks = q.reshape(b, n, chunk, heads, d).swapaxes(0, 1)
+
+    @jax.checkpoint
+    def one(chunk_and_start):
+        q_chunk, start = chunk_and_start
+        mask = attention_mask_4d(padding_mask, causal, sliding_window, start + jnp.arange(chunk))
+        return jax.nn.dot_product_attention(q_chunk, k, v, mask=mask, implementation="xla")
+
+    out = jax.lax.map(one, (chunks, jnp.arange(n) * chunk))
+    return out.swapaxes(0, 1).reshape(b, n * chunk, heads, d)[:, :length]
 
 
 @functools.cache
@@ -64,8 +90,7 @@ def attend(q, k, v, padding_mask, *, causal: bool, sliding_window: int | None = 
     """q [B,L,H,D], k/v [B,L,KV,D] (grouped heads broadcast) -> [B,L,H,D]."""
     kernel = resolve_kernel(kernel, jax.default_backend(), str(q.dtype), q.shape[-1], sliding_window)
     if kernel == "xla":
-        mask = attention_mask_4d(padding_mask, causal, sliding_window)
-        return jax.nn.dot_product_attention(q, k, v, mask=mask, implementation="xla")
+        return _xla(q, k, v, padding_mask, causal, sliding_window, QUERY_CHUNK)
     if kernel == "cudnn":
         if jax.default_backend() != "gpu":
             raise ValueError(f"the cudnn attention kernel needs an NVIDIA GPU; this backend is "
