@@ -387,7 +387,8 @@ def _jax_encoder(job: dict):
     from diffemb_jax.embedding import Embedder
 
     embedder = Embedder.from_pretrained(job["model"], attention="bidirectional", dtype=job["dtype"],
-                                        max_length=job["max_length"], batch_size=job["batch_size"])
+                                        max_length=job["max_length"], batch_size=job["batch_size"],
+                                        max_batch_tokens=job["max_batch_tokens"])
     return lambda texts: embedder.encode(texts, progress=False), _jax_device(), _jax_info(embedder.model)
 
 
@@ -405,23 +406,27 @@ def _jax_info(model) -> dict:
 
 
 def _torch_encoder(job: dict):
-    """Tokenised, sorted and padded to bucket lengths the way Embedder.encode does it."""
+    """Tokenised, sorted, batched and padded to bucket lengths the way Embedder.encode does it (the
+    parent sends the rows per batch of each bucket: this process imports no JAX)."""
     import tokenizers
     import torch
 
     device = _torch_device()
     model = _torch_model(Path(job["torch_source"]), job["dtype"], device)
     tokenizer = tokenizers.Tokenizer.from_file(job["tokenizer"])
-    batch_size, buckets, max_length = job["batch_size"], job["buckets"], job["max_length"]
+    buckets, max_length = job["buckets"], job["max_length"]
+    rows_per_batch = dict(zip(buckets, job["bucket_rows"]))
 
     @torch.inference_mode()
     def encode(texts):
         ids = [enc.ids[:max_length] for enc in tokenizer.encode_batch(texts)]
         order = sorted(range(len(ids)), key=lambda i: -len(ids[i]))
         out = torch.zeros(len(ids), model.config.hidden_size)
-        for start in range(0, len(order), batch_size):
-            rows = order[start : start + batch_size]
-            length = next(b for b in buckets if b >= max(len(ids[i]) for i in rows))
+        start = 0
+        while start < len(order):
+            length = next(b for b in buckets if b >= len(ids[order[start]]))
+            rows = order[start : start + rows_per_batch[length]]
+            start += len(rows)
             input_ids = torch.zeros(len(rows), length, dtype=torch.long)
             padding = torch.zeros(len(rows), length, dtype=torch.bool)
             for r, i in enumerate(rows):
@@ -618,6 +623,8 @@ def _check_args(args) -> None:
     for name in kind.positive:
         if getattr(args, name) < 1:
             raise ValueError(f"--{name.replace('_', '-')} must be positive, got {getattr(args, name)}")
+    if args.what == "encode" and args.max_batch_tokens < 0:
+        raise ValueError(f"--max-batch-tokens must be >= 0 (0: no limit), got {args.max_batch_tokens}")
     if args.what == "train":
         if args.warmup_steps < 0:
             raise ValueError(f"--warmup-steps must be >= 0, got {args.warmup_steps}")
@@ -651,13 +658,15 @@ def _table(results: dict, columns: tuple[tuple[str, str], ...]) -> str:
 
 
 def _encode_job(args, tokenizer) -> tuple[dict, dict]:
-    from diffemb_jax.embedding.embedder import bucket_lengths
+    from diffemb_jax.embedding.embedder import bucket_lengths, rows_per_batch
 
     texts = make_texts(tokenizer, args.texts, args.max_length)
     buckets = bucket_lengths(args.max_length)
+    budget = args.max_batch_tokens or None
     settings = {"texts": len(texts), "tokens": token_count(tokenizer, texts, args.max_length),
-                "batch_size": args.batch_size, "max_length": args.max_length, "dtype": args.dtype,
-                "buckets": buckets}
+                "batch_size": args.batch_size, "max_batch_tokens": budget, "max_length": args.max_length,
+                "dtype": args.dtype, "buckets": buckets,
+                "bucket_rows": [rows_per_batch(b, args.batch_size, budget) for b in buckets]}
     lengths = [min(len(enc.ids), args.max_length) for enc in tokenizer.encode_batch(texts)]
     return settings, {"texts": texts, "warmup": warmup_texts(tokenizer, texts, buckets), "lengths": lengths}
 
@@ -754,7 +763,8 @@ class Kind:
 
 KINDS = {
     "encode": Kind(
-        flags=("texts", "batch_size", "max_length"), positive=("texts", "batch_size", "max_length"),
+        flags=("texts", "batch_size", "max_batch_tokens", "max_length"),
+        positive=("texts", "batch_size", "max_length"),
         prepare=_encode_job, work=_encode_worker, summarize=_encode_summary, flops=_encode_flops,
         columns=(("device", "{device}"), ("tokens/s", "{tokens_per_s:.0f}"), ("texts/s", "{texts_per_s:.1f}"),
                  ("model TFLOP/s", "{model_tflops_per_s:.3f}"),

@@ -35,7 +35,8 @@ def _embedder(args):
     return Embedder.from_pretrained(
         args.model, adapter=args.adapter, attention=args.attention, dtype=args.dtype, kernel=args.kernel,
         pooling=args.pooling,
-        skip_instruction=args.skip_instruction, max_length=args.max_length, batch_size=args.batch_size, mesh=mesh)
+        skip_instruction=args.skip_instruction, max_length=args.max_length, batch_size=args.batch_size,
+        max_batch_tokens=args.max_batch_tokens or None, mesh=mesh)
 
 
 def _encode(args) -> None:
@@ -54,6 +55,8 @@ def _encode(args) -> None:
 
 # Per-benchmark default of --max-length: LongEmbed's longest context, BRIGHT's training length.
 EVALUATE_MAX_LENGTH = {"longembed": 32768, "bright": 4096}
+MAX_BATCH_TOKENS_HELP = ("at most this many padded tokens per batch, so long documents go fewer at a time "
+                         "(one text that is longer goes alone); 0: no limit")
 
 
 def _evaluate(args) -> None:
@@ -221,6 +224,7 @@ def _bench(args) -> None:
 
 def build_parser() -> argparse.ArgumentParser:
     from diffemb_jax.bench import SHAPES
+    from diffemb_jax.embedding.embedder import DEFAULT_MAX_BATCH_TOKENS
     from diffemb_jax.embedding.pooling import POOLING_MODES
     from diffemb_jax.model import ATTENTION_MODES
     from diffemb_jax.model.attention import KERNELS
@@ -254,6 +258,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--instruction", default=None, help="task instruction prepended to every text")
     p.add_argument("--max-length", type=int, default=512)
     p.add_argument("--batch-size", type=int, default=16)
+    p.add_argument("--max-batch-tokens", type=int, default=DEFAULT_MAX_BATCH_TOKENS, help=MAX_BATCH_TOKENS_HELP)
     p.add_argument("--dtype", choices=("float32", "bfloat16"), default="float32")
     p.add_argument("--kernel", choices=KERNELS, default="auto",
                    help="attention kernel: auto picks cudnn on GPU, splash on TPU, xla elsewhere")
@@ -272,6 +277,7 @@ def build_parser() -> argparse.ArgumentParser:
     common.add_argument("--max-length", type=int, default=None, help="tokens per text; default: 512, longembed "
                         f"{EVALUATE_MAX_LENGTH['longembed']}, bright {EVALUATE_MAX_LENGTH['bright']}")
     common.add_argument("--batch-size", type=int, default=16)
+    common.add_argument("--max-batch-tokens", type=int, default=DEFAULT_MAX_BATCH_TOKENS, help=MAX_BATCH_TOKENS_HELP)
     common.add_argument("--dtype", choices=("float32", "bfloat16"), default="float32")
     common.add_argument("--kernel", choices=KERNELS, default="auto")
     common.add_argument("--mesh", default=None, metavar="DATA,FSDP,TENSOR", help="shard over all devices (as encode)")
@@ -305,6 +311,7 @@ def build_parser() -> argparse.ArgumentParser:
                    help="bench this model shape at random weights instead (on CPU only the small ones are practical)")
     p.add_argument("--texts", type=int, default=64, help="number of texts")
     p.add_argument("--batch-size", type=int, default=16)
+    p.add_argument("--max-batch-tokens", type=int, default=DEFAULT_MAX_BATCH_TOKENS, help=MAX_BATCH_TOKENS_HELP)
     p.add_argument("--max-length", type=int, default=128)
     p.add_argument("--dtype", choices=("float32", "bfloat16"), default="float32")
     p.add_argument("--peak-tflops", type=float, default=None,

@@ -36,10 +36,11 @@ def test_bench_encode_tiny_model(tmp_path):
     out = tmp_path / "bench.json"
 
     rc = cli.main(["bench", "encode", "--model", str(model_dir), "--texts", "8", "--batch-size", "4",
-                   "--max-length", "32", "--json", str(out)])
+                   "--max-batch-tokens", "64", "--max-length", "32", "--json", str(out)])
 
     assert rc == 0
     report = json.loads(out.read_text())
+    assert report["settings"]["bucket_rows"] == [2]  # 64 tokens a batch: both frameworks send 2 rows
     assert set(report["results"]) == {"jax", "torch"}
     for result in report["results"].values():
         assert result["texts"] == 8 and result["tokens"] == report["settings"]["tokens"] > 0
@@ -122,6 +123,9 @@ def test_bench_rejects_the_other_jobs_flags(tmp_path):
         bench.main(args)
     args = cli.build_parser().parse_args(["bench", "encode", "--queries", "4"])
     with pytest.raises(ValueError, match="bench encode does not use --queries"):
+        bench.main(args)
+    args = cli.build_parser().parse_args(["bench", "encode", "--max-batch-tokens", "-1"])
+    with pytest.raises(ValueError, match="--max-batch-tokens must be >= 0"):
         bench.main(args)
     args = cli.build_parser().parse_args(["bench", "encode", "--peak-tflops", "0"])
     with pytest.raises(ValueError, match="--peak-tflops must be positive"):

@@ -9,6 +9,7 @@ import tokenizers
 
 import tiny
 from diffemb_jax.embedding import SEPARATOR, Embedder, tokenize, with_instruction
+from diffemb_jax.embedding.embedder import plan_batches
 
 TEXTS = ["the cat plays music", "a dog runs", "the big red car was fast and the small blue car was slow",
          "she reads", "we write one two three four five six seven"]
@@ -69,13 +70,40 @@ def test_embed_mask_counts_the_tokens_after_the_separator(llama):
     assert tokens.embed_lengths == [3, 2, 3]
 
 
-def test_order_restored_and_shapes_bounded(llama):
-    embedder = Embedder.from_pretrained(llama[1], batch_size=2, max_length=64)
-    texts = TEXTS * 3
+@pytest.mark.parametrize("batch_size,max_batch_tokens", [(2, None), (4, 64)])
+def test_order_restored_and_shapes_bounded(llama, batch_size, max_batch_tokens):
+    embedder = Embedder.from_pretrained(llama[1], batch_size=batch_size, max_batch_tokens=max_batch_tokens,
+                                        max_length=64)
+    texts = TEXTS * 3 + [" ".join(TEXTS * 2)]  # the last one is past the 32-token bucket
+    shapes = []
+    dispatch = embedder._dispatch
+    embedder._dispatch = lambda batch: shapes.append(batch[0].shape) or dispatch(batch)
     together = embedder.encode(texts, progress=False)
+    embedder._dispatch = dispatch
     alone = np.concatenate([embedder.encode([t], progress=False) for t in texts])
     np.testing.assert_allclose(together, alone, atol=1e-5)
     assert embedder._embed._cache_size() <= len(embedder.buckets)
+    assert shapes[0][1] == 64 and {length for _, length in shapes[1:]} == {32}
+    if max_batch_tokens is None:
+        assert {rows for rows, _ in shapes} == {batch_size}
+    else:  # one row at 64 tokens, two at 32
+        assert shapes == [(1, 64)] + [(2, 32)] * (len(shapes) - 1) and len(shapes) == 1 + 15 // 2 + 1
+
+
+def test_batch_plan_keeps_to_the_token_budget():
+    rng = np.random.RandomState(0)
+    lengths = list(rng.randint(1, 300, 200))
+    buckets = [32, 64, 128, 256, 300]
+    for multiple in (1, 2):
+        plan = plan_batches(lengths, buckets, 8, 256, multiple)
+        assert sorted(i for indices, _, _ in plan for i in indices) == list(range(200))
+        assert [lengths[i] for indices, _, _ in plan for i in indices] == sorted(lengths, reverse=True)
+        for indices, length, rows in plan:
+            assert max(lengths[i] for i in indices) <= length == min(b for b in buckets if b >= lengths[indices[0]])
+            assert len(indices) <= rows <= 8 and rows % multiple == 0
+            assert rows * length <= 256 or rows == multiple
+            assert rows == {32: 8, 64: 4, 128: 2, 256: 1 * multiple, 300: multiple}[length]
+    assert all(rows == 8 for _, _, rows in plan_batches(lengths, buckets, 8, None))
 
 
 def test_truncation_warns_once_with_count(llama, caplog):

@@ -1,8 +1,10 @@
 """Embedder.encode: texts -> L2-normalised float32 vectors, with a handful of compiled shapes.
 
 Texts are sorted by token length (longest first, so a shape that does not fit fails at once), cut
-into batches of a fixed row count, and each batch is right-padded to the smallest bucket length
-that holds it; XLA therefore compiles at most one program per bucket. Each batch is dispatched
+into batches, and each batch is right-padded to the smallest bucket length that holds it. A batch
+holds at most batch_size texts and, where one text is not already longer, at most max_batch_tokens
+padded tokens: long documents go a few at a time, short texts batch_size at a time. The row count
+is fixed per bucket, so XLA compiles at most one program per bucket. Each batch is dispatched
 before the previous one's vectors are fetched, so the host pads and sends the next batch while the
 device computes. Rows come back in input order.
 On a mesh, parameters are sharded by their logical axes and every batch is split over the data
@@ -37,19 +39,45 @@ def bucket_lengths(max_length: int, smallest: int = 32) -> list[int]:
     return buckets + [max_length]
 
 
+DEFAULT_MAX_BATCH_TOKENS = 16384
+
+
+def rows_per_batch(length: int, batch_size: int, max_batch_tokens: int | None, multiple: int = 1) -> int:
+    """Padded rows of a batch of `length`-token bucket: batch_size, or fewer so that rows x length
+    stays within max_batch_tokens (None: no limit), yet a multiple of `multiple` (the mesh's batch
+    shards) and at least that."""
+    if max_batch_tokens is None:
+        return batch_size
+    return min(batch_size, max(multiple, max_batch_tokens // length // multiple * multiple))
+
+
+def plan_batches(lengths: list[int], buckets: list[int], batch_size: int, max_batch_tokens: int | None,
+                 multiple: int = 1) -> list[tuple[list[int], int, int]]:
+    """(text indices, bucket length, padded rows) per batch, longest texts first."""
+    order = sorted(range(len(lengths)), key=lambda i: -lengths[i])
+    batches, start = [], 0
+    while start < len(order):
+        length = next(b for b in buckets if b >= lengths[order[start]])
+        rows = rows_per_batch(length, batch_size, max_batch_tokens, multiple)
+        batches.append((order[start : start + rows], length, rows))
+        start += rows
+    return batches
+
+
 class Embedder:
     def __init__(self, model: Decoder, tokenizer: tokenizers.Tokenizer, *, pooling: str = "mean",
                  skip_instruction: bool = False, max_length: int = 512, batch_size: int = 16,
-                 mesh: jax.sharding.Mesh | None = None):
+                 max_batch_tokens: int | None = DEFAULT_MAX_BATCH_TOKENS, mesh: jax.sharding.Mesh | None = None):
         if pooling not in POOLING_MODES:
             raise ValueError(f"unknown pooling {pooling!r}; choose one of {POOLING_MODES}")
         if model.attention not in ATTENTION_MODES:
             raise ValueError(f"unknown attention {model.attention!r}; choose one of {ATTENTION_MODES}")
-        if max_length < 1 or batch_size < 1:
-            raise ValueError("max_length and batch_size must be positive")
+        if max_length < 1 or batch_size < 1 or (max_batch_tokens is not None and max_batch_tokens < 1):
+            raise ValueError("max_length, batch_size and max_batch_tokens must be positive")
         shards = mesh.shape["data"] * mesh.shape["fsdp"] if mesh is not None else 1
         if batch_size % shards:
             raise ValueError(f"batch_size={batch_size} is not divisible by the {shards} batch shards of the mesh")
+        self.shards, self.max_batch_tokens = shards, max_batch_tokens
         self.mesh = mesh
         self.model, self.tokenizer = model, tokenizer
         self.pooling, self.skip_instruction = pooling, skip_instruction
@@ -107,22 +135,20 @@ class Embedder:
         if tokens.truncated:
             log.warning("%d of %d texts were longer than max_length=%d tokens and were truncated",
                         tokens.truncated, len(texts), self.max_length)
-        order = sorted(range(len(texts)), key=lambda i: -len(tokens.ids[i]))
+        plan = plan_batches([len(row) for row in tokens.ids], self.buckets, self.batch_size,
+                            self.max_batch_tokens, self.shards)
         out = np.zeros((len(texts), self.model.cfg.hidden_size), np.float32)
-        pending = None  # (rows, vectors) of the batch on the device while the next one is padded and sent
+        pending = None  # (indices, vectors) of the batch on the device while the next one is padded and sent
         with tqdm(total=len(texts), desc="encoding", unit="text", disable=not progress) as bar:
-            for start in range(0, len(order) + self.batch_size, self.batch_size):
-                rows = order[start : start + self.batch_size]
+            for indices, length, rows in [*plan, (None, None, None)]:
                 dispatched = None
-                if rows:
-                    longest = max(len(tokens.ids[i]) for i in rows)
-                    length = next(b for b in self.buckets if b >= longest)
-                    batch = pad_batch([tokens.ids[i] for i in rows], [tokens.embed_lengths[i] for i in rows],
-                                      length, self.batch_size)
-                    dispatched = (rows, self._dispatch(batch))
+                if indices:
+                    batch = pad_batch([tokens.ids[i] for i in indices], [tokens.embed_lengths[i] for i in indices],
+                                      length, rows)
+                    dispatched = (indices, self._dispatch(batch))
                 if pending is not None:
-                    done_rows, vectors = pending
-                    out[done_rows] = self._fetch(vectors)[: len(done_rows)]
-                    bar.update(len(done_rows))
+                    done, vectors = pending
+                    out[done] = self._fetch(vectors)[: len(done)]
+                    bar.update(len(done))
                 pending = dispatched
         return out
