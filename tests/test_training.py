@@ -49,8 +49,8 @@ def _adapted(remat="none", dropout=0.0):
 KEY = jax.random.key(7)
 
 
-def _grads(remat="none", chunk=0, batch=BATCH):
-    _, graphdef, lora, frozen = _adapted(remat)
+def _grads(remat="none", chunk=0, batch=BATCH, dropout=0.0):
+    _, graphdef, lora, frozen = _adapted(remat, dropout)
     cfg = StepConfig(grad_cache_chunk=chunk)
     metrics, grads = jax.jit(lambda l, f, b: loss_and_grads(graphdef, l, f, b, cfg, KEY))(lora, frozen, batch)
     return float(metrics["loss"]), grads
@@ -73,12 +73,40 @@ def test_grad_cache_equals_plain_step(chunk):
     _assert_grads_equal(grads, cached)
 
 
+@pytest.mark.parametrize("dropout", [0.0, 0.3])
 @pytest.mark.parametrize("remat", ["full", "dots"])
-def test_remat_equals_no_remat(remat):
-    loss, grads = _grads()
-    remat_loss, remat_grads = _grads(remat=remat)
+def test_remat_equals_no_remat(remat, dropout):
+    """With LoRA dropout too: the same masks are drawn whether or not a block is rematerialised."""
+    loss, grads = _grads(dropout=dropout)
+    remat_loss, remat_grads = _grads(remat=remat, dropout=dropout)
     assert abs(loss - remat_loss) <= 1e-5
     _assert_grads_equal(grads, remat_grads)
+
+
+@pytest.mark.parametrize("remat", ["none", "full"])
+def test_dropout_masks_under_jit_equal_flax_drawing_eagerly(remat):
+    """Oracle: flax's own dropout stream drawing eagerly, where each draw reads the count at once.
+    Under jit each LoRA must draw its own mask too, not one mask reused by all (the bug this guards)."""
+    from diffemb_jax.training.lora import set_dropout_key
+
+    model = apply_lora(Decoder(CFG, rngs=nnx.Rngs(0), remat=remat), LoraConfig(rank=4, alpha=8, dropout=0.5))
+    nnx.update(model, jax.tree.map(lambda x: x + 0.3, nnx.state(model, nnx.LoRAParam)))  # B is zero at init
+    graphdef, state = nnx.split(model)
+    side = BATCH["positive"]
+    ids, mask = jnp.asarray(side["input_ids"]), jnp.asarray(side["padding_mask"])
+    key = jax.random.key(3)
+
+    def ours(state, ids, mask, key):
+        m = nnx.merge(graphdef, state)
+        set_dropout_key(m, key)
+        return m(ids, mask)
+
+    reference = nnx.merge(graphdef, state)
+    reference.set_attributes(qwix_rngs=nnx.Rngs(dropout=key), raise_if_not_found=False)
+    expected = np.asarray(reference(ids, mask))
+    without_dropout = np.asarray(Decoder.__call__(merge_lora(model, LoraConfig(rank=4, alpha=8)), ids, mask))
+    assert np.abs(expected - without_dropout).max() > 1e-2  # the masks matter here
+    np.testing.assert_allclose(np.asarray(jax.jit(ours)(state, ids, mask, key)), expected, atol=1e-5)
 
 
 @pytest.mark.parametrize("dtype", [jnp.float32, jnp.bfloat16])

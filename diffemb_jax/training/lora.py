@@ -106,14 +106,29 @@ def apply_lora(model: Decoder, lora: LoraConfig, *, seed: int = 0) -> Decoder:
     return adapted
 
 
+class _DropoutStream(nnx.RngStream):
+    """flax's RngStream with a count that may be a host numpy array: each draw folds in a copy of it.
+    (flax folds in the array itself and then adds 1 in place; under jit, jax keeps a numpy constant by
+    reference, so every draw of a step would see the final count and all masks would be the same.)"""
+
+    def __call__(self) -> jax.Array:
+        count = self.count[...]
+        if isinstance(count, np.ndarray):
+            count = count.copy()
+        self.count[...] = count + 1
+        return jax.random.fold_in(self.key[...], count)
+
+
 def set_dropout_key(model, key: jax.Array) -> None:
     """Where qwix draws LoRA dropout masks from. Set inside the traced step from a key derived from
     (seed, step), so masks are reproducible on resume and identical when GradCache re-encodes.
 
     The stream's call count is kept in numpy, not traced: flax checks the sharding of a traced count
     on every update, and jax answers by walking the whole trace so far, which made tracing the
-    SmolLM2 step quadratic in its depth (102 s of its 224 s compile)."""
-    rngs = nnx.Rngs(dropout=key)
+    SmolLM2 step quadratic in its depth (102 s of its 224 s compile). Under remat the count enters
+    each checkpointed block as a traced value and leaves it as one."""
+    rngs = nnx.Rngs(dropout=0)
+    rngs.dropout = _DropoutStream(key, tag="dropout")
     rngs.dropout.count.set_value(np.zeros(key.shape, np.uint32))
     model.set_attributes(qwix_rngs=rngs, raise_if_not_found=False)
 
