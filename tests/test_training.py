@@ -73,7 +73,7 @@ def test_grad_cache_equals_plain_step(chunk):
     _assert_grads_equal(grads, cached)
 
 
-@pytest.mark.parametrize("remat", ["full", "dots"])
+@pytest.mark.parametrize("remat", ["full", "dots", "dots_all"])
 def test_remat_equals_no_remat(remat):
     loss, grads = _grads()
     remat_loss, remat_grads = _grads(remat=remat)
