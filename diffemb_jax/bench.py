@@ -12,22 +12,30 @@ in-batch InfoNCE over [positives; negatives] (cosine x 50), LoRA r=--lora-rank, 
 0.05 on q,k,v,o,gate,up,down, AdamW (weight decay 0, the HF linear schedule from lr to 0 over all
 the steps run) after clipping gradients to norm 1. JAX runs the project's own train step (qwix
 LoRA), compiled ahead of time (compile s); PyTorch runs transformers + peft. --warmup-steps steps
-are timed apart from the --steps timed ones. LoRA B starts at zero, so the first step's loss is the base model's on
-both sides and must agree; after that the two draw different LoRA A initialisations and dropout
-masks, so losses only stay close.
+are timed apart from the --steps timed ones. LoRA B starts at zero, so the first step's loss is the
+base model's in every run and must agree; after that the two frameworks draw different LoRA A
+initialisations and dropout masks, so losses only stay close.
+
+--remat picks what JAX keeps for the backward pass (the decoder's REMAT_POLICIES: none, full =
+nothing saved, dots = projection outputs saved, dots_all = attention's matmuls too), or compares a
+comma-separated list of them (all: every one): one JAX run per policy. PyTorch runs once per
+checkpointing setting those need: off for none, on (transformers' gradient checkpointing, as the
+recipe does) for any other; each policy's tokens/s ratio is against its match. The summary names the
+fastest policy and the one of lowest peak memory (device memory on an accelerator, else the timed
+steps' peak RSS), also in the report's best_remat.
 
 Both report model TFLOP/s: matrix-product FLOPs of the useful work (formulas in FORWARD_FORMULA and
 TRAIN_FORMULA, padding not counted) over the timed seconds, and MFU against --peak-tflops, or against
 the known peak of the device each ran on (KNOWN_PEAK_TFLOPS); on CPU no peak is assumed.
 
 Devices: JAX runs on its default device; the PyTorch side on CUDA where torch sees a GPU (--dtype
-bfloat16 loads bf16 weights there; --remat full turns on transformers' gradient checkpointing, as the
-recipe does), else on the CPU. A summary line warns when one ran on the CPU and the other did not.
+bfloat16 loads bf16 weights there), else on the CPU. A summary line warns when one ran on the CPU and
+the other did not.
 
-Each framework runs in a child process of its own, one after the other, so the peak memory
-reported is that framework's alone. RSS figures read /proc, so they are Linux-only. On an
-accelerator, peak device memory is the allocator's (JAX memory_stats, torch max_memory_allocated),
-null on the CPU.
+Each run (a framework; for train, with its remat setting) is a child process of its own, one after
+the other, so the peak memory reported is that run's alone. RSS figures read /proc, so they are
+Linux-only. On an accelerator, peak device memory is the allocator's (JAX memory_stats, torch
+max_memory_allocated), null on the CPU.
 """
 
 from __future__ import annotations
@@ -552,7 +560,7 @@ def _train_worker(framework: str, job: dict) -> dict:
 
 def run_worker(framework: str, job_path: str, out_path: str) -> None:
     job = json.loads(Path(job_path).read_text())
-    result = KINDS[job["what"]].work(framework, job)
+    result = {"framework": framework, **KINDS[job["what"]].work(framework, job)}
     Path(out_path).write_text(json.dumps(result))
 
 
@@ -578,14 +586,20 @@ def _parent_preallocation_off():
             os.environ[PREALLOCATE] = caller
 
 
-def _spawn(framework: str, job_path: Path, env: dict) -> dict:
-    out_path = job_path.with_name(f"{framework}.json")
+def _label(key: str) -> str:
+    """A run's name in the table and summary: encode keys its runs by framework, train by label."""
+    return FRAMEWORKS.get(key, key)
+
+
+def _spawn(key: str, framework: str, job: dict, job_path: Path, env: dict) -> dict:
+    """One run in a child process of its own, so that the peak memory it reports is its own."""
+    out_path = job_path.with_suffix(".out.json")
+    job_path.write_text(json.dumps(job))
     cmd = [sys.executable, "-m", "diffemb_jax.bench", "--worker", framework, str(job_path), str(out_path)]
-    print(f"running the {FRAMEWORKS[framework]} worker ...", flush=True)
+    print(f"running the {_label(key)} worker ...", flush=True)
     rc = subprocess.run(cmd, env=env).returncode
     if rc != 0:
-        raise SystemExit(f"diffemb bench: the {FRAMEWORKS[framework]} worker failed (exit status {rc}); "
-                         "its error is above")
+        raise SystemExit(f"diffemb bench: the {_label(key)} worker failed (exit status {rc}); its error is above")
     return json.loads(out_path.read_text())
 
 
@@ -626,6 +640,7 @@ def _check_args(args) -> None:
     if args.what == "encode" and args.max_batch_tokens < 0:
         raise ValueError(f"--max-batch-tokens must be >= 0 (0: no limit), got {args.max_batch_tokens}")
     if args.what == "train":
+        remat_policies(args.remat)
         if args.warmup_steps < 0:
             raise ValueError(f"--warmup-steps must be >= 0, got {args.warmup_steps}")
         if not _installed("peft"):
@@ -646,7 +661,7 @@ def _cell(fmt: str, result: dict) -> str:
 
 def _table(results: dict, columns: tuple[tuple[str, str], ...]) -> str:
     """Markdown; each column is (header, format of a result's fields); numbers are right-aligned."""
-    rows = [[FRAMEWORKS[f]] + [_cell(fmt, r) for _, fmt in columns] for f, r in results.items()]
+    rows = [[_label(key)] + [_cell(fmt, r) for _, fmt in columns] for key, r in results.items()]
     numeric = [all(re.fullmatch(r"[-+0-9.e]+|" + NONE, row[i + 1]) for row in rows) for i in range(len(columns))]
     lines = ["| framework | " + " | ".join(header for header, _ in columns) + " |",
              "|---|" + "".join("---:|" if n else "---|" for n in numeric)]
@@ -696,7 +711,8 @@ def _train_job(args, tokenizer) -> tuple[dict, dict]:
     settings = {"queries": args.queries, "query_length": args.query_length, "doc_length": args.doc_length,
                 "tokens_per_step": sum(sum(map(sum, batch[side]["padding_mask"])) for side in SIDES),
                 "padded_tokens_per_step": sum(args.queries * n for n in lengths.values()),
-                "warmup_steps": args.warmup_steps, "steps": args.steps, "dtype": args.dtype, "remat": args.remat,
+                "warmup_steps": args.warmup_steps, "steps": args.steps, "dtype": args.dtype,
+                "remat": remat_policies(args.remat),
                 "attention": "bidirectional", "pooling": "mean", "loss": "in-batch InfoNCE, cosine x scale",
                 "scale": SCALE, "seed": SEED,
                 "lora": {"rank": args.lora_rank, "alpha": 2.0 * args.lora_rank, "dropout": LORA_DROPOUT,
@@ -704,6 +720,37 @@ def _train_job(args, tokenizer) -> tuple[dict, dict]:
                 "optimizer": {"name": "AdamW", "lr": LR, "weight_decay": 0.0, "grad_clip": GRAD_CLIP,
                               "schedule": "linear from lr to 0 over warmup_steps + steps, no warm-up"}}
     return settings, {"batch": batch}
+
+
+def remat_policies(spec: str) -> list[str]:
+    """--remat: one of the decoder's REMAT_POLICIES, a comma-separated list of them, or all."""
+    from diffemb_jax.model.decoder import REMAT_POLICIES
+
+    names = list(REMAT_POLICIES) if spec == "all" else [name.strip() for name in spec.split(",")]
+    unknown = [name for name in names if name not in REMAT_POLICIES]
+    if unknown:
+        raise ValueError(f"--remat {spec}: unknown policy {', '.join(map(repr, unknown))}; choose from "
+                         f"{', '.join(REMAT_POLICIES)}, comma-separated, or all")
+    return list(dict.fromkeys(names))
+
+
+def _torch_remat(policy: str) -> str:
+    """The PyTorch run a JAX policy is compared with: checkpointing off for none, else on (transformers'
+    gradient checkpointing recomputes each layer from its input, as remat full does)."""
+    return "none" if policy == "none" else "full"
+
+
+def _train_label(framework: str, remat: str) -> str:
+    if framework == "jax":
+        return f"JAX remat={remat}"
+    return f"PyTorch checkpointing={'off' if remat == 'none' else 'on'}"
+
+
+def _train_runs(settings: dict) -> dict:
+    """One JAX run per --remat policy, then one PyTorch run per checkpointing setting those need."""
+    policies = settings["remat"]
+    runs = [("jax", p) for p in policies] + [("torch", _torch_remat(p)) for p in policies]
+    return {_train_label(framework, remat): (framework, {"remat": remat}) for framework, remat in runs}
 
 
 def _train_flops(job: dict, cfg: dict) -> tuple[int, int, str]:
@@ -717,34 +764,68 @@ def device_mismatch(results: dict) -> str | None:
     CUDA on a GPU machine, say): the ratio then compares two kinds of hardware."""
     if len({r["device_kind"] == "cpu" for r in results.values()}) == 1:
         return None
-    return ("WARNING: " + ", ".join(f"{FRAMEWORKS[f]} ran on {r['device']}" for f, r in results.items())
+    return ("WARNING: " + ", ".join(f"{_label(key)} ran on {r['device']}" for key, r in results.items())
             + ": the ratio compares different hardware")
 
 
 def _flops_summary(kind, job: dict, results: dict, peak: float | None) -> tuple[dict, list[str]]:
-    """Model TFLOP/s of each framework (into its result) and, where the peak is known, its MFU."""
-    flops, tokens, formula = kind.flops(job, results["jax"]["model_config"])
+    """Model TFLOP/s of each run (into its result) and, where the peak is known, its MFU."""
+    cfg = next(r["model_config"] for r in results.values() if r["framework"] == "jax")
+    flops, tokens, formula = kind.flops(job, cfg)
     lines = [f"model FLOPs per token: {flops / tokens / 1e9:.4g} GFLOP, from", *("  " + f for f in formula)]
-    for f, r in results.items():
+    for key, r in results.items():
         r["model_tflops_per_s"] = flops / r["seconds"] / 1e12
         r["peak_tflops"] = peak_tflops(peak, r["device_kind"], job["dtype"])
         r["mfu"] = r["model_tflops_per_s"] / r["peak_tflops"] if r["peak_tflops"] else None
-        lines.append(f"{FRAMEWORKS[f]} MFU: " + (f"{r['mfu']:.2%} of {r['peak_tflops']:g} TFLOP/s" if r["mfu"] else
+        lines.append(f"{_label(key)} MFU: " + (f"{r['mfu']:.2%} of {r['peak_tflops']:g} TFLOP/s" if r["mfu"] else
                      f"unknown (no peak known for {r['device_kind']} {job['dtype']}: pass --peak-tflops)"))
     return {"model_flops_per_token": flops / tokens}, lines
 
 
+def _agreement(diff: float) -> str:
+    return "(agree)" if diff <= FIRST_LOSS_TOLERANCE else f"(WARNING: more than {FIRST_LOSS_TOLERANCE:g} apart)"
+
+
+# What best_remat's lowest memory compares: the allocator's peak on an accelerator; on the CPU the
+# timed steps' peak RSS, as loading (the same for every policy) is left out of it.
+MEMORY_MEASURES = {"peak_device_mb": "peak device memory", "timed_peak_rss_mb": "timed steps' peak RSS"}
+
+
+def _best_remat(runs: dict) -> dict:
+    """The fastest JAX policy and the one of lowest peak memory; runs: {policy: result}."""
+    memory = next(m for m in MEMORY_MEASURES if all(r[m] is not None for r in runs.values()))
+    return {"fastest": max(runs, key=lambda p: runs[p]["tokens_per_s"]),
+            "lowest_memory": min(runs, key=lambda p: runs[p][memory]), "memory": memory}
+
+
 def _train_summary(results: dict) -> tuple[dict, list[str]]:
-    jax_r, torch_r = results["jax"], results["torch"]
-    summary = {"tokens_per_s_ratio": jax_r["tokens_per_s"] / torch_r["tokens_per_s"],
-               "first_loss_abs_diff": abs(jax_r["first_loss"] - torch_r["first_loss"])}
-    agree = summary["first_loss_abs_diff"] <= FIRST_LOSS_TOLERANCE
-    lines = [f"JAX / PyTorch tokens/s ratio: {summary['tokens_per_s_ratio']:.2f}",
-             f"first-step loss: JAX {jax_r['first_loss']:.6f}, PyTorch {torch_r['first_loss']:.6f}, "
-             f"|diff| {summary['first_loss_abs_diff']:.2e} "
-             + ("(agree)" if agree else f"(WARNING: more than {FIRST_LOSS_TOLERANCE:g} apart)")]
-    for f, r in results.items():
-        lines.append(f"{FRAMEWORKS[f]} losses by step: " + ", ".join(f"{x:.4f}" for x in r["losses"]))
+    """Each JAX policy against the PyTorch run with the matching checkpointing; the first losses of
+    all runs must agree (LoRA B starts at zero: each is the base model's loss)."""
+    runs = {f: {r["remat"]: r for r in results.values() if r["framework"] == f} for f in FRAMEWORKS}
+    pairs, lines = {}, []
+    for policy, jax_r in runs["jax"].items():
+        torch_r = runs["torch"][_torch_remat(policy)]
+        jax_label, torch_label = _train_label("jax", policy), _train_label("torch", torch_r["remat"])
+        pair = pairs[policy] = {"pytorch": torch_label,
+                                "tokens_per_s_ratio": jax_r["tokens_per_s"] / torch_r["tokens_per_s"],
+                                "first_loss_abs_diff": abs(jax_r["first_loss"] - torch_r["first_loss"])}
+        lines += [f"{jax_label} / {torch_label} tokens/s ratio: {pair['tokens_per_s_ratio']:.2f}",
+                  f"first-step loss: {jax_label} {jax_r['first_loss']:.6f}, {torch_label} "
+                  f"{torch_r['first_loss']:.6f}, |diff| {pair['first_loss_abs_diff']:.2e} "
+                  + _agreement(pair["first_loss_abs_diff"])]
+    first = [r["first_loss"] for r in results.values()]
+    summary = {"pairs": pairs, "first_loss_abs_diff": max(first) - min(first), "best_remat": _best_remat(runs["jax"])}
+    if len(results) > 2:
+        lines.append(f"first-step loss of all {len(results)} runs: max - min {summary['first_loss_abs_diff']:.2e} "
+                     + _agreement(summary["first_loss_abs_diff"]))
+    if len(runs["jax"]) > 1:
+        best = summary["best_remat"]
+        fastest, lean = runs["jax"][best["fastest"]], runs["jax"][best["lowest_memory"]]
+        lines.append(f"fastest JAX policy: remat={best['fastest']} ({fastest['tokens_per_s']:.0f} tokens/s); "
+                     f"lowest peak memory: remat={best['lowest_memory']} "
+                     f"({MEMORY_MEASURES[best['memory']]} {lean[best['memory']]:.0f} MB)")
+    for key, r in results.items():
+        lines.append(f"{_label(key)} losses by step: " + ", ".join(f"{x:.4f}" for x in r["losses"]))
     return summary, lines
 
 
@@ -755,6 +836,7 @@ class Kind:
     flags: tuple[str, ...]  # argparse names of this kind only, echoed in the command
     positive: tuple[str, ...]  # of those, the ones that must be >= 1
     prepare: Callable  # (args, tokenizer) -> (settings: reported, payload: sent to workers only)
+    runs: Callable  # (settings) -> {key: (framework, what its job changes)}: one worker each, in turn
     work: Callable  # in the worker: (framework, job) -> result
     flops: Callable  # (job, model config dict) -> (model FLOPs, tokens) of the timed run, formula lines
     columns: tuple[tuple[str, str], ...]
@@ -765,7 +847,8 @@ KINDS = {
     "encode": Kind(
         flags=("texts", "batch_size", "max_batch_tokens", "max_length"),
         positive=("texts", "batch_size", "max_length"),
-        prepare=_encode_job, work=_encode_worker, summarize=_encode_summary, flops=_encode_flops,
+        prepare=_encode_job, runs=lambda settings: {f: (f, {}) for f in FRAMEWORKS}, work=_encode_worker,
+        summarize=_encode_summary, flops=_encode_flops,
         columns=(("device", "{device}"), ("tokens/s", "{tokens_per_s:.0f}"), ("texts/s", "{texts_per_s:.1f}"),
                  ("model TFLOP/s", "{model_tflops_per_s:.3f}"),
                  ("warm-up s", "{warmup_seconds:.2f}"), ("peak RSS MB", "{peak_rss_mb:.0f}"),
@@ -774,7 +857,7 @@ KINDS = {
     "train": Kind(
         flags=("queries", "query_length", "doc_length", "lora_rank", "remat", "warmup_steps", "steps"),
         positive=("queries", "query_length", "doc_length", "lora_rank", "steps"),
-        prepare=_train_job, work=_train_worker, summarize=_train_summary, flops=_train_flops,
+        prepare=_train_job, runs=_train_runs, work=_train_worker, summarize=_train_summary, flops=_train_flops,
         columns=(("device", "{device}"), ("remat", "{remat}"), ("tokens/s", "{tokens_per_s:.0f}"),
                  ("model TFLOP/s", "{model_tflops_per_s:.3f}"), ("step s", "{step_seconds:.2f}"),
                  ("compile s", "{compile_seconds:.2f}"), ("warm-up s", "{warmup_seconds:.2f}"),
@@ -786,7 +869,7 @@ KINDS = {
 
 
 def main(args) -> dict:
-    """Bench both frameworks in turn, print the comparison, and return it (also written to --json)."""
+    """Bench each run in turn, print the comparison, and return it (also written to --json)."""
     from diffemb_jax.demo import converted_smollm2
     from diffemb_jax.embedding.files import write_json_atomic
 
@@ -808,9 +891,8 @@ def main(args) -> dict:
         print("settings: " + json.dumps(settings))
         tokenizer.save(os.path.join(tmp, "tokenizer.json"))
         job = {**settings, "what": args.what, "tokenizer": os.path.join(tmp, "tokenizer.json"), **payload}
-        job_path = Path(tmp) / "job.json"
-        job_path.write_text(json.dumps(job))
-        results = {framework: _spawn(framework, job_path, worker_env) for framework in FRAMEWORKS}
+        results = {key: _spawn(key, framework, {**job, **changes}, Path(tmp) / f"job{i}.json", worker_env)
+                   for i, (key, (framework, changes)) in enumerate(kind.runs(settings).items())}
     summary, lines = kind.summarize(results)
     flops, flops_lines = _flops_summary(kind, job, results, args.peak_tflops)
     mismatch = device_mismatch(results)

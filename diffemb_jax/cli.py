@@ -228,6 +228,7 @@ def build_parser() -> argparse.ArgumentParser:
     from diffemb_jax.embedding.pooling import POOLING_MODES
     from diffemb_jax.model import ATTENTION_MODES
     from diffemb_jax.model.attention import KERNELS
+    from diffemb_jax.model.decoder import REMAT_POLICIES
 
     parser = argparse.ArgumentParser(prog="diffemb", description=__doc__)
     sub = parser.add_subparsers(dest="command", required=True)
@@ -303,7 +304,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--query-length", type=int, default=32, help="train: tokens per query, padded")
     p.add_argument("--doc-length", type=int, default=128, help="train: tokens per document, padded")
     p.add_argument("--lora-rank", type=int, default=16, help="train: LoRA rank (alpha = 2 x rank)")
-    p.add_argument("--remat", choices=("none", "full"), default="none", help="train: gradient checkpointing")
+    p.add_argument("--remat", default="none", metavar="POLICY[,POLICY...]|all",
+                   help=f"train: JAX gradient checkpointing ({', '.join(REMAT_POLICIES)}); a list compares them, "
+                   "one JAX run each; PyTorch runs with checkpointing off for none, on for the others, once a setting")
     p.add_argument("--warmup-steps", type=int, default=1, help="train: untimed steps first (JAX: compilation)")
     p.add_argument("--steps", type=int, default=5, help="train: timed steps")
     p.add_argument("--model", default=None, help="model to bench (default: the bundled SmolLM2-135M)")

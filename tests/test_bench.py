@@ -64,7 +64,7 @@ def test_bench_train_tiny_model(tmp_path):
     assert rc == 0
     report = json.loads(out.read_text())
     settings = report["settings"]
-    assert set(report["results"]) == {"jax", "torch"}
+    assert list(report["results"]) == ["JAX remat=none", "PyTorch checkpointing=off"]
     assert 0 < settings["tokens_per_step"] <= settings["padded_tokens_per_step"] == 4 * (8 + 24 + 24)
     for result in report["results"].values():
         assert result["tokens_per_step"] == settings["tokens_per_step"]
@@ -72,12 +72,76 @@ def test_bench_train_tiny_model(tmp_path):
         assert len(result["losses"]) == 2 and result["remat"] == "none"
     # LoRA B starts at zero: the first step is the base model's loss on the same ids in both frameworks
     assert report["first_loss_abs_diff"] < 1e-3
-    assert abs(report["results"]["jax"]["first_loss"] - report["results"]["torch"]["first_loss"]) < 1e-3
-    assert report["results"]["jax"]["compile_seconds"] > 0 == report["results"]["torch"]["compile_seconds"]
+    jax_r, torch_r = report["results"]["JAX remat=none"], report["results"]["PyTorch checkpointing=off"]
+    assert abs(jax_r["first_loss"] - torch_r["first_loss"]) < 1e-3
+    assert jax_r["compile_seconds"] > 0 == torch_r["compile_seconds"]
     assert report["model_flops_per_token"] > 0
     for result in report["results"].values():
         assert result["mfu"] == pytest.approx(result["model_tflops_per_s"] / 2.5)
     _assert_device_fields(report)
+
+
+def test_bench_train_remat_sweep(tmp_path, capsys):
+    """--remat none,full: a JAX run per policy, PyTorch once with checkpointing off and once on; each
+    policy compared with its match; all first losses are the base model's, so they agree."""
+    model_dir = tiny.write_checkpoint("llama", tmp_path / "llama")
+    _write_tokenizer(model_dir, vocab_size=97)
+    out = tmp_path / "bench.json"
+
+    rc = cli.main(["bench", "train", "--model", str(model_dir), "--queries", "4", "--query-length", "8",
+                   "--doc-length", "16", "--lora-rank", "4", "--warmup-steps", "0", "--steps", "1",
+                   "--remat", "none,full", "--json", str(out)])
+
+    assert rc == 0
+    report = json.loads(out.read_text())
+    results = report["results"]
+    assert report["settings"]["remat"] == ["none", "full"]
+    assert list(results) == ["JAX remat=none", "JAX remat=full", "PyTorch checkpointing=off",
+                             "PyTorch checkpointing=on"]
+    assert [(r["framework"], r["remat"]) for r in results.values()] == [
+        ("jax", "none"), ("jax", "full"), ("torch", "none"), ("torch", "full")]
+    first = [r["first_loss"] for r in results.values()]
+    assert max(first) - min(first) < 1e-3  # LoRA B starts at zero: the base model's loss in every run
+    assert report["first_loss_abs_diff"] == pytest.approx(max(first) - min(first))
+    for policy, torch_label in (("none", "PyTorch checkpointing=off"), ("full", "PyTorch checkpointing=on")):
+        pair, jax_r = report["pairs"][policy], results[f"JAX remat={policy}"]
+        assert pair["pytorch"] == torch_label
+        torch_r = results[torch_label]
+        assert pair["tokens_per_s_ratio"] == pytest.approx(jax_r["tokens_per_s"] / torch_r["tokens_per_s"])
+        assert pair["first_loss_abs_diff"] == pytest.approx(abs(jax_r["first_loss"] - torch_r["first_loss"]))
+    jax_runs = {p: results[f"JAX remat={p}"] for p in ("none", "full")}
+    best = report["best_remat"]
+    on_cpu = all(r["peak_device_mb"] is None for r in jax_runs.values())
+    assert best["memory"] == ("timed_peak_rss_mb" if on_cpu else "peak_device_mb")
+    assert best["fastest"] == max(jax_runs, key=lambda p: jax_runs[p]["tokens_per_s"])
+    assert best["lowest_memory"] == min(jax_runs, key=lambda p: jax_runs[p][best["memory"]])
+    printed = capsys.readouterr().out
+    assert "| JAX remat=full |" in printed and "| PyTorch checkpointing=on |" in printed
+    assert f"fastest JAX policy: remat={best['fastest']}" in printed
+
+
+def test_remat_policies_and_the_torch_runs_they_need():
+    from diffemb_jax import bench
+    from diffemb_jax.model.decoder import REMAT_POLICIES
+
+    assert bench.remat_policies("all") == list(REMAT_POLICIES)
+    assert bench.remat_policies("full, dots,full") == ["full", "dots"]
+    runs = bench._train_runs({"remat": ["dots", "none", "full"]})  # dots and full share PyTorch's checkpointing
+    assert runs == {"JAX remat=dots": ("jax", {"remat": "dots"}), "JAX remat=none": ("jax", {"remat": "none"}),
+                    "JAX remat=full": ("jax", {"remat": "full"}),
+                    "PyTorch checkpointing=on": ("torch", {"remat": "full"}),
+                    "PyTorch checkpointing=off": ("torch", {"remat": "none"})}
+
+
+def test_bench_rejects_an_unknown_remat_policy_before_any_worker(monkeypatch, capsys):
+    from diffemb_jax import bench
+
+    spawned = []
+    monkeypatch.setattr(bench, "_spawn", lambda *args: spawned.append(args))
+
+    assert cli.main(["bench", "train", "--shape", "tiny", "--remat", "none,nothing"]) == 2
+    assert "--remat none,nothing: unknown policy 'nothing'; choose from none, full" in capsys.readouterr().err
+    assert spawned == []
 
 
 def _assert_device_fields(report: dict) -> None:

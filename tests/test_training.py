@@ -74,7 +74,7 @@ def test_grad_cache_equals_plain_step(chunk):
 
 
 @pytest.mark.parametrize("dropout", [0.0, 0.3])
-@pytest.mark.parametrize("remat", ["full", "dots"])
+@pytest.mark.parametrize("remat", ["full", "dots", "dots_all"])
 def test_remat_equals_no_remat(remat, dropout):
     """With LoRA dropout too: the same masks are drawn whether or not a block is rematerialised."""
     loss, grads = _grads(dropout=dropout)

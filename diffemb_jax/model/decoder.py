@@ -16,9 +16,11 @@ from diffemb_jax.model.attention import attend
 from diffemb_jax.model.config import ModelConfig
 
 ATTENTION_MODES = ("bidirectional", "causal")
-# What a block keeps for the backward pass: everything, nothing (recompute the block), or matmul outputs.
+# What a block keeps for the backward pass: everything, nothing (recompute the block), the projections'
+# outputs (dots), or those and attention's batched matmuls too (dots_all: scores [B, H, L, L] kept).
 REMAT_POLICIES = {"none": None, "full": jax.checkpoint_policies.nothing_saveable,
-                  "dots": jax.checkpoint_policies.dots_with_no_batch_dims_saveable}
+                  "dots": jax.checkpoint_policies.dots_with_no_batch_dims_saveable,
+                  "dots_all": jax.checkpoint_policies.dots_saveable}
 _normal = nnx.initializers.normal(0.02)
 
 

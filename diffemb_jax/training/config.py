@@ -42,7 +42,7 @@ def base_config() -> ml_collections.ConfigDict:
         warmup_steps=100,
         grad_clip=1.0,
         weight_decay=0.0,
-        remat="full",  # none | full | dots
+        remat="full",  # none | full | dots | dots_all (model/decoder.py REMAT_POLICIES)
         grad_cache_chunk=0,  # rows per chunk for gradient caching; 0 = off
         checkpoint_every=100,
         keep_checkpoints=3,
