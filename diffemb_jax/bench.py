@@ -1,4 +1,4 @@
-"""`diffemb bench encode|train`: is JAX faster, and lighter, than the PyTorch reference?
+"""`diffemb bench encode|train|long`: is JAX faster, and lighter, than the PyTorch reference?
 
 encode: both frameworks embed the same texts (standard-library docstrings, cut to at most
 --max-length tokens) with the same weights, tokens, batch size and bucket lengths, bidirectional
@@ -23,6 +23,13 @@ checkpointing setting those need: off for none, on (transformers' gradient check
 recipe does) for any other; each policy's tokens/s ratio is against its match. The summary names the
 fastest policy and the one of lowest peak memory (device memory on an accelerator, else the timed
 steps' peak RSS), also in the report's best_remat.
+
+long: one document at each of --lengths tokens (default 1024 ... 32768, the LongEmbed Passkey and
+Needle lengths), batch 1, each length in a child process of its own (so its peak memory is its
+own), shortest first: the largest length that fits and its time. A run that runs out of memory says
+so, and the longer ones of that framework are not tried; nor is a length whose time (or, on the CPU,
+whose peak RSS against the memory available) would pass --time-limit seconds, predicted from the two
+lengths before it with growth at most quadratic in length.
 
 Both report model TFLOP/s: matrix-product FLOPs of the useful work (formulas in FORWARD_FORMULA and
 TRAIN_FORMULA, padding not counted) over the timed seconds, and MFU against --peak-tflops, or against
@@ -242,6 +249,9 @@ SHAPES = {
 }
 
 
+LONGEST = 32768  # the longest LongEmbed context: what the named shapes must read
+
+
 def random_checkpoint(shape: str, directory: Path, dtype: str) -> Path:
     """A transformers checkpoint of a named shape with random weights (seeded), and the SmolLM2
     tokenizer, whose ids fit every shape's vocabulary. Both frameworks then load it as --model."""
@@ -252,7 +262,7 @@ def random_checkpoint(shape: str, directory: Path, dtype: str) -> Path:
 
     model_type, fields = SHAPES[shape]
     torch.manual_seed(SEED)
-    config = AutoConfig.for_model(model_type, max_position_embeddings=4096, **fields)
+    config = AutoConfig.for_model(model_type, max_position_embeddings=LONGEST, **fields)
     AutoModelForCausalLM.from_config(config, dtype=getattr(torch, dtype)).save_pretrained(directory)
     tokenizer_for(assets.smollm2_gguf()).save(str(directory / "tokenizer.json"))
     return directory
@@ -457,6 +467,37 @@ def _encode_worker(framework: str, job: dict) -> dict:
             "first_embeddings": vectors[:COMPARED].tolist()}
 
 
+def out_of_memory(error: BaseException) -> bool:
+    """An allocation that failed: XLA's RESOURCE_EXHAUSTED, torch's OutOfMemoryError (CUDA) or its
+    CPU allocator's refusal. Anything else is a real error."""
+    text = str(error)
+    return "RESOURCE_EXHAUSTED" in text or "out of memory" in text.lower() or "can't allocate memory" in text
+
+
+def _long_worker(framework: str, job: dict) -> dict:
+    """One document of job["length"] tokens, batch 1: warm up (compile) once, then time once."""
+    import logging
+
+    length = job["length"]
+    logging.getLogger("diffemb_jax.embedding.embedder").setLevel(logging.ERROR)  # no truncation notes
+    single = {**job, "max_length": length, "batch_size": 1, "max_batch_tokens": None, "buckets": [length],
+              "bucket_rows": [1]}
+    encode, device, info = {"jax": _jax_encoder, "torch": _torch_encoder}[framework](single)
+    text = job["documents"][str(length)]
+    result = {"device": device, **info, "length": length, "tokens": job["document_tokens"][str(length)]}
+    try:
+        figures, _, vectors = _measure(framework, lambda: encode([text]), lambda: encode([text]))
+    except Exception as error:  # noqa: BLE001 - out of memory is a result here; anything else is raised
+        if not out_of_memory(error):
+            raise
+        first_line = next(iter(str(error).strip().splitlines()), type(error).__name__)
+        return {**result, "status": "out of memory", "error": first_line[:500],
+                **dict.fromkeys(("seconds", "warmup_seconds", "tokens_per_s", "peak_rss_mb", "timed_peak_rss_mb",
+                                 "rss_increase_mb", "peak_device_mb", "timed_peak_device_mb"))}
+    return {**result, "status": "ok", **figures, "tokens_per_s": result["tokens"] / figures["seconds"],
+            "embedding": vectors[0].tolist()}
+
+
 # --- train
 
 
@@ -637,6 +678,8 @@ def _check_args(args) -> None:
     for name in kind.positive:
         if getattr(args, name) < 1:
             raise ValueError(f"--{name.replace('_', '-')} must be positive, got {getattr(args, name)}")
+    if args.what == "long":
+        lengths_of(args.lengths)
     if args.what == "encode" and args.max_batch_tokens < 0:
         raise ValueError(f"--max-batch-tokens must be >= 0 (0: no limit), got {args.max_batch_tokens}")
     if args.what == "train":
@@ -686,7 +729,7 @@ def _encode_job(args, tokenizer) -> tuple[dict, dict]:
     return settings, {"texts": texts, "warmup": warmup_texts(tokenizer, texts, buckets), "lengths": lengths}
 
 
-def _encode_flops(job: dict, cfg: dict) -> tuple[int, int, str]:
+def _encode_flops(job: dict, cfg: dict, result: dict) -> tuple[int, int, str]:
     """(model FLOPs, tokens) of the timed run, and the formula."""
     return sum(forward_flops(cfg, n) for n in job["lengths"]), job["tokens"], [FORWARD_FORMULA]
 
@@ -753,7 +796,7 @@ def _train_runs(settings: dict) -> dict:
     return {_train_label(framework, remat): (framework, {"remat": remat}) for framework, remat in runs}
 
 
-def _train_flops(job: dict, cfg: dict) -> tuple[int, int, str]:
+def _train_flops(job: dict, cfg: dict, result: dict) -> tuple[int, int, str]:
     lengths = [sum(row) for side in SIDES for row in job["batch"][side]["padding_mask"]]
     per_step = sum(train_flops(cfg, n, job["lora"]["rank"]) for n in lengths)
     return per_step * job["steps"], job["tokens_per_step"] * job["steps"], [FORWARD_FORMULA, TRAIN_FORMULA]
@@ -771,15 +814,25 @@ def device_mismatch(results: dict) -> str | None:
 def _flops_summary(kind, job: dict, results: dict, peak: float | None) -> tuple[dict, list[str]]:
     """Model TFLOP/s of each run (into its result) and, where the peak is known, its MFU."""
     cfg = next(r["model_config"] for r in results.values() if r["framework"] == "jax")
-    flops, tokens, formula = kind.flops(job, cfg)
-    lines = [f"model FLOPs per token: {flops / tokens / 1e9:.4g} GFLOP, from", *("  " + f for f in formula)]
+    per_token, lines, unknown = {}, [], {}
     for key, r in results.items():
-        r["model_tflops_per_s"] = flops / r["seconds"] / 1e12
+        flops, tokens, formula = kind.flops(job, cfg, r)
+        per_token[key] = r["model_flops_per_token"] = flops / tokens
+        ran = r.get("seconds") is not None
+        r["model_tflops_per_s"] = flops / r["seconds"] / 1e12 if ran else None
         r["peak_tflops"] = peak_tflops(peak, r["device_kind"], job["dtype"])
-        r["mfu"] = r["model_tflops_per_s"] / r["peak_tflops"] if r["peak_tflops"] else None
-        lines.append(f"{_label(key)} MFU: " + (f"{r['mfu']:.2%} of {r['peak_tflops']:g} TFLOP/s" if r["mfu"] else
-                     f"unknown (no peak known for {r['device_kind']} {job['dtype']}: pass --peak-tflops)"))
-    return {"model_flops_per_token": flops / tokens}, lines
+        r["mfu"] = r["model_tflops_per_s"] / r["peak_tflops"] if ran and r["peak_tflops"] else None
+        if r["mfu"]:
+            lines.append(f"{_label(key)} MFU: {r['mfu']:.2%} of {r['peak_tflops']:g} TFLOP/s")
+        elif ran:
+            unknown.setdefault(r["device_kind"], []).append(_label(key))
+    lines += [f"MFU of {', '.join(keys)}: unknown (no peak known for {device_kind} {job['dtype']}: pass --peak-tflops)"
+              for device_kind, keys in unknown.items()]
+    values = sorted(set(per_token.values()))
+    head = (f"model FLOPs per token: {values[0] / 1e9:.4g} GFLOP" if len(values) == 1 else
+            f"model FLOPs per token: {values[0] / 1e9:.4g} to {values[-1] / 1e9:.4g} GFLOP by length")
+    lines = [head + ", from", *("  " + f for f in formula)] + lines
+    return {"model_flops_per_token": values[0] if len(values) == 1 else None}, lines
 
 
 def _agreement(diff: float) -> str:
@@ -829,6 +882,114 @@ def _train_summary(results: dict) -> tuple[dict, list[str]]:
     return summary, lines
 
 
+# --- long
+
+
+def lengths_of(spec: str) -> list[int]:
+    """--lengths: ascending positive token counts, comma-separated."""
+    try:
+        lengths = [int(n) for n in spec.split(",")]
+    except ValueError:
+        raise ValueError(f"--lengths {spec}: give token counts separated by commas, e.g. 1024,4096") from None
+    if not lengths or min(lengths) < 1 or lengths != sorted(set(lengths)):
+        raise ValueError(f"--lengths {spec}: give distinct positive token counts in ascending order")
+    return lengths
+
+
+def long_document(tokenizer, length: int) -> str:
+    """The standard library's docstrings, one after another until past `length` tokens, then cut to
+    at most `length`: one long document of real prose and code."""
+    docs = "\n\n".join(docstrings())
+    text = docs
+    while len(tokenizer.encode(text).ids) <= length:
+        text += "\n\n" + docs
+    return fit(tokenizer, text, length)
+
+
+def _long_job(args, tokenizer) -> tuple[dict, dict]:
+    lengths = lengths_of(args.lengths)
+    documents = {str(n): long_document(tokenizer, n) for n in lengths}
+    tokens = {n: len(tokenizer.encode(text).ids) for n, text in documents.items()}
+    settings = {"lengths": lengths, "document_tokens": tokens, "batch_size": 1, "dtype": args.dtype,
+                "time_limit": args.time_limit, "attention": "bidirectional", "pooling": "mean"}
+    return settings, {"documents": documents}
+
+
+def _long_runs(settings: dict) -> dict:
+    """Each framework at each length, shortest first; JAX first."""
+    return {f"{FRAMEWORKS[f]} {n}": (f, {"length": n}) for f in FRAMEWORKS for n in settings["lengths"]}
+
+
+def _available_memory_mb() -> float:
+    for line in Path("/proc/meminfo").read_text().splitlines():
+        if line.startswith("MemAvailable:"):
+            return int(line.split()[1]) / 1024
+    raise OSError("/proc/meminfo has no MemAvailable")
+
+
+def _quadratic_guess(points: list[tuple[int, float]], length: int) -> float:
+    """The last value plus the last increase scaled as length squared: growth is at most quadratic
+    in length (attention), so this errs high."""
+    (a, fa), (b, fb) = points[-2:]
+    return fb + max(fb - fa, 0.0) * (length * length - b * b) / (b * b - a * a)
+
+
+def _long_skip(framework: str, changes: dict, results: dict, settings: dict) -> str | None:
+    """Why a length is not tried: a shorter one ran out of memory, or it would take too long (or, on
+    the CPU, more memory than there is) going by the two lengths before it."""
+    done = [r for r in results.values() if r["framework"] == framework]
+    if any(r["status"] == "out of memory" for r in done):
+        return "a shorter length ran out of memory"
+    if len(done) < 2:
+        return None
+    length = changes["length"]
+    seconds = _quadratic_guess([(r["length"], r["warmup_seconds"] + r["seconds"]) for r in done], length)
+    if seconds > settings["time_limit"]:
+        return f"would take about {seconds:.0f} s, past --time-limit {settings['time_limit']:g}"
+    if done[-1]["device_kind"] == "cpu":
+        rss = _quadratic_guess([(r["length"], r["peak_rss_mb"]) for r in done], length)
+        available = _available_memory_mb() * 0.9
+        if rss > available:
+            return f"would need about {rss:.0f} MB of memory; {available:.0f} MB are free"
+    return None
+
+
+def _long_flops(job: dict, cfg: dict, result: dict) -> tuple[int, int, str]:
+    return forward_flops(cfg, result["tokens"]), result["tokens"], [FORWARD_FORMULA]
+
+
+def _long_summary(results: dict) -> tuple[dict, list[str]]:
+    import numpy as np
+
+    ran = {f: [r for r in results.values() if r["framework"] == f and r["status"] == "ok"] for f in FRAMEWORKS}
+    longest = {f: max((r["length"] for r in runs), default=None) for f, runs in ran.items()}
+    lines = []
+    for f, runs in ran.items():
+        if not runs:
+            lines.append(f"{FRAMEWORKS[f]}: no length ran")
+            continue
+        best = max(runs, key=lambda r: r["length"])
+        memory = (f"peak device {best['peak_device_mb']:.0f} MB" if best["peak_device_mb"] is not None
+                  else f"peak RSS {best['peak_rss_mb']:.0f} MB")
+        lines.append(f"{FRAMEWORKS[f]}: longest length run {best['length']} ({best['tokens']} tokens) in "
+                     f"{best['seconds']:.2f} s, {memory}")
+    ratios, diffs = {}, {}
+    for jax_r in ran["jax"]:
+        torch_r = next((r for r in ran["torch"] if r["length"] == jax_r["length"]), None)
+        if torch_r:
+            n = str(jax_r["length"])
+            ratios[n] = jax_r["tokens_per_s"] / torch_r["tokens_per_s"]
+            diffs[n] = float(np.abs(np.asarray(jax_r["embedding"]) - np.asarray(torch_r["embedding"])).max())
+    for r in results.values():
+        r.pop("embedding", None)
+    if ratios:
+        lines.append("JAX / PyTorch tokens/s ratio by length: "
+                     + ", ".join(f"{n}: {ratio:.2f}" for n, ratio in ratios.items()))
+        lines.append("max |jax - torch| of the embedding by length: "
+                     + ", ".join(f"{n}: {diff:.2e}" for n, diff in diffs.items()))
+    return {"longest": longest, "tokens_per_s_ratio_by_length": ratios, "max_abs_diff_by_length": diffs}, lines
+
+
 @dataclasses.dataclass(frozen=True)
 class Kind:
     """One thing to bench: its flags, the job the parent builds, the workers' work, the report."""
@@ -838,9 +999,10 @@ class Kind:
     prepare: Callable  # (args, tokenizer) -> (settings: reported, payload: sent to workers only)
     runs: Callable  # (settings) -> {key: (framework, what its job changes)}: one worker each, in turn
     work: Callable  # in the worker: (framework, job) -> result
-    flops: Callable  # (job, model config dict) -> (model FLOPs, tokens) of the timed run, formula lines
+    flops: Callable  # (job, model config dict, a run's result) -> its (model FLOPs, tokens), formula lines
     columns: tuple[tuple[str, str], ...]
     summarize: Callable  # (results) -> (summary fields, lines to print)
+    skip: Callable | None = None  # (framework, changes, results so far, settings) -> why a run is not made
 
 
 KINDS = {
@@ -865,6 +1027,15 @@ KINDS = {
                  ("peak device MB", "{peak_device_mb:.0f}"),
                  ("cores used", "{cores_used:.2f}"), ("load 1 min", "{load_average_1m:.2f}"),
                  ("first loss", "{first_loss:.6f}"), ("last loss", "{last_loss:.6f}"))),
+    "long": Kind(
+        flags=("lengths", "time_limit"), positive=("time_limit",),
+        prepare=_long_job, runs=_long_runs, work=_long_worker, summarize=_long_summary, flops=_long_flops,
+        skip=_long_skip,
+        columns=(("device", "{device}"), ("length", "{length}"), ("tokens", "{tokens}"), ("status", "{status}"),
+                 ("seconds", "{seconds:.2f}"), ("tokens/s", "{tokens_per_s:.0f}"),
+                 ("model TFLOP/s", "{model_tflops_per_s:.3f}"), ("warm-up s", "{warmup_seconds:.2f}"),
+                 ("peak device MB", "{peak_device_mb:.0f}"), ("peak RSS MB", "{peak_rss_mb:.0f}"),
+                 ("RSS increase MB", "{rss_increase_mb:.0f}"), ("load 1 min", "{load_average_1m:.2f}")))
 }
 
 
@@ -891,13 +1062,20 @@ def main(args) -> dict:
         print("settings: " + json.dumps(settings))
         tokenizer.save(os.path.join(tmp, "tokenizer.json"))
         job = {**settings, "what": args.what, "tokenizer": os.path.join(tmp, "tokenizer.json"), **payload}
-        results = {key: _spawn(key, framework, {**job, **changes}, Path(tmp) / f"job{i}.json", worker_env)
-                   for i, (key, (framework, changes)) in enumerate(kind.runs(settings).items())}
+        results, skipped = {}, {}
+        for i, (key, (framework, changes)) in enumerate(kind.runs(settings).items()):
+            reason = kind.skip(framework, changes, results, settings) if kind.skip else None
+            if reason:
+                skipped[key] = reason
+                print(f"not running {key}: {reason}", flush=True)
+                continue
+            results[key] = _spawn(key, framework, {**job, **changes}, Path(tmp) / f"job{i}.json", worker_env)
     summary, lines = kind.summarize(results)
+    lines += [f"{key}: not run, {reason}" for key, reason in skipped.items()]
     flops, flops_lines = _flops_summary(kind, job, results, args.peak_tflops)
     mismatch = device_mismatch(results)
-    report = {"command": _command(args), "settings": settings, "results": results, **summary, **flops,
-              "device_mismatch": mismatch}
+    report = {"command": _command(args), "settings": settings, "results": results, "skipped": skipped, **summary,
+              **flops, "device_mismatch": mismatch}
     lines = ([mismatch] if mismatch else []) + lines
     print("\n" + _table(results, kind.columns) + "\n")
     print("\n".join(lines + flops_lines))

@@ -298,7 +298,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=_demo)
 
     p = sub.add_parser("bench", help="speed and memory against the PyTorch reference")
-    p.add_argument("what", choices=("encode", "train"))
+    p.add_argument("what", choices=("encode", "train", "long"),
+                   help="encode: texts; train: the LoRA step; long: one long document per length, how long fits")
     p.add_argument("--queries", type=int, default=8, help="train: queries per step, each with a positive and a "
                    "hard negative (--batch-size, --texts and --max-length are encode's)")
     p.add_argument("--query-length", type=int, default=32, help="train: tokens per query, padded")
@@ -309,6 +310,10 @@ def build_parser() -> argparse.ArgumentParser:
                    "one JAX run each; PyTorch runs with checkpointing off for none, on for the others, once a setting")
     p.add_argument("--warmup-steps", type=int, default=1, help="train: untimed steps first (JAX: compilation)")
     p.add_argument("--steps", type=int, default=5, help="train: timed steps")
+    p.add_argument("--lengths", default="1024,2048,4096,8192,16384,32768",
+                   help="long: document lengths in tokens, ascending")
+    p.add_argument("--time-limit", type=float, default=300.0,
+                   help="long: do not try a length predicted to take more seconds than this")
     p.add_argument("--model", default=None, help="model to bench (default: the bundled SmolLM2-135M)")
     p.add_argument("--shape", default=None, choices=tuple(SHAPES),
                    help="bench this model shape at random weights instead (on CPU only the small ones are practical)")

@@ -290,3 +290,61 @@ def test_parent_preallocation_off_gives_workers_the_callers_setting(monkeypatch)
             assert os.environ[bench.PREALLOCATE] == "false"
             assert worker_env.get(bench.PREALLOCATE) == caller
         assert os.environ.get(bench.PREALLOCATE) == caller
+
+
+def test_bench_long_tiny_model(tmp_path):
+    """Both frameworks at each length, past the XLA kernel's 1024-token query chunks, agreeing."""
+    model_dir = tiny.write_checkpoint("llama", tmp_path / "llama")
+    _write_tokenizer(model_dir, vocab_size=97)
+    out = tmp_path / "bench.json"
+
+    rc = cli.main(["bench", "long", "--model", str(model_dir), "--lengths", "256,2048", "--json", str(out)])
+
+    assert rc == 0
+    report = json.loads(out.read_text())
+    assert list(report["results"]) == ["JAX 256", "JAX 2048", "PyTorch 256", "PyTorch 2048"] and not report["skipped"]
+    for result in report["results"].values():
+        assert result["status"] == "ok" and result["length"] - 8 <= result["tokens"] <= result["length"]
+        assert result["seconds"] > 0 and result["model_tflops_per_s"] > 0 and "embedding" not in result
+    assert report["longest"] == {"jax": 2048, "torch": 2048}
+    assert set(report["tokens_per_s_ratio_by_length"]) == {"256", "2048"}
+    assert max(report["max_abs_diff_by_length"].values()) < 1e-4
+
+
+def _long_result(framework, length, seconds, status="ok", rss=1000.0, device_kind="cpu"):
+    return {"framework": framework, "length": length, "status": status, "seconds": seconds, "warmup_seconds": 0.0,
+            "peak_rss_mb": rss, "device_kind": device_kind}
+
+
+def test_bench_long_stops_at_memory_and_predicted_time(monkeypatch):
+    from diffemb_jax import bench
+
+    settings = {"time_limit": 100.0}
+    oom = {"a": _long_result("jax", 1024, None, status="out of memory")}
+    assert bench._long_skip("jax", {"length": 2048}, oom, settings) == "a shorter length ran out of memory"
+    assert bench._long_skip("torch", {"length": 2048}, oom, settings) is None  # the other framework goes on
+    # 10 s then 30 s: the increase, scaled as length squared, makes 30 + 20 x 4 = 110 s at 4096
+    runs = {"a": _long_result("jax", 1024, 10.0), "b": _long_result("jax", 2048, 30.0)}
+    assert bench._long_skip("jax", {"length": 4096}, runs, settings).startswith("would take about 110 s")
+    assert bench._long_skip("jax", {"length": 4096}, runs, {"time_limit": 200.0}) is None
+    monkeypatch.setattr(bench, "_available_memory_mb", lambda: 5000.0)  # 2000 + 1000 x 4 > 0.9 x 5000
+    runs = {"a": _long_result("jax", 1024, 1.0, rss=1000.0), "b": _long_result("jax", 2048, 2.0, rss=2000.0)}
+    assert "would need about 6000 MB" in bench._long_skip("jax", {"length": 4096}, runs, settings)
+    runs = {k: {**r, "device_kind": "NVIDIA H100"} for k, r in runs.items()}  # there out of memory is caught
+    assert bench._long_skip("jax", {"length": 4096}, runs, settings) is None
+
+
+def test_out_of_memory_is_told_from_other_errors():
+    from diffemb_jax import bench
+
+    assert bench.out_of_memory(RuntimeError("RESOURCE_EXHAUSTED: Out of memory while trying to allocate 9 GiB"))
+    assert bench.out_of_memory(RuntimeError("CUDA out of memory. Tried to allocate 2.00 GiB"))
+    assert bench.out_of_memory(RuntimeError("[enforce fail at alloc_cpu.cpp:117] DefaultCPUAllocator: "
+                                            "can't allocate memory: you tried to allocate 9 bytes"))
+    assert not bench.out_of_memory(ValueError("shapes (3,) and (4,) do not match"))
+
+
+@pytest.mark.parametrize("lengths", ["1024,512", "0,8", "8,8", "1k"])
+def test_bench_long_rejects_bad_lengths(lengths, capsys):
+    assert cli.main(["bench", "long", "--lengths", lengths]) == 2
+    assert "--lengths" in capsys.readouterr().err
