@@ -9,7 +9,7 @@ queries (a docstring's first sentence, at most --query-length tokens), their pos
 docstring) and hard negatives (the next docstring, most often of the same module), documents at
 most --doc-length tokens, every side padded to a fixed shape. Bidirectional attention, mean pooling,
 in-batch InfoNCE over [positives; negatives] (cosine x 50), LoRA r=--lora-rank, alpha=2r, dropout
-0.05 on q,k,v,o,gate,up,down, AdamW (weight decay 0, the HF linear schedule from lr to 0 over all
+--lora-dropout (0.05) on q,k,v,o,gate,up,down, AdamW (weight decay 0, the HF linear schedule from lr to 0 over all
 the steps run) after clipping gradients to norm 1. JAX runs the project's own train step (qwix
 LoRA), compiled ahead of time (compile s); PyTorch runs transformers + peft. --warmup-steps steps
 are timed apart from the --steps timed ones. LoRA B starts at zero, so the first step's loss is the
@@ -78,7 +78,6 @@ NONE = "–"  # a table cell with no figure
 # The train step: the reference recipe (DESIGN.md) on both sides.
 SIDES = ("query", "positive", "negative")
 LORA_TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
-LORA_DROPOUT = 0.05
 LR = 1e-4
 GRAD_CLIP = 1.0
 SCALE = 50.0  # cosine x 50: temperature 0.02
@@ -684,6 +683,8 @@ def _check_args(args) -> None:
         raise ValueError(f"--max-batch-tokens must be >= 0 (0: no limit), got {args.max_batch_tokens}")
     if args.what == "train":
         remat_policies(args.remat)
+        if not 0 <= args.lora_dropout < 1:
+            raise ValueError(f"--lora-dropout must be in [0, 1), got {args.lora_dropout}")
         if args.warmup_steps < 0:
             raise ValueError(f"--warmup-steps must be >= 0, got {args.warmup_steps}")
         if not _installed("peft"):
@@ -758,7 +759,7 @@ def _train_job(args, tokenizer) -> tuple[dict, dict]:
                 "remat": remat_policies(args.remat),
                 "attention": "bidirectional", "pooling": "mean", "loss": "in-batch InfoNCE, cosine x scale",
                 "scale": SCALE, "seed": SEED,
-                "lora": {"rank": args.lora_rank, "alpha": 2.0 * args.lora_rank, "dropout": LORA_DROPOUT,
+                "lora": {"rank": args.lora_rank, "alpha": 2.0 * args.lora_rank, "dropout": args.lora_dropout,
                          "targets": list(LORA_TARGETS)},
                 "optimizer": {"name": "AdamW", "lr": LR, "weight_decay": 0.0, "grad_clip": GRAD_CLIP,
                               "schedule": "linear from lr to 0 over warmup_steps + steps, no warm-up"}}
@@ -1017,7 +1018,8 @@ KINDS = {
                  ("RSS increase MB", "{rss_increase_mb:.0f}"), ("peak device MB", "{peak_device_mb:.0f}"),
                  ("cores used", "{cores_used:.2f}"), ("load 1 min", "{load_average_1m:.2f}"))),
     "train": Kind(
-        flags=("queries", "query_length", "doc_length", "lora_rank", "remat", "warmup_steps", "steps"),
+        flags=("queries", "query_length", "doc_length", "lora_rank", "lora_dropout", "remat", "warmup_steps",
+               "steps"),
         positive=("queries", "query_length", "doc_length", "lora_rank", "steps"),
         prepare=_train_job, runs=_train_runs, work=_train_worker, summarize=_train_summary, flops=_train_flops,
         columns=(("device", "{device}"), ("remat", "{remat}"), ("tokens/s", "{tokens_per_s:.0f}"),

@@ -305,6 +305,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--query-length", type=int, default=32, help="train: tokens per query, padded")
     p.add_argument("--doc-length", type=int, default=128, help="train: tokens per document, padded")
     p.add_argument("--lora-rank", type=int, default=16, help="train: LoRA rank (alpha = 2 x rank)")
+    p.add_argument("--lora-dropout", type=float, default=0.05, help="train: dropout on the adapters' input")
     p.add_argument("--remat", default="none", metavar="POLICY[,POLICY...]|all",
                    help=f"train: JAX gradient checkpointing ({', '.join(REMAT_POLICIES)}); a list compares them, "
                    "one JAX run each; PyTorch runs with checkpointing off for none, on for the others, once a setting")

@@ -188,6 +188,12 @@ def test_bench_rejects_the_other_jobs_flags(tmp_path):
     args = cli.build_parser().parse_args(["bench", "encode", "--queries", "4"])
     with pytest.raises(ValueError, match="bench encode does not use --queries"):
         bench.main(args)
+    args = cli.build_parser().parse_args(["bench", "encode", "--lora-dropout", "0"])
+    with pytest.raises(ValueError, match="bench encode does not use --lora-dropout"):
+        bench.main(args)
+    args = cli.build_parser().parse_args(["bench", "train", "--lora-dropout", "1"])
+    with pytest.raises(ValueError, match=r"--lora-dropout must be in \[0, 1\)"):
+        bench.main(args)
     args = cli.build_parser().parse_args(["bench", "encode", "--max-batch-tokens", "-1"])
     with pytest.raises(ValueError, match="--max-batch-tokens must be >= 0"):
         bench.main(args)
