@@ -84,9 +84,9 @@ def test_remat_equals_no_remat(remat, dropout):
 
 
 @pytest.mark.parametrize("remat", ["none", "full"])
-def test_dropout_masks_under_jit_equal_flax_drawing_eagerly(remat):
-    """Oracle: flax's own dropout stream drawing eagerly, where each draw reads the count at once.
-    Under jit each LoRA must draw its own mask too, not one mask reused by all (the bug this guards)."""
+def test_dropout_masks_under_jit_equal_eager_draws(remat):
+    """Drawn eagerly, each LoRA's mask comes from the stream's count at that moment. Under jit each
+    LoRA must draw the same masks, not one mask reused by all (a bug this guards)."""
     from diffemb_jax.training.lora import set_dropout_key
 
     model = apply_lora(Decoder(CFG, rngs=nnx.Rngs(0), remat=remat), LoraConfig(rank=4, alpha=8, dropout=0.5))
@@ -96,23 +96,32 @@ def test_dropout_masks_under_jit_equal_flax_drawing_eagerly(remat):
     ids, mask = jnp.asarray(side["input_ids"]), jnp.asarray(side["padding_mask"])
     key = jax.random.key(3)
 
-    def ours(state, ids, mask, key):
+    def forward(state, ids, mask, key):
         m = nnx.merge(graphdef, state)
         set_dropout_key(m, key)
         return m(ids, mask)
 
-    reference = nnx.merge(graphdef, state)
-    reference.set_attributes(qwix_rngs=nnx.Rngs(dropout=key), raise_if_not_found=False)
-    expected = np.asarray(reference(ids, mask))
-    without_dropout = np.asarray(Decoder.__call__(merge_lora(model, LoraConfig(rank=4, alpha=8)), ids, mask))
-    assert np.abs(expected - without_dropout).max() > 1e-2  # the masks matter here
-    np.testing.assert_allclose(np.asarray(jax.jit(ours)(state, ids, mask, key)), expected, atol=1e-5)
+    eager = np.asarray(forward(state, ids, mask, key))
+    without_dropout = np.asarray(merge_lora(model, LoraConfig(rank=4, alpha=8))(ids, mask))
+    assert np.abs(eager - without_dropout).max() > 1e-2  # the masks matter here
+    np.testing.assert_allclose(np.asarray(jax.jit(forward)(state, ids, mask, key)), eager, atol=1e-5)
+    unset = nnx.merge(graphdef, state)  # no stream set: inference, no dropout
+    np.testing.assert_allclose(np.asarray(unset(ids, mask)), without_dropout, atol=1e-5)
+
+
+def test_dropout_keeps_the_rate():
+    from diffemb_jax.training.lora import dropout_keep_mask
+
+    keep = np.asarray(dropout_keep_mask(jax.random.key(0), (1000, 1000), 0.95))
+    assert abs(keep.mean() - 0.95) < 0.002
+    other = np.asarray(dropout_keep_mask(jax.random.key(1), (1000, 1000), 0.95))
+    assert (keep != other).mean() > 0.05  # another key, another mask
 
 
 @pytest.mark.parametrize("dtype", [jnp.float32, jnp.bfloat16])
 def test_lora_backward_equals_autodiff_of_qwix_delta(monkeypatch, dtype):
-    """Oracle: jax autodiff through qwix's own LoRA delta; ours only orders the products otherwise.
-    With dropout, the masks drawn are the same in both."""
+    """Oracle: jax autodiff through qwix's own LoRA delta, on the input dropped out by a plain
+    jnp.where with the same masks; ours orders the products otherwise and keeps only the masks."""
     from diffemb_jax.training import lora as lora_module
     from qwix._src.providers import lora as qwix_lora
 
@@ -126,11 +135,19 @@ def test_lora_backward_equals_autodiff_of_qwix_delta(monkeypatch, dtype):
     def run():
         return jax.jit(lambda l, f, b: loss_and_grads(graphdef, l, f, b, StepConfig(), KEY))(lora, frozen, BATCH)
 
+    def reference(lhs, *args, **kwargs):
+        keep, key = lora_module._dropout_keep_and_key()
+        assert key is not None  # the train step set the stream
+        lhs = jnp.where(lora_module.dropout_keep_mask(key, lhs.shape, keep), lhs / keep, 0).astype(lhs.dtype)
+        return lora_module._qwix_lora_delta(lhs, *args, **kwargs)
+
     metrics, grads = run()
-    monkeypatch.setattr(qwix_lora, "_compute_lora_delta", lora_module._qwix_lora_delta)
+    monkeypatch.setattr(qwix_lora, "_compute_lora_delta", reference)
     ref_metrics, ref_grads = run()
-    assert float(metrics["loss"]) == pytest.approx(float(ref_metrics["loss"]), abs=1e-6 if dtype == jnp.float32 else 2e-2)
+    assert float(metrics["loss"]) == pytest.approx(float(ref_metrics["loss"]), rel=1e-6 if dtype == jnp.float32 else 2e-2)
     _assert_grads_equal(ref_grads, grads, rel=1e-5 if dtype == jnp.float32 else 2e-2)
+    lora_b = [x for path, x in nnx.to_flat_state(grads) if path[-1] == "kernel_lora_b"]
+    assert min(float(jnp.abs(g[...]).max()) for g in lora_b) > 0  # every adapter is in the loss
 
 
 def test_only_lora_parameters_train():

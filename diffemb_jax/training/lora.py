@@ -3,14 +3,17 @@
 qwix intercepts the matmuls of the modules whose path matches `targets` and adds
 `x @ A @ B * alpha / rank` with A, B held as `nnx.LoRAParam`, so an optimizer built with
 `wrt=nnx.LoRAParam` trains the adapters only. LoRA parameters are kept in float32 whatever the base
-dtype. Dropout on the adapters' input is always on in an adapted model (qwix): evaluate merged models. `merge_lora` folds them back into plain kernels for export or faster inference.
+dtype. `merge_lora` folds them back into plain kernels for export or faster inference.
 The adapter product x @ A @ B has a backward of our own (`_low_rank`): the same gradients, with the
-products ordered so that XLA on CPU does not transpose large operands.
+products ordered so that XLA on CPU does not transpose large operands. The adapters' input dropout
+is drawn there too (`_dropped_low_rank`), where the train step has set a stream (set_dropout_key);
+an adapted model called without one runs without dropout.
 """
 
 from __future__ import annotations
 
 import dataclasses
+import functools
 import inspect
 import re
 
@@ -20,6 +23,7 @@ import numpy as np
 import qwix
 from flax import nnx
 from qwix._src.providers import lora as qwix_lora
+from qwix._src.utils import flax_util
 
 from diffemb_jax.model import Decoder
 
@@ -56,23 +60,83 @@ def _low_rank_bwd(saved, g):
 _low_rank.defvjp(_low_rank_fwd, _low_rank_bwd)
 
 
+@functools.partial(jax.custom_vjp, nondiff_argnums=(4,))
+def _dropped_low_rank(x, keep_mask, a, b, keep: float):
+    """(x dropped out where keep_mask is False, the rest scaled by 1 / keep) @ A @ B."""
+    return _dropped_low_rank_fwd(x, keep_mask, a, b, keep)[0]
+
+
+def _dropped_low_rank_fwd(x, keep_mask, a, b, keep):
+    h = jax.lax.dot_general(jnp.where(keep_mask, x, 0), a, (((1,), (0,)), ((), ()))) * (1 / keep)
+    return jax.lax.dot_general(h, b, (((1,), (0,)), ((), ()))), (x, keep_mask, a, b, h)
+
+
+def _dropped_low_rank_bwd(keep, saved, g):
+    """As _low_rank_bwd, through the dropout: it keeps the 1-byte mask, not a dropped copy of x."""
+    x, keep_mask, a, b, h = saved
+    dh = jax.lax.dot_general(g, b, (((1,), (1,)), ((), ()))) * (1 / keep)  # [T, r]
+    db = jax.lax.dot_general(h, g, _TOKENS)
+    da = jax.lax.dot_general(dh, jnp.where(keep_mask, x, 0), _TOKENS).T
+    dx = jnp.where(keep_mask, jax.lax.dot_general(dh, a, (((1,), (1,)), ((), ()))), 0)
+    return dx.astype(x.dtype), None, da.astype(a.dtype), db.astype(b.dtype)
+
+
+_dropped_low_rank.defvjp(_dropped_low_rank_fwd, _dropped_low_rank_bwd)
+
+
+def dropout_keep_mask(key: jax.Array, shape, keep: float) -> jax.Array:
+    """True with probability `keep`, quantised to 1/65536: 16 random bits an element, two elements
+    from each 32-bit word drawn (jax draws a whole word an element, even for 16 bits), so half the
+    generator's work of flax's float32 uniform."""
+    *lead, width = shape
+    if width % 2:
+        bits = jax.random.bits(key, shape, jnp.uint16)
+    else:
+        words = jax.random.bits(key, (*lead, width // 2), jnp.uint32)
+        bits = jax.lax.bitcast_convert_type(words, jnp.uint16).reshape(shape)
+    return bits < round(keep * 65536)
+
+
+def _dropout_keep_and_key():
+    """(keep probability, key) of the LoRA being computed: set_dropout_key's stream and rate, or
+    (1, None) where none was set (qwix's init and plain inference: no dropout)."""
+    rngs = getattr(flax_util.get_current_module(), "qwix_rngs", None)
+    stream = getattr(rngs, "dropout", None)
+    if not isinstance(stream, _DropoutStream) or stream.rate == 0:
+        return 1.0, None
+    return 1.0 - stream.rate, stream()
+
+
 def _lora_delta(lhs, lora_a, lora_b, lhs_ca, lhs_ba, contract_shape, batch_shape, remain_shape, rank,
                 precision=None):
-    """qwix's adapter delta for a dense layer (x [..., d] @ kernel [d, n]) through `_low_rank`;
-    any other contraction is left to qwix."""
+    """qwix's adapter delta, with the adapter's input dropout, for a dense layer (x [..., d] @ kernel
+    [d, n]) through `_low_rank` / `_dropped_low_rank`; any other contraction is left to qwix."""
+    keep, key = _dropout_keep_and_key()
+    if key is not None:
+        # The barrier ties the mask to x, so XLA draws it when x is ready rather than all at the start.
+        lhs, key = jax.lax.optimization_barrier((lhs, key))
+        keep_mask = dropout_keep_mask(key, lhs.shape, keep)
     if tuple(lhs_ca) != (lhs.ndim - 1,) or lhs_ba or len(contract_shape) != 1 or len(remain_shape) != 1 \
             or precision is not None:
+        if key is not None:
+            lhs = jnp.where(keep_mask, lhs / keep, 0).astype(lhs.dtype)
         return _qwix_lora_delta(lhs, lora_a, lora_b, lhs_ca, lhs_ba, contract_shape, batch_shape, remain_shape,
                                 rank, precision=precision)
-    out = _low_rank(lhs.reshape(-1, lhs.shape[-1]), lora_a, lora_b)
+    x = lhs.reshape(-1, lhs.shape[-1])
+    if key is None:
+        out = _low_rank(x, lora_a, lora_b)
+    else:
+        out = _dropped_low_rank(x, keep_mask.reshape(x.shape), lora_a, lora_b, keep)
     return out.reshape(*lhs.shape[:-1], out.shape[-1])
 
 
 # qwix computes the delta in a private function of its LoRA provider; ours is the same product with a
-# faster backward. Where a qwix version names or calls it otherwise, qwix's own stays in place.
+# faster backward, and draws the dropout itself (qwix's is then off). Where a qwix version names or
+# calls it otherwise, qwix's own delta and dropout stay in place.
 _qwix_lora_delta = getattr(qwix_lora, "_compute_lora_delta", None)
-if _qwix_lora_delta is not None and list(inspect.signature(_qwix_lora_delta).parameters) == list(
-        inspect.signature(_lora_delta).parameters):
+OWN_DELTA = _qwix_lora_delta is not None and list(inspect.signature(_qwix_lora_delta).parameters) == list(
+    inspect.signature(_lora_delta).parameters) and hasattr(flax_util, "get_current_module")
+if OWN_DELTA:
     qwix_lora._compute_lora_delta = _lora_delta
 
 
@@ -92,7 +156,8 @@ def apply_lora(model: Decoder, lora: LoraConfig, *, seed: int = 0) -> Decoder:
     """The model with LoRA adapters (A random, B zero: the output is unchanged until trained)."""
     if lora.rank < 1:
         raise ValueError(f"LoRA rank must be >= 1, got {lora.rank}")
-    provider = qwix.LoraProvider(module_path=lora.targets, rank=lora.rank, alpha=lora.alpha, dropout=lora.dropout,
+    provider = qwix.LoraProvider(module_path=lora.targets, rank=lora.rank, alpha=lora.alpha,
+                                 dropout=0.0 if OWN_DELTA else lora.dropout,
                                  lora_a_initializer=PEFT_A_INIT,
                                  disable_jit=True)  # qwix would jit each intercepted call: dropout RNG updates must stay in our trace
     sample = jnp.ones((1, 8), jnp.int32)
@@ -100,6 +165,7 @@ def apply_lora(model: Decoder, lora: LoraConfig, *, seed: int = 0) -> Decoder:
     adapted = qwix.apply_lora_to_model(model, provider, sample, sample,
                                        rngs=nnx.Rngs(params=seed, dropout=seed + 1))
     adapted.remat = model.remat = remat
+    adapted.lora_dropout = lora.dropout  # drawn by _lora_delta, from set_dropout_key's stream
     if not nnx.state(adapted, nnx.LoRAParam):
         raise ValueError(f"the LoRA target pattern {lora.targets!r} matches no projection of the model")
     _to_float32(adapted)
@@ -109,7 +175,12 @@ def apply_lora(model: Decoder, lora: LoraConfig, *, seed: int = 0) -> Decoder:
 class _DropoutStream(nnx.RngStream):
     """flax's RngStream with a count that may be a host numpy array: each draw folds in a copy of it.
     (flax folds in the array itself and then adds 1 in place; under jit, jax keeps a numpy constant by
-    reference, so every draw of a step would see the final count and all masks would be the same.)"""
+    reference, so every draw of a step would see the final count and all masks would be the same.)
+    `rate`: the adapters' dropout rate."""
+
+    def __init__(self, key: jax.Array, rate: float):
+        super().__init__(key, tag="dropout")
+        self.rate = rate
 
     def __call__(self) -> jax.Array:
         count = self.count[...]
@@ -128,7 +199,7 @@ def set_dropout_key(model, key: jax.Array) -> None:
     SmolLM2 step quadratic in its depth (102 s of its 224 s compile). Under remat the count enters
     each checkpointed block as a traced value and leaves it as one."""
     rngs = nnx.Rngs(dropout=0)
-    rngs.dropout = _DropoutStream(key, tag="dropout")
+    rngs.dropout = _DropoutStream(key, getattr(model, "lora_dropout", 0.0))
     rngs.dropout.count.set_value(np.zeros(key.shape, np.uint32))
     model.set_attributes(qwix_rngs=rngs, raise_if_not_found=False)
 
