@@ -30,16 +30,18 @@ def _write_tokenizer(directory: Path, vocab_size: int) -> None:
     tok.save(str(directory / "tokenizer.json"))
 
 
-def test_bench_encode_tiny_model(tmp_path):
+def _bench_tiny(tmp_path, what: str, *flags: str) -> dict:
+    """`diffemb bench WHAT` on a tiny random LLaMA with a BPE that fits it; the JSON report."""
     model_dir = tiny.write_checkpoint("llama", tmp_path / "llama")
     _write_tokenizer(model_dir, vocab_size=97)
     out = tmp_path / "bench.json"
+    assert cli.main(["bench", what, "--model", str(model_dir), *flags, "--json", str(out)]) == 0
+    return json.loads(out.read_text())
 
-    rc = cli.main(["bench", "encode", "--model", str(model_dir), "--texts", "8", "--batch-size", "4",
-                   "--max-batch-tokens", "64", "--max-length", "32", "--json", str(out)])
 
-    assert rc == 0
-    report = json.loads(out.read_text())
+def test_bench_encode_tiny_model(tmp_path):
+    report = _bench_tiny(tmp_path, "encode", "--texts", "8", "--batch-size", "4",
+                         "--max-batch-tokens", "64", "--max-length", "32")
     assert report["settings"]["bucket_rows"] == [2]  # 64 tokens a batch: both frameworks send 2 rows
     assert set(report["results"]) == {"jax", "torch"}
     for result in report["results"].values():
@@ -53,16 +55,9 @@ def test_bench_encode_tiny_model(tmp_path):
 
 
 def test_bench_train_tiny_model(tmp_path):
-    model_dir = tiny.write_checkpoint("llama", tmp_path / "llama")
-    _write_tokenizer(model_dir, vocab_size=97)
-    out = tmp_path / "bench.json"
-
-    rc = cli.main(["bench", "train", "--model", str(model_dir), "--queries", "4", "--query-length", "8",
-                   "--doc-length", "24", "--lora-rank", "4", "--warmup-steps", "1", "--steps", "1",
-                   "--peak-tflops", "2.5", "--json", str(out)])
-
-    assert rc == 0
-    report = json.loads(out.read_text())
+    report = _bench_tiny(tmp_path, "train", "--queries", "4", "--query-length", "8",
+                         "--doc-length", "24", "--lora-rank", "4", "--warmup-steps", "1", "--steps", "1",
+                         "--peak-tflops", "2.5")
     settings = report["settings"]
     assert list(report["results"]) == ["JAX remat=none", "PyTorch checkpointing=off"]
     assert 0 < settings["tokens_per_step"] <= settings["padded_tokens_per_step"] == 4 * (8 + 24 + 24)
@@ -84,16 +79,9 @@ def test_bench_train_tiny_model(tmp_path):
 def test_bench_train_remat_sweep(tmp_path, capsys):
     """--remat none,full: a JAX run per policy, PyTorch once with checkpointing off and once on; each
     policy compared with its match; all first losses are the base model's, so they agree."""
-    model_dir = tiny.write_checkpoint("llama", tmp_path / "llama")
-    _write_tokenizer(model_dir, vocab_size=97)
-    out = tmp_path / "bench.json"
-
-    rc = cli.main(["bench", "train", "--model", str(model_dir), "--queries", "4", "--query-length", "8",
-                   "--doc-length", "16", "--lora-rank", "4", "--warmup-steps", "0", "--steps", "1",
-                   "--remat", "none,full", "--json", str(out)])
-
-    assert rc == 0
-    report = json.loads(out.read_text())
+    report = _bench_tiny(tmp_path, "train", "--queries", "4", "--query-length", "8",
+                         "--doc-length", "16", "--lora-rank", "4", "--warmup-steps", "0", "--steps", "1",
+                         "--remat", "none,full")
     results = report["results"]
     assert report["settings"]["remat"] == ["none", "full"]
     assert list(results) == ["JAX remat=none", "JAX remat=full", "PyTorch checkpointing=off",
@@ -300,14 +288,7 @@ def test_parent_preallocation_off_gives_workers_the_callers_setting(monkeypatch)
 
 def test_bench_long_tiny_model(tmp_path):
     """Both frameworks at each length, past the XLA kernel's 1024-token query chunks, agreeing."""
-    model_dir = tiny.write_checkpoint("llama", tmp_path / "llama")
-    _write_tokenizer(model_dir, vocab_size=97)
-    out = tmp_path / "bench.json"
-
-    rc = cli.main(["bench", "long", "--model", str(model_dir), "--lengths", "256,2048", "--json", str(out)])
-
-    assert rc == 0
-    report = json.loads(out.read_text())
+    report = _bench_tiny(tmp_path, "long", "--lengths", "256,2048")
     assert list(report["results"]) == ["JAX 256", "JAX 2048", "PyTorch 256", "PyTorch 2048"] and not report["skipped"]
     for result in report["results"].values():
         assert result["status"] == "ok" and result["length"] - 8 <= result["tokens"] <= result["length"]
