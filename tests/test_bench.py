@@ -167,27 +167,23 @@ def test_table_shows_a_dash_for_missing_figures_and_warns_of_mixed_devices():
     assert bench.device_mismatch(results) is None
 
 
+BAD_FLAGS = [
+    (["train", "--batch-size", "4", "--steps", "2"], "bench train does not use --batch-size"),
+    (["encode", "--queries", "4"], "bench encode does not use --queries"),
+    (["encode", "--lora-dropout", "0"], "bench encode does not use --lora-dropout"),
+    (["train", "--lora-dropout", "1"], r"--lora-dropout must be in \[0, 1\)"),
+    (["encode", "--max-batch-tokens", "-1"], "--max-batch-tokens must be >= 0"),
+    (["encode", "--peak-tflops", "0"], "--peak-tflops must be positive"),
+]
+
+
 def test_bench_rejects_the_other_jobs_flags(tmp_path):
     from diffemb_jax import bench
 
-    args = cli.build_parser().parse_args(["bench", "train", "--batch-size", "4", "--steps", "2"])
-    with pytest.raises(ValueError, match="bench train does not use --batch-size"):
-        bench.main(args)
-    args = cli.build_parser().parse_args(["bench", "encode", "--queries", "4"])
-    with pytest.raises(ValueError, match="bench encode does not use --queries"):
-        bench.main(args)
-    args = cli.build_parser().parse_args(["bench", "encode", "--lora-dropout", "0"])
-    with pytest.raises(ValueError, match="bench encode does not use --lora-dropout"):
-        bench.main(args)
-    args = cli.build_parser().parse_args(["bench", "train", "--lora-dropout", "1"])
-    with pytest.raises(ValueError, match=r"--lora-dropout must be in \[0, 1\)"):
-        bench.main(args)
-    args = cli.build_parser().parse_args(["bench", "encode", "--max-batch-tokens", "-1"])
-    with pytest.raises(ValueError, match="--max-batch-tokens must be >= 0"):
-        bench.main(args)
-    args = cli.build_parser().parse_args(["bench", "encode", "--peak-tflops", "0"])
-    with pytest.raises(ValueError, match="--peak-tflops must be positive"):
-        bench.main(args)
+    for argv, message in BAD_FLAGS:
+        args = cli.build_parser().parse_args(["bench", *argv])
+        with pytest.raises(ValueError, match=message):
+            bench.main(args)
 
 
 def test_model_flops_formulas_match_torch_flop_counter():

@@ -191,8 +191,10 @@ class _DropoutStream(nnx.RngStream):
 
 
 def set_dropout_key(model, key: jax.Array) -> None:
-    """Where qwix draws LoRA dropout masks from. Set inside the traced step from a key derived from
-    (seed, step), so masks are reproducible on resume and identical when GradCache re-encodes.
+    """The stream the adapters' dropout masks are drawn from (by _lora_delta, or by qwix where its own
+    delta is in place), at the model's lora_dropout rate. Set inside the traced step from a key
+    derived from (seed, step), so masks are reproducible on resume and identical when GradCache
+    re-encodes.
 
     The stream's call count is kept in numpy, not traced: flax checks the sharding of a traced count
     on every update, and jax answers by walking the whole trace so far, which made tracing the
