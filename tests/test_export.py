@@ -25,6 +25,7 @@ from conversion.export import export_hf
 from conversion.peft_adapters import load_peft_adapter, merged_from_peft, save_peft_adapter
 from diffemb_jax.cli import main as cli
 from diffemb_jax.embedding.pooling import pool
+from diffemb_jax.model.attention import attend
 from diffemb_jax.training.lora import LoraConfig, apply_lora, merge_lora
 
 LENGTHS = [9, 5, 2]
@@ -208,6 +209,35 @@ def test_adapter_out_loads_in_peft(tmp_path, headless):
                                             ids, mask, "bidirectional"), mask)
     np.testing.assert_allclose(_our_embeddings(adapted, ids, mask), theirs, atol=1e-4, rtol=0)
     np.testing.assert_allclose(_our_embeddings(merge_lora(adapted, lora), ids, mask), theirs, atol=1e-4, rtol=0)
+
+
+def test_adapted_bf16_model_stays_bf16_like_peft(tmp_path, monkeypatch):
+    """peft casts an adapted bf16 layer's output back to bf16 (its float32 adapters' delta would promote
+    it); so must we, or every adapted projection turns attention (then no cuDNN), the residual stream
+    and the MLP float32. Oracle: peft with our adapter on transformers' model in bf16."""
+    from diffemb_jax.model import decoder
+
+    hf_dir = tiny.write_checkpoint("qwen2", tmp_path / "hf")
+    model, _ = load_model(hf_dir, dtype="bfloat16", progress=False)
+    lora = LoraConfig(rank=4, alpha=8, dropout=0.0)
+    adapted = apply_lora(model, lora)
+    _randomise_lora(adapted)
+    out = save_peft_adapter(adapted, lora, tmp_path / "adapter", base_model_name_or_path=str(hf_dir))
+    peft_model = peft.PeftModel.from_pretrained(tiny.oracle_model("qwen2").to(torch.bfloat16), out).eval()
+    assert {p.dtype for n, p in peft_model.named_parameters() if "lora_" in n} == {torch.float32}
+    ids, mask = padded_batch(LENGTHS, 9, "right")
+    pad = torch.as_tensor(mask).bool()
+    with torch.no_grad():
+        theirs = peft_model.base_model.model.model(
+            input_ids=torch.as_tensor(ids), attention_mask=pad[:, None, None, :].expand(-1, 1, 9, -1),
+            position_ids=(pad.long().cumsum(-1) - 1).clamp(min=0)).last_hidden_state
+    attended = []
+    monkeypatch.setattr(decoder, "attend", lambda q, k, v, *a, **kw: attended.append(q.dtype) or attend(q, k, v, *a, **kw))
+    ours = adapted(jnp.asarray(ids), jnp.asarray(mask))
+    assert theirs.dtype == torch.bfloat16 and ours.dtype == jnp.bfloat16 and set(attended) == {jnp.dtype(jnp.bfloat16)}
+    real = np.asarray(mask, bool)
+    theirs, ours = theirs.float().numpy()[real], np.asarray(ours.astype(jnp.float32))[real]
+    np.testing.assert_allclose(ours, theirs, atol=0.03 * np.abs(theirs).max(), rtol=0)
 
 
 def _torch_tree(state: dict[str, np.ndarray]) -> torch.nn.Module:

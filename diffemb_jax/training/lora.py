@@ -110,7 +110,15 @@ def _dropout_keep_and_key():
 def _lora_delta(lhs, lora_a, lora_b, lhs_ca, lhs_ba, contract_shape, batch_shape, remain_shape, rank,
                 precision=None):
     """qwix's adapter delta, with the adapter's input dropout, for a dense layer (x [..., d] @ kernel
-    [d, n]) through `_low_rank` / `_dropped_low_rank`; any other contraction is left to qwix."""
+    [d, n]) through `_low_rank` / `_dropped_low_rank`; any other contraction is left to qwix.
+    Computed with the float32 adapters, returned in x's dtype, as peft does: qwix adds it to the base
+    output, which a float32 delta would promote, and with it attention and the residual stream."""
+    return _float32_lora_delta(lhs, lora_a, lora_b, lhs_ca, lhs_ba, contract_shape, batch_shape, remain_shape,
+                               rank, precision).astype(lhs.dtype)
+
+
+def _float32_lora_delta(lhs, lora_a, lora_b, lhs_ca, lhs_ba, contract_shape, batch_shape, remain_shape, rank,
+                        precision):
     keep, key = _dropout_keep_and_key()
     if key is not None:
         # The barrier ties the mask to x, so XLA draws it when x is ready rather than all at the start.
