@@ -251,19 +251,35 @@ SHAPES = {
 LONGEST = 32768  # the longest LongEmbed context: what the named shapes must read
 
 
-def random_checkpoint(shape: str, directory: Path, dtype: str) -> Path:
-    """A transformers checkpoint of a named shape with random weights (seeded), and the SmolLM2
-    tokenizer, whose ids fit every shape's vocabulary. Both frameworks then load it as --model."""
-    import torch
-    from transformers import AutoConfig, AutoModelForCausalLM
+def shape_tokenizer(path: str | Path | None, shape: str):
+    """The tokenizer of a --shape run: --tokenizer (a tokenizer.json, a model directory or a .gguf),
+    by default the bundled SmolLM2's; its ids must fit the shape's vocabulary."""
+    import tokenizers
 
     from diffemb_jax import assets
+
+    path = Path(path) if path is not None else assets.smollm2_gguf()
+    if not path.exists():
+        raise FileNotFoundError(f"--tokenizer {path} does not exist")
+    tokenizer = tokenizers.Tokenizer.from_file(str(path)) if path.suffix == ".json" else tokenizer_for(path)
+    vocab = SHAPES[shape][1]["vocab_size"]
+    if tokenizer.get_vocab_size() > vocab:
+        raise ValueError(f"the tokenizer {path} has {tokenizer.get_vocab_size()} ids, more than the "
+                         f"{vocab} of shape {shape}: pass a --tokenizer whose ids fit")
+    return tokenizer
+
+
+def random_checkpoint(shape: str, directory: Path, dtype: str, tokenizer) -> Path:
+    """A transformers checkpoint of a named shape with random weights (seeded) and `tokenizer`.
+    Both frameworks then load it as --model."""
+    import torch
+    from transformers import AutoConfig, AutoModelForCausalLM
 
     model_type, fields = SHAPES[shape]
     torch.manual_seed(SEED)
     config = AutoConfig.for_model(model_type, max_position_embeddings=LONGEST, **fields)
     AutoModelForCausalLM.from_config(config, dtype=getattr(torch, dtype)).save_pretrained(directory)
-    tokenizer_for(assets.smollm2_gguf()).save(str(directory / "tokenizer.json"))
+    tokenizer.save(str(directory / "tokenizer.json"))
     return directory
 
 
@@ -645,7 +661,7 @@ def _spawn(key: str, framework: str, job: dict, job_path: Path, env: dict) -> di
 
 def _command(args) -> str:
     parts = ["diffemb", "bench", args.what]
-    for name in ("model", "shape") + KINDS[args.what].flags + ("dtype", "peak_tflops", "json"):
+    for name in ("model", "shape", "tokenizer") + KINDS[args.what].flags + ("dtype", "peak_tflops", "json"):
         if getattr(args, name) is not None:
             parts += ["--" + name.replace("_", "-"), str(getattr(args, name))]
     return " ".join(parts)
@@ -693,6 +709,8 @@ def _check_args(args) -> None:
         raise ValueError(f"--peak-tflops must be positive, got {args.peak_tflops}")
     if args.model and args.shape:
         raise ValueError("diffemb bench: --model and --shape exclude each other (--shape benches random weights)")
+    if args.tokenizer and not args.shape:
+        raise ValueError("diffemb bench: --tokenizer is for --shape (a --model brings its own tokenizer)")
     if args.json and not Path(args.json).absolute().parent.is_dir():
         raise FileNotFoundError(f"the folder for --json {args.json} does not exist")
 
@@ -1050,7 +1068,8 @@ def main(args) -> dict:
     _check_args(args)
     with tempfile.TemporaryDirectory(prefix="diffemb-bench-") as tmp, _parent_preallocation_off() as worker_env:
         if args.shape:
-            model = random_checkpoint(args.shape, Path(tmp) / args.shape, args.dtype)
+            model = random_checkpoint(args.shape, Path(tmp) / args.shape, args.dtype,
+                                      shape_tokenizer(args.tokenizer, args.shape))
         else:
             model = Path(args.model) if args.model else converted_smollm2()
         if not model.exists():

@@ -318,6 +318,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--model", default=None, help="model to bench (default: the bundled SmolLM2-135M)")
     p.add_argument("--shape", default=None, choices=tuple(SHAPES),
                    help="bench this model shape at random weights instead (on CPU only the small ones are practical)")
+    p.add_argument("--tokenizer", default=None, help="--shape: a tokenizer.json, model directory or .gguf to make "
+                   "the token ids with (default: the bundled SmolLM2's), where the bundled model is not installed")
     p.add_argument("--texts", type=int, default=64, help="number of texts")
     p.add_argument("--batch-size", type=int, default=16)
     p.add_argument("--max-batch-tokens", type=int, default=DEFAULT_MAX_BATCH_TOKENS, help=MAX_BATCH_TOKENS_HELP)

@@ -174,6 +174,7 @@ BAD_FLAGS = [
     (["train", "--lora-dropout", "1"], r"--lora-dropout must be in \[0, 1\)"),
     (["encode", "--max-batch-tokens", "-1"], "--max-batch-tokens must be >= 0"),
     (["encode", "--peak-tflops", "0"], "--peak-tflops must be positive"),
+    (["encode", "--tokenizer", "tokenizer.json"], "--tokenizer is for --shape"),
 ]
 
 
@@ -217,18 +218,40 @@ def test_model_flops_formulas_match_torch_flop_counter():
         == rows * bench.train_flops(cfg, n, rank)
 
 
-def test_bench_encode_named_shape_at_random_weights(tmp_path):
+@pytest.mark.parametrize("own_tokenizer", [False, True])
+def test_bench_encode_named_shape_at_random_weights(tmp_path, own_tokenizer):
     out = tmp_path / "bench.json"
+    flags = []
+    if own_tokenizer:  # where the bundled SmolLM2 is not installed (an offline GPU host)
+        _write_tokenizer(tmp_path, vocab_size=97)
+        flags = ["--tokenizer", str(tmp_path / "tokenizer.json")]
 
     rc = cli.main(["bench", "encode", "--shape", "tiny", "--texts", "4", "--batch-size", "2", "--max-length", "16",
-                   "--json", str(out)])
+                   *flags, "--json", str(out)])
 
     assert rc == 0
     report = json.loads(out.read_text())
     assert report["settings"]["shape"] == "tiny"
+    assert ("--tokenizer" in report["command"]) == own_tokenizer
     config = report["results"]["jax"]["model_config"]
     assert (config["hidden_size"], config["num_layers"], config["num_kv_heads"]) == (64, 2, 2)
     assert report["max_abs_diff_first"] < 1e-3  # the same random weights on both sides
+
+
+def test_shape_tokenizer_must_fit_the_shapes_vocabulary(tmp_path):
+    from tokenizers import Tokenizer, models
+
+    from diffemb_jax import bench
+
+    _write_tokenizer(tmp_path, vocab_size=97)
+    assert bench.shape_tokenizer(tmp_path / "tokenizer.json", "tiny").get_vocab_size() <= 97
+    assert bench.shape_tokenizer(tmp_path, "tiny").get_vocab_size() <= 97  # a model directory's tokenizer.json
+    wide = Tokenizer(models.WordLevel({f"w{i}": i for i in range(50_000)}, unk_token="w0"))
+    wide.save(str(tmp_path / "wide.json"))
+    with pytest.raises(ValueError, match="50000 ids, more than the 49152 of shape tiny"):
+        bench.shape_tokenizer(tmp_path / "wide.json", "tiny")
+    with pytest.raises(FileNotFoundError, match="does not exist"):
+        bench.shape_tokenizer(tmp_path / "absent.json", "tiny")
 
 
 def test_bench_shape_excludes_model():
