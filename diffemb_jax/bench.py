@@ -31,6 +31,10 @@ so, and the longer ones of that framework are not tried; nor is a length whose t
 whose peak RSS against the memory available) would pass --time-limit seconds, predicted from the two
 lengths before it with growth at most quadratic in length.
 
+--model benches a checkpoint; --shape a named model shape (SHAPES) at random weights, seeded, written
+once to the cache ($DIFFEMB_CACHE, else ~/.cache/diffemb-jax, under bench/) and reused, with the
+bundled SmolLM2 tokenizer or --tokenizer.
+
 Both report model TFLOP/s: matrix-product FLOPs of the useful work (formulas in FORWARD_FORMULA and
 TRAIN_FORMULA, padding not counted) over the timed seconds, and MFU against --peak-tflops, or against
 the known peak of the device each ran on (KNOWN_PEAK_TFLOPS); on CPU no peak is assumed.
@@ -57,6 +61,7 @@ import json
 import os
 import platform
 import re
+import shutil
 import string
 import subprocess
 import sys
@@ -269,16 +274,45 @@ def shape_tokenizer(path: str | Path | None, shape: str):
     return tokenizer
 
 
-def random_checkpoint(shape: str, directory: Path, dtype: str, tokenizer) -> Path:
-    """A transformers checkpoint of a named shape with random weights (seeded) and `tokenizer`.
-    Both frameworks then load it as --model."""
+def random_weights(shape: str, dtype: str) -> Path:
+    """The transformers checkpoint (config and weights) of a named shape at random weights, seeded:
+    written once to the cache and reused, since a 7B shape is 15 GB and minutes to write. Written
+    beside its place and renamed into it when complete, so a cached one is never half-written."""
+    import hashlib
+
     import torch
     from transformers import AutoConfig, AutoModelForCausalLM
 
+    from diffemb_jax.demo import cache_dir
+
     model_type, fields = SHAPES[shape]
-    torch.manual_seed(SEED)
-    config = AutoConfig.for_model(model_type, max_position_embeddings=LONGEST, **fields)
-    AutoModelForCausalLM.from_config(config, dtype=getattr(torch, dtype)).save_pretrained(directory)
+    recipe = json.dumps([model_type, fields, LONGEST, SEED, dtype], sort_keys=True)
+    out = cache_dir() / "bench" / f"{shape}-{dtype}-{hashlib.sha256(recipe.encode()).hexdigest()[:10]}"
+    if out.is_dir():
+        return out
+    out.parent.mkdir(parents=True, exist_ok=True)
+    print(f"writing random weights of shape {shape} ({dtype}) to {out}", flush=True)
+    partial = Path(tempfile.mkdtemp(prefix=f".{out.name}-", dir=out.parent))
+    try:
+        torch.manual_seed(SEED)
+        config = AutoConfig.for_model(model_type, max_position_embeddings=LONGEST, **fields)
+        AutoModelForCausalLM.from_config(config, dtype=getattr(torch, dtype)).save_pretrained(partial)
+        try:
+            partial.rename(out)
+        except OSError:
+            if not out.is_dir():  # else another process cached it first
+                raise
+    finally:
+        shutil.rmtree(partial, ignore_errors=True)  # already gone after the rename
+    return out
+
+
+def random_checkpoint(shape: str, directory: Path, dtype: str, tokenizer) -> Path:
+    """A checkpoint directory of a named shape at random weights (links to random_weights' files) and
+    `tokenizer`. Both frameworks then load it as --model."""
+    directory.mkdir(parents=True)
+    for file in random_weights(shape, dtype).iterdir():
+        (directory / file.name).symlink_to(file)
     tokenizer.save(str(directory / "tokenizer.json"))
     return directory
 

@@ -317,7 +317,8 @@ def build_parser() -> argparse.ArgumentParser:
                    help="long: do not try a length predicted to take more seconds than this")
     p.add_argument("--model", default=None, help="model to bench (default: the bundled SmolLM2-135M)")
     p.add_argument("--shape", default=None, choices=tuple(SHAPES),
-                   help="bench this model shape at random weights instead (on CPU only the small ones are practical)")
+                   help="bench this model shape at random weights instead, written once to the cache and reused "
+                   "(on CPU only the small ones are practical)")
     p.add_argument("--tokenizer", default=None, help="--shape: a tokenizer.json, model directory or .gguf to make "
                    "the token ids with (default: the bundled SmolLM2's), where the bundled model is not installed")
     p.add_argument("--texts", type=int, default=64, help="number of texts")

@@ -254,6 +254,38 @@ def test_shape_tokenizer_must_fit_the_shapes_vocabulary(tmp_path):
         bench.shape_tokenizer(tmp_path / "absent.json", "tiny")
 
 
+def test_random_weights_are_written_once_and_never_half(tmp_path, monkeypatch):
+    import transformers
+
+    from diffemb_jax import bench
+
+    monkeypatch.setenv("DIFFEMB_CACHE", str(tmp_path / "cache"))
+    save = transformers.PreTrainedModel.save_pretrained
+
+    def save_then_fail(self, directory, **kwargs):
+        save(self, directory, **kwargs)
+        raise OSError("disk full")
+
+    monkeypatch.setattr(transformers.PreTrainedModel, "save_pretrained", save_then_fail)
+    with pytest.raises(OSError, match="disk full"):
+        bench.random_weights("tiny", "float32")
+    assert not list((tmp_path / "cache" / "bench").iterdir())  # nothing half-written left behind
+    monkeypatch.setattr(transformers.PreTrainedModel, "save_pretrained", save)
+
+    cached = bench.random_weights("tiny", "float32")
+    monkeypatch.setattr(transformers.AutoModelForCausalLM, "from_config",
+                        lambda *args, **kwargs: pytest.fail("the cached weights were written again"))
+    assert bench.random_weights("tiny", "float32") == cached
+    assert list((tmp_path / "cache" / "bench").iterdir()) == [cached]
+    _write_tokenizer(tmp_path, vocab_size=97)
+    own = bench.random_checkpoint("tiny", tmp_path / "own", "float32",
+                                  bench.shape_tokenizer(tmp_path / "tokenizer.json", "tiny"))
+    bundled = bench.random_checkpoint("tiny", tmp_path / "bundled", "float32", bench.shape_tokenizer(None, "tiny"))
+    for checkpoint in (own, bundled):
+        assert (checkpoint / "config.json").resolve() == cached / "config.json"
+    assert (own / "tokenizer.json").read_text() != (bundled / "tokenizer.json").read_text()
+
+
 def test_bench_shape_excludes_model():
     from diffemb_jax import bench
 
