@@ -43,6 +43,8 @@ Devices: JAX runs on its default device; the PyTorch side on CUDA where torch se
 bfloat16 loads bf16 weights there), else on the CPU. A summary line warns when one ran on the CPU and
 the other did not.
 
+--no-vs-torch runs JAX alone: no ratios, and no torch or peft needed but to write --shape's weights.
+
 Each run (a framework; for train, with its remat setting) is a child process of its own, one after
 the other, so the peak memory reported is that run's alone. RSS figures read /proc, so they are
 Linux-only. On an accelerator, peak device memory is the allocator's (JAX memory_stats, torch
@@ -698,6 +700,8 @@ def _command(args) -> str:
     for name in ("model", "shape", "tokenizer") + KINDS[args.what].flags + ("dtype", "peak_tflops", "json"):
         if getattr(args, name) is not None:
             parts += ["--" + name.replace("_", "-"), str(getattr(args, name))]
+    if not args.vs_torch:
+        parts.append("--no-vs-torch")
     return " ".join(parts)
 
 
@@ -737,8 +741,9 @@ def _check_args(args) -> None:
             raise ValueError(f"--lora-dropout must be in [0, 1), got {args.lora_dropout}")
         if args.warmup_steps < 0:
             raise ValueError(f"--warmup-steps must be >= 0, got {args.warmup_steps}")
-        if not _installed("peft"):
-            raise ModuleNotFoundError("diffemb bench train: the PyTorch side needs peft: pip install peft")
+        if args.vs_torch and not _installed("peft"):
+            raise ModuleNotFoundError("diffemb bench train: the PyTorch side needs peft: pip install peft "
+                                      "(or --no-vs-torch)")
     if args.peak_tflops is not None and not args.peak_tflops > 0:
         raise ValueError(f"--peak-tflops must be positive, got {args.peak_tflops}")
     if args.model and args.shape:
@@ -790,7 +795,9 @@ def _encode_flops(job: dict, cfg: dict, result: dict) -> tuple[int, int, str]:
 def _encode_summary(results: dict) -> tuple[dict, list[str]]:
     import numpy as np
 
-    first = {f: np.asarray(results[f].pop("first_embeddings")) for f in FRAMEWORKS}
+    first = {f: np.asarray(results[f].pop("first_embeddings")) for f in results}
+    if "torch" not in results:
+        return {}, []
     summary = {"tokens_per_s_ratio": results["jax"]["tokens_per_s"] / results["torch"]["tokens_per_s"],
                "max_abs_diff_first": float(np.abs(first["jax"] - first["torch"]).max())}
     return summary, [f"JAX / PyTorch tokens/s ratio: {summary['tokens_per_s_ratio']:.2f}",
@@ -909,7 +916,7 @@ def _train_summary(results: dict) -> tuple[dict, list[str]]:
     all runs must agree (LoRA B starts at zero: each is the base model's loss)."""
     runs = {f: {r["remat"]: r for r in results.values() if r["framework"] == f} for f in FRAMEWORKS}
     pairs, lines = {}, []
-    for policy, jax_r in runs["jax"].items():
+    for policy, jax_r in runs["jax"].items() if runs["torch"] else ():
         torch_r = runs["torch"][_torch_remat(policy)]
         jax_label, torch_label = _train_label("jax", policy), _train_label("torch", torch_r["remat"])
         pair = pairs[policy] = {"pytorch": torch_label,
@@ -921,7 +928,7 @@ def _train_summary(results: dict) -> tuple[dict, list[str]]:
                   + _agreement(pair["first_loss_abs_diff"])]
     first = [r["first_loss"] for r in results.values()]
     summary = {"pairs": pairs, "first_loss_abs_diff": max(first) - min(first), "best_remat": _best_remat(runs["jax"])}
-    if len(results) > 2:
+    if len(results) > (2 if pairs else 1):
         lines.append(f"first-step loss of all {len(results)} runs: max - min {summary['first_loss_abs_diff']:.2e} "
                      + _agreement(summary["first_loss_abs_diff"]))
     if len(runs["jax"]) > 1:
@@ -1014,7 +1021,8 @@ def _long_flops(job: dict, cfg: dict, result: dict) -> tuple[int, int, str]:
 def _long_summary(results: dict) -> tuple[dict, list[str]]:
     import numpy as np
 
-    ran = {f: [r for r in results.values() if r["framework"] == f and r["status"] == "ok"] for f in FRAMEWORKS}
+    ran = {f: [r for r in results.values() if r["framework"] == f and r["status"] == "ok"]
+           for f in FRAMEWORKS if any(r["framework"] == f for r in results.values())}
     longest = {f: max((r["length"] for r in runs), default=None) for f, runs in ran.items()}
     lines = []
     for f, runs in ran.items():
@@ -1028,7 +1036,7 @@ def _long_summary(results: dict) -> tuple[dict, list[str]]:
                      f"{best['seconds']:.2f} s, {memory}")
     ratios, diffs = {}, {}
     for jax_r in ran["jax"]:
-        torch_r = next((r for r in ran["torch"] if r["length"] == jax_r["length"]), None)
+        torch_r = next((r for r in ran.get("torch", ()) if r["length"] == jax_r["length"]), None)
         if torch_r:
             n = str(jax_r["length"])
             ratios[n] = jax_r["tokens_per_s"] / torch_r["tokens_per_s"]
@@ -1110,7 +1118,8 @@ def main(args) -> dict:
             raise FileNotFoundError(f"{model} does not exist")
         tokenizer = tokenizer_for(model)
         settings, payload = kind.prepare(args, tokenizer)
-        settings = {"model": str(model), "shape": args.shape, "torch_source": str(torch_source(model)), **settings,
+        settings = {"model": str(model), "shape": args.shape, "vs_torch": args.vs_torch,
+                    "torch_source": str(torch_source(model)) if args.vs_torch else None, **settings,
                     "versions": _versions(), "python": platform.python_version(), "cpu_count": os.cpu_count(),
                     "load_average_at_start": [round(x, 2) for x in os.getloadavg()]}
         print(f"command: {_command(args)}")
@@ -1118,7 +1127,8 @@ def main(args) -> dict:
         tokenizer.save(os.path.join(tmp, "tokenizer.json"))
         job = {**settings, "what": args.what, "tokenizer": os.path.join(tmp, "tokenizer.json"), **payload}
         results, skipped = {}, {}
-        for i, (key, (framework, changes)) in enumerate(kind.runs(settings).items()):
+        runs = {key: run for key, run in kind.runs(settings).items() if args.vs_torch or run[0] == "jax"}
+        for i, (key, (framework, changes)) in enumerate(runs.items()):
             reason = kind.skip(framework, changes, results, settings) if kind.skip else None
             if reason:
                 skipped[key] = reason

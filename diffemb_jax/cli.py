@@ -328,6 +328,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--dtype", choices=("float32", "bfloat16"), default="float32")
     p.add_argument("--peak-tflops", type=float, default=None,
                    help="the device's peak TFLOP/s at --dtype, for MFU (default: known GPUs only)")
+    p.add_argument("--vs-torch", action=argparse.BooleanOptionalAction, default=True,
+                   help="also run the PyTorch reference (transformers + peft) and compare (default); "
+                   "--no-vs-torch runs JAX alone")
     p.add_argument("--json", default=None, help="also write the results to this JSON file")
     p.set_defaults(func=_bench)
     return parser

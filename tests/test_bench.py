@@ -286,6 +286,25 @@ def test_random_weights_are_written_once_and_never_half(tmp_path, monkeypatch):
     assert (own / "tokenizer.json").read_text() != (bundled / "tokenizer.json").read_text()
 
 
+@pytest.mark.parametrize("what, flags", [
+    ("encode", ["--texts", "4", "--batch-size", "2", "--max-length", "16"]),
+    ("train", ["--queries", "2", "--query-length", "8", "--doc-length", "16", "--lora-rank", "2",
+               "--steps", "1", "--remat", "none,full"]),
+    ("long", ["--lengths", "16,32"]),
+])
+def test_bench_without_torch_runs_jax_alone(tmp_path, what, flags):
+    report = _bench_tiny(tmp_path, what, *flags, "--no-vs-torch")
+
+    assert {r["framework"] for r in report["results"].values()} == {"jax"}
+    assert report["settings"]["vs_torch"] is False and report["command"].endswith("--no-vs-torch")
+    assert "tokens_per_s_ratio" not in report and not report.get("pairs")
+    if what == "train":  # the JAX policies still agree on the base model's loss
+        assert len(report["results"]) == 2 and report["first_loss_abs_diff"] < 1e-3
+        assert report["best_remat"]["fastest"] in ("none", "full")
+    if what == "long":
+        assert report["longest"] == {"jax": 32} and report["tokens_per_s_ratio_by_length"] == {}
+
+
 def test_bench_shape_excludes_model():
     from diffemb_jax import bench
 
