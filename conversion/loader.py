@@ -85,8 +85,8 @@ def load_decoder(source: TensorSource, cfg: ModelConfig, *, dtype=jnp.float32, p
 
         def read(index, name=name, transposed=transposed):
             if transposed:
-                return source.read(name, tuple(index[::-1])).T.astype(param_dtype)
-            return source.read(name, tuple(index)).astype(param_dtype)
+                return source.read(name, tuple(index[::-1])).T.astype(param_dtype, copy=False)
+            return source.read(name, tuple(index)).astype(param_dtype, copy=False)
 
         sharding = sharding_for(path, logical_axes(variable), variable.shape)
         _set(values, path, jax.make_array_from_callback(variable.shape, sharding, read))

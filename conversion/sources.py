@@ -39,34 +39,55 @@ def _shard_files(directory: Path, single: str, index_name: str) -> dict[str, Pat
     raise CheckpointError(f"no {single} or {index_name} in {directory}")
 
 
+def _safetensors_dtypes() -> dict[str, np.dtype]:
+    import ml_dtypes
+
+    plain = {"F64": "<f8", "F32": "<f4", "F16": "<f2", "I64": "<i8", "I32": "<i4", "I16": "<i2", "I8": "i1",
+             "U64": "<u8", "U32": "<u4", "U16": "<u2", "U8": "u1", "BOOL": "?"}
+    return {**{k: np.dtype(v) for k, v in plain.items()}, "BF16": np.dtype(ml_dtypes.bfloat16),
+            "F8_E4M3": np.dtype(ml_dtypes.float8_e4m3fn), "F8_E5M2": np.dtype(ml_dtypes.float8_e5m2)}
+
+
 class SafetensorsSource:
-    """Memory-mapped safetensors; slices are read lazily (bf16 included, through ml_dtypes)."""
+    """Memory-mapped safetensors, read as numpy views of the mapped file (bf16 through ml_dtypes), so
+    a slice costs one copy of its own bytes. (The safetensors package reads bf16 only into a
+    framework's arrays: through JAX that put each tensor on the device and brought it back.)
+    The format: an 8-byte little-endian header size, a JSON header of each tensor's dtype, shape and
+    byte offsets in the data that follows."""
 
     def __init__(self, directory: Path):
-        from safetensors import safe_open
-
         files = _shard_files(directory, "model.safetensors", "model.safetensors.index.json")
         paths = sorted(set(files.values())) or [directory / "model.safetensors"]
-        self._handles = {p: safe_open(str(p), framework="flax") for p in paths}
-        self._where = {}
-        for p, handle in self._handles.items():
-            for name in handle.keys():
-                self._where[name] = p
-        self._slices = {}
+        dtypes = _safetensors_dtypes()
+        self._tensors = {}
+        for path in paths:
+            try:
+                mapped = np.memmap(path, dtype=np.uint8, mode="r")
+            except ValueError:  # numpy cannot map an empty file
+                raise CheckpointError(f"{path} is empty") from None
+            size = int(mapped[:8].view("<u8")[0]) if len(mapped) >= 8 else -1
+            try:
+                header = json.loads(bytes(mapped[8 : 8 + size]))
+            except (ValueError, UnicodeDecodeError):
+                raise CheckpointError(f"{path} is not a safetensors file (its header does not parse)") from None
+            header.pop("__metadata__", None)
+            for name, info in header.items():
+                if info["dtype"] not in dtypes:
+                    raise CheckpointError(f"{path}: tensor {name} has dtype {info['dtype']}, which this reader "
+                                          f"does not know ({', '.join(dtypes)})")
+                begin, end = (8 + size + offset for offset in info["data_offsets"])
+                if end > len(mapped):
+                    raise CheckpointError(f"{path} is truncated: tensor {name} ends past the end of the file")
+                self._tensors[name] = mapped[begin:end].view(dtypes[info["dtype"]]).reshape(info["shape"])
 
     def names(self) -> list[str]:
-        return list(self._where)
-
-    def _slice(self, name):
-        if name not in self._slices:
-            self._slices[name] = self._handles[self._where[name]].get_slice(name)
-        return self._slices[name]
+        return list(self._tensors)
 
     def shape(self, name):
-        return tuple(self._slice(name).get_shape())
+        return self._tensors[name].shape
 
     def read(self, name, index):
-        return np.asarray(self._slice(name)[index])
+        return np.array(self._tensors[name][index])
 
 
 def _torch_to_numpy(tensor) -> np.ndarray:

@@ -56,6 +56,50 @@ def test_bf16_safetensors_load(tmp_path):
     np.testing.assert_array_equal(np.asarray(model.embed.embedding[...]), want)
 
 
+SAFETENSORS_DTYPES = [torch.float64, torch.float32, torch.float16, torch.bfloat16, torch.int64, torch.int32,
+                      torch.int16, torch.int8, torch.uint8, torch.bool, torch.float8_e4m3fn, torch.float8_e5m2]
+
+
+def test_safetensors_reads_equal_the_safetensors_package(tmp_path):
+    """Oracle: safetensors' own reader (into torch) of a file that safetensors wrote: every dtype,
+    whole tensors and the slices the loader asks for; the file's metadata skipped."""
+    from safetensors import safe_open
+
+    from conversion.sources import SafetensorsSource
+
+    g = torch.Generator().manual_seed(0)
+    tensors = {f"t.{dtype}".replace("torch.", ""): (torch.randn(5, 7, generator=g) * 4).to(dtype)
+               for dtype in SAFETENSORS_DTYPES}
+    tensors["scalar"], tensors["three_d"] = torch.tensor(2.5), torch.randn(2, 3, 4, generator=g).bfloat16()
+    save_file(tensors, tmp_path / "model.safetensors", metadata={"format": "pt"})
+    ours, theirs = SafetensorsSource(tmp_path), safe_open(str(tmp_path / "model.safetensors"), "pt")
+    assert sorted(ours.names()) == sorted(theirs.keys())
+
+    for name in theirs.keys():
+        want = theirs.get_tensor(name)
+        assert ours.shape(name) == tuple(want.shape)
+        whole = tuple(slice(None) for _ in want.shape)
+        parts = [(whole, want)] + ([((slice(1, 4), slice(2, 7)), want[1:4, 2:7])] if want.ndim == 2 else [])
+        for index, expected in parts:
+            got = ours.read(name, index)
+            assert got.shape == tuple(expected.shape)
+            np.testing.assert_array_equal(got.astype(np.float64), expected.double().numpy())  # the values
+            np.testing.assert_array_equal(got.reshape(-1).view(np.uint8),  # and the very bits
+                                          expected.contiguous().reshape(-1).view(torch.uint8).numpy())
+
+
+def test_broken_safetensors_are_explained(tmp_path):
+    from conversion.sources import SafetensorsSource
+
+    save_file({"w": torch.ones(64, 64)}, tmp_path / "model.safetensors")
+    whole = (tmp_path / "model.safetensors").read_bytes()
+    for content, message in [(whole[:-100], "is truncated: tensor w ends past the end of the file"),
+                             (b"", "is empty"), (b"not a safetensors file at all", "is not a safetensors file")]:
+        (tmp_path / "model.safetensors").write_bytes(content)
+        with pytest.raises(CheckpointError, match=message):
+            SafetensorsSource(tmp_path)
+
+
 def test_converted_directory_round_trip(llama, tmp_path):
     _, hf = llama
     out = convert(hf, tmp_path / "converted", progress=False)
