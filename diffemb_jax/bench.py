@@ -709,8 +709,8 @@ def _command(args) -> str:
 
 
 def _versions() -> dict:
-    return {name: importlib.metadata.version(name) for name in ("jax", "jaxlib", "torch", "transformers", "peft")
-            if _installed(name)}
+    return {name: importlib.metadata.version(name)
+            for name in ("jax", "jaxlib", "flax", "qwix", "optax", "torch", "transformers", "peft") if _installed(name)}
 
 
 def _installed(name: str) -> bool:
