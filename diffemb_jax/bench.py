@@ -919,6 +919,7 @@ def _train_summary(results: dict) -> tuple[dict, list[str]]:
     """Each JAX policy against the PyTorch run with the matching checkpointing; the first losses of
     all runs must agree (LoRA B starts at zero: each is the base model's loss)."""
     runs = {f: {r["remat"]: r for r in results.values() if r["framework"] == f} for f in FRAMEWORKS}
+    dtype = next(iter(results.values()))["dtype"]
     pairs, lines = {}, []
     for policy, jax_r in runs["jax"].items() if runs["torch"] else ():
         torch_r = runs["torch"][_torch_remat(policy)]
@@ -929,12 +930,12 @@ def _train_summary(results: dict) -> tuple[dict, list[str]]:
         lines += [f"{jax_label} / {torch_label} tokens/s ratio: {pair['tokens_per_s_ratio']:.2f}",
                   f"first-step loss: {jax_label} {jax_r['first_loss']:.6f}, {torch_label} "
                   f"{torch_r['first_loss']:.6f}, |diff| {pair['first_loss_abs_diff']:.2e} "
-                  + _agreement(pair["first_loss_abs_diff"], jax_r["dtype"])]
+                  + _agreement(pair["first_loss_abs_diff"], dtype)]
     first = [r["first_loss"] for r in results.values()]
     summary = {"pairs": pairs, "first_loss_abs_diff": max(first) - min(first), "best_remat": _best_remat(runs["jax"])}
     if len(results) > (2 if pairs else 1):
         lines.append(f"first-step loss of all {len(results)} runs: max - min {summary['first_loss_abs_diff']:.2e} "
-                     + _agreement(summary["first_loss_abs_diff"], next(iter(results.values()))["dtype"]))
+                     + _agreement(summary["first_loss_abs_diff"], dtype))
     if len(runs["jax"]) > 1:
         best = summary["best_remat"]
         fastest, lean = runs["jax"][best["fastest"]], runs["jax"][best["lowest_memory"]]
