@@ -109,13 +109,64 @@ def test_dropout_masks_under_jit_equal_eager_draws(remat):
     np.testing.assert_allclose(np.asarray(unset(ids, mask)), without_dropout, atol=1e-5)
 
 
-def test_dropout_keeps_the_rate():
+def test_dropout_mask_is_jax_threefry_of_its_counters():
+    """Oracle: jax's public Threefry-2x32 (jax.extend.random.threefry_2x32) of the counter pairs
+    (row, index * 2^16 + block), each 64-bit block cut into four 16-bit draws, block j giving
+    columns j, j + q, j + 2q and j + 3q (q = ceil(width / 4))."""
+    from jax.extend.random import threefry_2x32
+
     from diffemb_jax.training.lora import dropout_keep_mask
 
-    keep = np.asarray(dropout_keep_mask(jax.random.key(0), (1000, 1000), 0.95))
-    assert abs(keep.mean() - 0.95) < 0.002
-    other = np.asarray(dropout_keep_mask(jax.random.key(1), (1000, 1000), 0.95))
-    assert (keep != other).mean() > 0.05  # another key, another mask
+    key, index, keep = jax.random.key(7), 5, 0.9
+    for shape in [(3, 5, 8), (4, 7), (2, 1)]:
+        *lead, width = shape
+        rows, q = int(np.prod(lead)), -(-width // 4)
+        row, block = np.meshgrid(np.arange(rows, dtype=np.uint32), np.arange(q, dtype=np.uint32), indexing="ij")
+        words = np.asarray(threefry_2x32(jax.random.key_data(key), np.concatenate(
+            [row.ravel(), (index << 16) + block.ravel()]))).reshape(2, rows, q)
+        draws = np.concatenate([words[0] & 0xFFFF, words[0] >> 16, words[1] & 0xFFFF, words[1] >> 16], axis=1)
+        expected = (draws < round(keep * 65536))[:, :width].reshape(shape)
+        mask = dropout_keep_mask(key, index, shape, keep)
+        assert mask.dtype == jnp.bool_ and mask.shape == shape
+        np.testing.assert_array_equal(np.asarray(mask), expected)
+        np.testing.assert_array_equal(np.asarray(jax.jit(dropout_keep_mask, static_argnums=(2, 3))(
+            key, jnp.uint32(index), shape, keep)), expected)  # a traced index: the draw under remat
+
+
+def test_dropout_masks_keep_the_rate_and_are_independent():
+    """Each of the four 16-bit draws of a block keeps the rate, and masks of other draws, other keys,
+    the other draws of one block and neighbouring rows are independent (chi-squared, scipy)."""
+    from scipy.stats import chi2_contingency
+
+    from diffemb_jax.training.lora import dropout_keep_mask
+
+    keep = 0.95
+    mask = np.asarray(dropout_keep_mask(jax.random.key(0), 0, (1000, 1000), keep))
+    assert abs(mask.mean() - keep) < 0.002
+    quarters = np.split(mask, 4, axis=1)
+    for quarter in quarters:
+        assert abs(quarter.mean() - keep) < 0.003
+
+    def independent(a, b):
+        table = [[np.sum(a & b), np.sum(a & ~b)], [np.sum(~a & b), np.sum(~a & ~b)]]
+        return chi2_contingency(table).pvalue > 1e-3
+
+    pairs = {"next draw": np.asarray(dropout_keep_mask(jax.random.key(0), 1, (1000, 1000), keep)),
+             "other key": np.asarray(dropout_keep_mask(jax.random.key(1), 0, (1000, 1000), keep))}
+    for name, other in pairs.items():
+        assert (mask != other).mean() > 0.05, name
+        assert independent(mask, other), name
+    assert independent(quarters[0], quarters[1])  # the two halves of a word
+    assert independent(quarters[0], quarters[2])  # the two words of a block
+    assert independent(mask[:-1], mask[1:])  # neighbouring rows
+    assert not independent(mask, mask | (np.arange(1000) % 2 == 0))  # the test can tell
+
+
+def test_dropout_mask_past_its_counters_is_an_error():
+    from diffemb_jax.training.lora import dropout_keep_mask
+
+    with pytest.raises(ValueError, match="counters' range"):
+        dropout_keep_mask(jax.random.key(0), 0, (2, 4 * 65536 + 4), 0.9)
 
 
 @pytest.mark.parametrize("dtype", [jnp.float32, jnp.bfloat16])
@@ -136,9 +187,9 @@ def test_lora_backward_equals_autodiff_of_qwix_delta(monkeypatch, dtype):
         return jax.jit(lambda l, f, b: loss_and_grads(graphdef, l, f, b, StepConfig(), KEY))(lora, frozen, BATCH)
 
     def reference(lhs, *args, **kwargs):
-        keep, key = lora_module._dropout_keep_and_key()
+        keep, key, index = lora_module._dropout_draw()
         assert key is not None  # the train step set the stream
-        lhs = jnp.where(lora_module.dropout_keep_mask(key, lhs.shape, keep), lhs / keep, 0).astype(lhs.dtype)
+        lhs = jnp.where(lora_module.dropout_keep_mask(key, index, lhs.shape, keep), lhs / keep, 0).astype(lhs.dtype)
         return lora_module._qwix_lora_delta(lhs, *args, **kwargs)
 
     metrics, grads = run()
