@@ -96,7 +96,7 @@ def dropout_keep_mask(key: jax.Array, index, shape, keep: float) -> jax.Array:
     unique while a row is at most 2^18 wide and a stream draws fewer than 2^16 masks."""
     *lead, width = shape
     rows, blocks = math.prod(lead), -(-width // 4)
-    if blocks > 1 << 16 or rows > 1 << 32:
+    if blocks > 1 << 16 or rows >= 1 << 32:
         raise ValueError(f"a dropout mask of shape {tuple(shape)} is past the counters' range: "
                          f"fewer than 2^32 rows, at most 2^18 wide")
     row = jax.lax.broadcasted_iota(jnp.uint32, (rows, blocks), 0)
