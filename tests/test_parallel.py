@@ -1,5 +1,6 @@
 """Sharded training on 8 simulated CPU devices: every mesh gives the one-device losses and LoRA
-update (LoRA dropout on), parameters really are sharded, and per-device parameter memory falls as 1/n with fsdp."""
+update (LoRA dropout on), parameters really are sharded, and per-device parameter memory falls as
+1/n with fsdp."""
 
 import json
 import os

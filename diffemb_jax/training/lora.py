@@ -129,7 +129,7 @@ def _lora_delta(lhs, lora_a, lora_b, lhs_ca, lhs_ba, contract_shape, batch_shape
     if key is not None:
         # The barrier ties the mask to x, so that XLA may draw it when x is ready rather than all at the
         # start (on the CPU it changed neither memory nor speed; kept for the accelerators, unmeasured).
-        lhs, index = jax.lax.optimization_barrier((lhs, jnp.asarray(index, jnp.uint32)))
+        lhs, index = jax.lax.optimization_barrier((lhs, index))
         keep_mask = dropout_keep_mask(key, index, lhs.shape, keep)
     if tuple(lhs_ca) != (lhs.ndim - 1,) or lhs_ba or len(contract_shape) != 1 or len(remain_shape) != 1 \
             or precision is not None:
