@@ -1,0 +1,92 @@
+"""The encode and LoRA train step lower for the accelerators, from this CPU: jax.export compiles
+nothing, but lowering runs every kernel's own checks and the lowering rules of the target platform
+(Pallas splash to a Mosaic TPU call, not the interpret mode the other tests run; cuDNN flash
+attention to XLA's fused-attention calls, forward and backward). CI has neither device; this is
+what it can know of their paths before a run there."""
+
+import jax
+import jax._src.cudnn.fused_attention_stablehlo as cudnn_attention
+import jax.numpy as jnp
+import pytest
+from flax import nnx
+
+from diffemb_jax.embedding.pooling import pool
+from diffemb_jax.model import Decoder
+from diffemb_jax.model.config import ModelConfig
+from diffemb_jax.training.lora import LoraConfig, apply_lora
+from diffemb_jax.training.step import SIDES, StepConfig, make_optimizer, make_train_step, split_model
+
+LAYERS = 2
+# Real head width (128, the 7B shapes'), grouped heads, q/k/v bias: the kernels' constraints bind here.
+CONFIG = ModelConfig(model_type="qwen2", vocab_size=128, hidden_size=256, num_layers=LAYERS, num_heads=2,
+                     num_kv_heads=1, head_dim=128, intermediate_size=256, rope_theta=1e6, qkv_bias=True)
+BATCH, LENGTH = 2, 200  # not a multiple of splash's 128-token blocks: the padding path lowers too
+# (platform, jax backend name, kernel) -> the custom call the kernel lowers to
+KERNEL_CALLS = {"cudnn": ("cuda", "gpu", ["__cudnn$fmhaSoftmax(", "__cudnn$fmhaSoftmaxBackward("]),
+                "splash": ("tpu", "tpu", ["tpu_custom_call"])}
+CUDNN_CALLS = [jax.export.DisabledSafetyCheck.custom_call(name) for name in
+               ("__cudnn$fmhaSoftmax", "__cudnn$fmhaSoftmaxBackward")]  # no serialisation promise; we only read the text
+
+
+@pytest.fixture
+def on_device(monkeypatch):
+    """Trace as on `backend`: the kernels ask jax.default_backend(); cuDNN's checks ask the GPU's
+    cuDNN version and compute capability (an H100's, 9.0, with cuDNN 9.10)."""
+    def as_backend(backend):
+        monkeypatch.setattr(jax, "default_backend", lambda: backend)
+        if backend == "gpu":
+            monkeypatch.setattr(cudnn_attention, "check_cudnn_version", lambda: 91000)
+            monkeypatch.setattr(cudnn_attention, "check_compute_capability", lambda capability: capability <= "9.0")
+            monkeypatch.setattr(cudnn_attention, "is_cuda_compute_capability_equal", lambda capability: capability == "9.0")
+    return as_backend
+
+
+def _abstract(tree):
+    return jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype), tree)
+
+
+def _tokens():
+    return jax.ShapeDtypeStruct((BATCH, LENGTH), jnp.int32)
+
+
+def _model(kernel, remat="none"):
+    return Decoder(CONFIG, rngs=nnx.Rngs(0), dtype=jnp.bfloat16, param_dtype=jnp.bfloat16,
+                   attention="bidirectional", kernel=kernel, remat=remat)
+
+
+def _calls(text: str, names: list[str]) -> list[int]:
+    return [text.count(name) for name in names]
+
+
+@pytest.mark.parametrize("kernel", ["cudnn", "splash"])
+def test_encode_lowers_to_the_kernel(kernel, on_device):
+    platform, backend, names = KERNEL_CALLS[kernel]
+    graphdef, state = nnx.split(_model(kernel))
+
+    def encode(state, ids, mask):
+        return pool(nnx.merge(graphdef, state)(ids, mask), mask, mask, "mean", False)
+
+    on_device(backend)
+    exported = jax.export.export(jax.jit(encode), platforms=[platform], disabled_checks=CUDNN_CALLS)(
+        _abstract(state), _tokens(), _tokens())
+    assert _calls(exported.mlir_module(), names)[0] > 0  # the kernel, not a fallback to xla
+
+
+@pytest.mark.parametrize("kernel,remat", [("cudnn", "none"), ("cudnn", "full"), ("splash", "dots")])
+def test_lora_train_step_lowers_to_the_kernel(kernel, remat, on_device):
+    """The whole step: LoRA with dropout (threefry), our custom backward, remat, the loss, optax."""
+    platform, backend, names = KERNEL_CALLS[kernel]
+    model = apply_lora(_model("xla", remat), LoraConfig(rank=4, alpha=8, dropout=0.1))
+    model.kernel = kernel
+    graphdef, lora, frozen = split_model(model)
+    tx, schedule = make_optimizer(1e-4, warmup_steps=0, total_steps=10, grad_clip=1.0, weight_decay=0.0)
+    step = make_train_step(graphdef, tx, schedule, StepConfig(loss="in_batch", scale=50, seed=0))
+    batch = {side: {key: _tokens() for key in ("input_ids", "padding_mask", "embed_mask")} for side in SIDES}
+
+    on_device(backend)
+    exported = jax.export.export(step, platforms=[platform], disabled_checks=CUDNN_CALLS)(
+        _abstract(lora), _abstract(tx.init(lora)), _abstract(frozen), jax.ShapeDtypeStruct((), jnp.int32), batch)
+    text = exported.mlir_module()
+    counts = _calls(text, names)
+    assert all(count > 0 for count in counts), counts  # forward (and cuDNN's backward) on the kernel
+    assert "threefry2x32" in text  # the adapters' dropout masks are in the step
