@@ -2,7 +2,8 @@
 
 encode: both frameworks embed the same texts (standard-library docstrings, cut to at most
 --max-length tokens) with the same weights, tokens, batch size and bucket lengths, bidirectional
-attention and mean pooling.
+attention and mean pooling; each framework encodes them all once untimed (warm-up: JAX compiles
+every batch shape there), then once timed.
 
 train: both frameworks run the same contrastive LoRA train step on the same token ids: --queries
 queries (a docstring's first sentence, at most --query-length tokens), their positives (the
@@ -128,14 +129,6 @@ def make_texts(tokenizer, n: int, max_length: int) -> list[str]:
 
 def token_count(tokenizer, texts: list[str], max_length: int) -> int:
     return sum(min(len(enc.ids), max_length) for enc in tokenizer.encode_batch(texts))
-
-
-def warmup_texts(tokenizer, texts: list[str], buckets: list[int]) -> list[str]:
-    """One text for each bucket length the texts use, so that warming up meets every shape."""
-    first = {}
-    for text, enc in zip(texts, tokenizer.encode_batch(texts)):
-        first.setdefault(next(b for b in buckets if b >= len(enc.ids)), text)
-    return list(first.values())
 
 
 def first_sentence(doc: str) -> str:
@@ -510,10 +503,9 @@ def _torch_encoder(job: dict):
 
 
 def _encode_worker(framework: str, job: dict) -> dict:
-    """Load, warm up (one single-text call per bucket length), then time encoding of all the texts."""
+    """Load, encode all the texts once untimed (warm-up: every batch shape compiled), then once timed."""
     encode, device, info = {"jax": _jax_encoder, "torch": _torch_encoder}[framework](job)
-    figures, _, vectors = _measure(framework, lambda: [encode([text]) for text in job["warmup"]],
-                                   lambda: encode(job["texts"]))
+    figures, _, vectors = _measure(framework, lambda: encode(job["texts"]), lambda: encode(job["texts"]))
     return {"device": device, **info, "tokens": job["tokens"], "texts": len(job["texts"]), **figures,
             "tokens_per_s": job["tokens"] / figures["seconds"],
             "texts_per_s": len(job["texts"]) / figures["seconds"],
@@ -787,7 +779,7 @@ def _encode_job(args, tokenizer) -> tuple[dict, dict]:
                 "dtype": args.dtype, "buckets": buckets,
                 "bucket_rows": [rows_per_batch(b, args.batch_size, budget) for b in buckets]}
     lengths = [min(len(enc.ids), args.max_length) for enc in tokenizer.encode_batch(texts)]
-    return settings, {"texts": texts, "warmup": warmup_texts(tokenizer, texts, buckets), "lengths": lengths}
+    return settings, {"texts": texts, "lengths": lengths}
 
 
 def _encode_flops(job: dict, cfg: dict, result: dict) -> tuple[int, int, str]:

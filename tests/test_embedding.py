@@ -79,15 +79,19 @@ def test_order_restored_and_shapes_bounded(llama, batch_size, max_batch_tokens):
     dispatch = embedder._dispatch
     embedder._dispatch = lambda batch: shapes.append(batch[0].shape) or dispatch(batch)
     together = embedder.encode(texts, progress=False)
-    embedder._dispatch = dispatch
+    shapes, alone_shapes = [], shapes
     alone = np.concatenate([embedder.encode([t], progress=False) for t in texts])
+    embedder._dispatch = dispatch
     np.testing.assert_allclose(together, alone, atol=1e-5)
-    assert embedder._embed._cache_size() <= len(embedder.buckets)
+    assert {rows for rows, _ in shapes} == {1}  # a one-text call computes one row, not a batch of padding
+    # per bucket: full batches, and the last batch's fewer power-of-two rows
+    assert embedder._embed._cache_size() <= len(embedder.buckets) * (1 + int(np.log2(batch_size)))
+    shapes = alone_shapes
     assert shapes[0][1] == 64 and {length for _, length in shapes[1:]} == {32}
     if max_batch_tokens is None:
         assert {rows for rows, _ in shapes} == {batch_size}
-    else:  # one row at 64 tokens, two at 32
-        assert shapes == [(1, 64)] + [(2, 32)] * (len(shapes) - 1) and len(shapes) == 1 + 15 // 2 + 1
+    else:  # one row at 64 tokens, two at 32, and the fifteenth 32-token text alone
+        assert shapes == [(1, 64)] + [(2, 32)] * 7 + [(1, 32)]
 
 
 def test_batch_plan_keeps_to_the_token_budget():
@@ -102,8 +106,14 @@ def test_batch_plan_keeps_to_the_token_budget():
             assert max(lengths[i] for i in indices) <= length == min(b for b in buckets if b >= lengths[indices[0]])
             assert len(indices) <= rows <= 8 and rows % multiple == 0
             assert rows * length <= 256 or rows == multiple
-            assert rows == {32: 8, 64: 4, 128: 2, 256: 1 * multiple, 300: multiple}[length]
-    assert all(rows == 8 for _, _, rows in plan_batches(lengths, buckets, 8, None))
+        full = {32: 8, 64: 4, 128: 2, 256: 1 * multiple, 300: multiple}
+        assert [rows for _, _, rows in plan[:-1]] == [full[length] for _, length, _ in plan[:-1]]
+        (last, length, rows), = plan[-1:]  # short of its bucket's rows: padded to multiple x 2^k only
+        assert len(last) < full[length] and rows <= full[length]
+        assert rows // multiple & (rows // multiple - 1) == 0 and (rows < 2 * len(last) or rows == multiple)
+    assert all(rows == 8 for _, _, rows in plan_batches(lengths, buckets, 8, None)[:-1])
+    assert plan_batches([5] * 9, [32], 8, None)[-1][2] == 1
+    assert plan_batches([5] * 11, [32], 8, None, 2)[-1][2] == 4  # three texts on two shards: two rows each
 
 
 def test_truncation_warns_once_with_count(llama, caplog):

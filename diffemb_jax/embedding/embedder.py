@@ -3,8 +3,10 @@
 Texts are sorted by token length (longest first, so a shape that does not fit fails at once), cut
 into batches, and each batch is right-padded to the smallest bucket length that holds it. A batch
 holds at most batch_size texts and, where one text is not already longer, at most max_batch_tokens
-padded tokens: long documents go a few at a time, short texts batch_size at a time. The row count
-is fixed per bucket, so XLA compiles at most one program per bucket. Each batch is dispatched
+padded tokens: long documents go a few at a time, short texts batch_size at a time. A batch has its
+bucket's full row count, but for the last of a call, which is padded to the fewest rows of the form
+(mesh batch shards) x 2^k that hold its texts: a one-query call computes one row, not a batch of
+padding, and XLA compiles a few programs per bucket at most. Each batch is dispatched
 before the previous one's vectors are fetched, so the host pads and sends the next batch while the
 device computes. Rows come back in input order.
 On a mesh, parameters are sharded by their logical axes and every batch is split over the data
@@ -51,6 +53,16 @@ def rows_per_batch(length: int, batch_size: int, max_batch_tokens: int | None, m
     return min(batch_size, max(multiple, max_batch_tokens // length // multiple * multiple))
 
 
+def last_batch_rows(texts: int, rows: int, multiple: int = 1) -> int:
+    """Padded rows of a batch of `texts` texts, fewer than its bucket's `rows`: the fewest
+    multiple x 2^k that hold them (at most `rows`), so that a call's last batch computes at most twice
+    its texts and the row counts compiled per bucket stay few."""
+    padded = multiple
+    while padded < texts:
+        padded *= 2
+    return min(padded, rows)
+
+
 def plan_batches(lengths: list[int], buckets: list[int], batch_size: int, max_batch_tokens: int | None,
                  multiple: int = 1) -> list[tuple[list[int], int, int]]:
     """(text indices, bucket length, padded rows) per batch, longest texts first."""
@@ -59,7 +71,8 @@ def plan_batches(lengths: list[int], buckets: list[int], batch_size: int, max_ba
     while start < len(order):
         length = next(b for b in buckets if b >= lengths[order[start]])
         rows = rows_per_batch(length, batch_size, max_batch_tokens, multiple)
-        batches.append((order[start : start + rows], length, rows))
+        indices = order[start : start + rows]
+        batches.append((indices, length, last_batch_rows(len(indices), rows, multiple)))
         start += rows
     return batches
 
