@@ -3,7 +3,9 @@
 encode: both frameworks embed the same texts (standard-library docstrings, cut to at most
 --max-length tokens) with the same weights, tokens, batch size and bucket lengths, bidirectional
 attention and mean pooling; each framework encodes them all once untimed (warm-up: JAX compiles
-every batch shape there), then once timed.
+every batch shape there), then once timed. JAX packs texts of at most --pack-length tokens several
+to a row (the Embedder's default); PyTorch, the reference, runs one text a row, and so does JAX with
+--pack-length 0: the same batches, padding included.
 
 train: both frameworks run the same contrastive LoRA train step on the same token ids: --queries
 queries (a docstring's first sentence, at most --query-length tokens), their positives (the
@@ -452,7 +454,7 @@ def _jax_encoder(job: dict):
 
     embedder = Embedder.from_pretrained(job["model"], attention="bidirectional", dtype=job["dtype"],
                                         max_length=job["max_length"], batch_size=job["batch_size"],
-                                        max_batch_tokens=job["max_batch_tokens"])
+                                        max_batch_tokens=job["max_batch_tokens"], pack_length=job["pack_length"])
     return lambda texts: embedder.encode(texts, progress=False), _jax_device(), _jax_info(embedder.model)
 
 
@@ -525,8 +527,8 @@ def _long_worker(framework: str, job: dict) -> dict:
 
     length = job["length"]
     logging.getLogger("diffemb_jax.embedding.embedder").setLevel(logging.ERROR)  # no truncation notes
-    single = {**job, "max_length": length, "batch_size": 1, "max_batch_tokens": None, "buckets": [length],
-              "bucket_rows": [1]}
+    single = {**job, "max_length": length, "batch_size": 1, "max_batch_tokens": None, "pack_length": 0,
+              "buckets": [length], "bucket_rows": [1]}
     encode, device, info = {"jax": _jax_encoder, "torch": _torch_encoder}[framework](single)
     text = job["documents"][str(length)]
     result = {"device": device, **info, "length": length, "tokens": job["document_tokens"][str(length)]}
@@ -730,6 +732,8 @@ def _check_args(args) -> None:
         lengths_of(args.lengths)
     if args.what == "encode" and args.max_batch_tokens < 0:
         raise ValueError(f"--max-batch-tokens must be >= 0 (0: no limit), got {args.max_batch_tokens}")
+    if args.what == "encode" and args.pack_length < 0:
+        raise ValueError(f"--pack-length must be >= 0 (0: one text a row), got {args.pack_length}")
     if args.what == "train":
         remat_policies(args.remat)
         if not 0 <= args.lora_dropout < 1:
@@ -776,7 +780,7 @@ def _encode_job(args, tokenizer) -> tuple[dict, dict]:
     budget = args.max_batch_tokens or None
     settings = {"texts": len(texts), "tokens": token_count(tokenizer, texts, args.max_length),
                 "batch_size": args.batch_size, "max_batch_tokens": budget, "max_length": args.max_length,
-                "dtype": args.dtype, "buckets": buckets,
+                "pack_length": args.pack_length, "dtype": args.dtype, "buckets": buckets,
                 "bucket_rows": [rows_per_batch(b, args.batch_size, budget) for b in buckets]}
     lengths = [min(len(enc.ids), args.max_length) for enc in tokenizer.encode_batch(texts)]
     return settings, {"texts": texts, "lengths": lengths}
@@ -1065,7 +1069,7 @@ class Kind:
 
 KINDS = {
     "encode": Kind(
-        flags=("texts", "batch_size", "max_batch_tokens", "max_length"),
+        flags=("texts", "batch_size", "max_batch_tokens", "max_length", "pack_length"),
         positive=("texts", "batch_size", "max_length"),
         prepare=_encode_job, runs=lambda settings: {f: (f, {}) for f in FRAMEWORKS}, work=_encode_worker,
         summarize=_encode_summary, flops=_encode_flops,

@@ -36,7 +36,7 @@ def _embedder(args):
         args.model, adapter=args.adapter, attention=args.attention, dtype=args.dtype, kernel=args.kernel,
         pooling=args.pooling,
         skip_instruction=args.skip_instruction, max_length=args.max_length, batch_size=args.batch_size,
-        max_batch_tokens=args.max_batch_tokens or None, mesh=mesh)
+        max_batch_tokens=args.max_batch_tokens or None, pack_length=args.pack_length, mesh=mesh)
 
 
 def _encode(args) -> None:
@@ -57,6 +57,8 @@ def _encode(args) -> None:
 EVALUATE_MAX_LENGTH = {"longembed": 32768, "bright": 4096}
 MAX_BATCH_TOKENS_HELP = ("at most this many padded tokens per batch, so long documents go fewer at a time "
                          "(one text that is longer goes alone); 0: no limit")
+PACK_LENGTH_HELP = ("texts of at most this many tokens are packed several to a row, each attending within "
+                    "itself (no compute on padding); 0: one text a row")
 
 
 def _evaluate(args) -> None:
@@ -224,7 +226,7 @@ def _bench(args) -> None:
 
 def build_parser() -> argparse.ArgumentParser:
     from diffemb_jax.bench import SHAPES
-    from diffemb_jax.embedding.embedder import DEFAULT_MAX_BATCH_TOKENS
+    from diffemb_jax.embedding.embedder import DEFAULT_MAX_BATCH_TOKENS, PACK_LENGTH
     from diffemb_jax.embedding.pooling import POOLING_MODES
     from diffemb_jax.model import ATTENTION_MODES
     from diffemb_jax.model.attention import KERNELS
@@ -260,6 +262,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--max-length", type=int, default=512)
     p.add_argument("--batch-size", type=int, default=16)
     p.add_argument("--max-batch-tokens", type=int, default=DEFAULT_MAX_BATCH_TOKENS, help=MAX_BATCH_TOKENS_HELP)
+    p.add_argument("--pack-length", type=int, default=PACK_LENGTH, help=PACK_LENGTH_HELP)
     p.add_argument("--dtype", choices=("float32", "bfloat16"), default="float32")
     p.add_argument("--kernel", choices=KERNELS, default="auto",
                    help="attention kernel: auto picks cudnn on GPU, splash on TPU, xla elsewhere")
@@ -279,6 +282,7 @@ def build_parser() -> argparse.ArgumentParser:
                         f"{EVALUATE_MAX_LENGTH['longembed']}, bright {EVALUATE_MAX_LENGTH['bright']}")
     common.add_argument("--batch-size", type=int, default=16)
     common.add_argument("--max-batch-tokens", type=int, default=DEFAULT_MAX_BATCH_TOKENS, help=MAX_BATCH_TOKENS_HELP)
+    common.add_argument("--pack-length", type=int, default=PACK_LENGTH, help=PACK_LENGTH_HELP)
     common.add_argument("--dtype", choices=("float32", "bfloat16"), default="float32")
     common.add_argument("--kernel", choices=KERNELS, default="auto")
     common.add_argument("--mesh", default=None, metavar="DATA,FSDP,TENSOR", help="shard over all devices (as encode)")
@@ -325,6 +329,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--batch-size", type=int, default=16)
     p.add_argument("--max-batch-tokens", type=int, default=DEFAULT_MAX_BATCH_TOKENS, help=MAX_BATCH_TOKENS_HELP)
     p.add_argument("--max-length", type=int, default=128)
+    p.add_argument("--pack-length", type=int, default=PACK_LENGTH,
+                   help="encode: JAX packs texts of at most this many tokens several to a row; 0: one a row, "
+                   "as the PyTorch reference runs")
     p.add_argument("--dtype", choices=("float32", "bfloat16"), default="float32")
     p.add_argument("--peak-tflops", type=float, default=None,
                    help="the device's peak TFLOP/s at --dtype, for MFU (default: known GPUs only)")

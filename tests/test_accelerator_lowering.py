@@ -10,7 +10,7 @@ import jax.numpy as jnp
 import pytest
 from flax import nnx
 
-from diffemb_jax.embedding.pooling import pool
+from diffemb_jax.embedding.pooling import pool, pool_packed
 from diffemb_jax.model import Decoder
 from diffemb_jax.model.config import ModelConfig
 from diffemb_jax.training.lora import LoraConfig, apply_lora
@@ -22,10 +22,10 @@ CONFIG = ModelConfig(model_type="qwen2", vocab_size=128, hidden_size=256, num_la
                      num_kv_heads=1, head_dim=128, intermediate_size=256, rope_theta=1e6, qkv_bias=True)
 BATCH, LENGTH = 2, 200  # not a multiple of splash's 128-token blocks: the padding path lowers too
 # (platform, jax backend name, kernel) -> the custom call the kernel lowers to
-KERNEL_CALLS = {"cudnn": ("cuda", "gpu", ["__cudnn$fmhaSoftmax(", "__cudnn$fmhaSoftmaxBackward("]),
+KERNEL_CALLS = {"cudnn": ("cuda", "gpu", ["__cudnn$fmha", "__cudnn$fmhaSoftmaxBackward("]),
                 "splash": ("tpu", "tpu", ["tpu_custom_call"])}
-CUDNN_CALLS = [jax.export.DisabledSafetyCheck.custom_call(name) for name in
-               ("__cudnn$fmhaSoftmax", "__cudnn$fmhaSoftmaxBackward")]  # no serialisation promise; we only read the text
+CUDNN_CALLS = [jax.export.DisabledSafetyCheck.custom_call(f"__cudnn$fmha{name}") for name in  # no serialisation
+               ("Softmax", "SoftmaxBackward", "ScaleBiasSoftmax")]  # promise; we only read the text
 
 
 @pytest.fixture
@@ -59,17 +59,24 @@ def _calls(text: str, names: list[str]) -> list[int]:
 
 
 @pytest.mark.parametrize("kernel", ["cudnn", "splash"])
-def test_encode_lowers_to_the_kernel(kernel, on_device):
+@pytest.mark.parametrize("packed", [False, True])
+def test_encode_lowers_to_the_kernel(kernel, packed, on_device):
+    """Rows of one text, or packed with several (cuDNN then takes the texts' mask as a bias)."""
     platform, backend, names = KERNEL_CALLS[kernel]
     graphdef, state = nnx.split(_model(kernel))
 
-    def encode(state, ids, mask):
-        return pool(nnx.merge(graphdef, state)(ids, mask), mask, mask, "mean", False)
+    def encode(state, ids, segments):
+        texts = 4 if packed else 1
+        hidden = nnx.merge(graphdef, state)(ids, segments, packed)
+        return pool_packed(hidden, segments, segments, texts) if packed else pool(hidden, segments, segments)
 
     on_device(backend)
     exported = jax.export.export(jax.jit(encode), platforms=[platform], disabled_checks=CUDNN_CALLS)(
         _abstract(state), _tokens(), _tokens())
-    assert _calls(exported.mlir_module(), names)[0] > 0  # the kernel, not a fallback to xla
+    text = exported.mlir_module()
+    assert _calls(text, names)[0] > 0  # the kernel, not a fallback to xla
+    if kernel == "cudnn":
+        assert ("__cudnn$fmhaScaleBiasSoftmax(" in text) == packed
 
 
 @pytest.mark.parametrize("kernel,remat", [("cudnn", "none"), ("cudnn", "full"), ("splash", "dots")])

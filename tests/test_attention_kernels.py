@@ -36,6 +36,30 @@ def test_splash_equals_xla_on_the_decoder(model, attention, side):
     np.testing.assert_allclose(out["splash"][real], out["xla"][real], atol=1e-5)
 
 
+@pytest.mark.parametrize("attention", ["bidirectional", "causal"])
+def test_packed_rows_equal_one_text_a_row(model, attention):
+    """Texts packed into a row (segments 1, 2, ...; pads 0) give each text the hidden states it has
+    alone in a row, with the xla kernel and with splash (which takes the segments as they are)."""
+    ids, mask = padded_batch([5, 3, 6], 6, "right")
+    rows = [[0, 1], [2]]  # texts 0 and 1 share a row of 9 tokens, text 2 has one alone
+    packed_ids, segments = np.zeros((2, 9), np.int32), np.zeros((2, 9), np.int32)
+    for r, texts in enumerate(rows):
+        start = 0
+        for k, i in enumerate(texts, 1):
+            n = int(mask[i].sum())
+            packed_ids[r, start:start + n], segments[r, start:start + n] = ids[i, :n], k
+            start += n
+    model.attention = attention
+    alone = np.asarray(model(jnp.asarray(ids), jnp.asarray(mask)))
+    for kernel in ("xla", "splash"):
+        model.kernel = kernel
+        out = np.asarray(model(jnp.asarray(packed_ids), jnp.asarray(segments), packed=True))
+        np.testing.assert_allclose(out[0, :5], alone[0, :5], atol=1e-5)
+        np.testing.assert_allclose(out[0, 5:8], alone[1, :3], atol=1e-5)
+        np.testing.assert_allclose(out[1, :6], alone[2, :6], atol=1e-5)
+    model.kernel = "xla"
+
+
 def test_splash_gradients_equal_xla():
     rng = np.random.RandomState(0)
     q = jnp.asarray(rng.randn(2, 20, 4, 8), jnp.float32)

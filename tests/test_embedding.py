@@ -41,11 +41,19 @@ def _llm2vec_pool(reps, seq_lengths, mode):
 
 @pytest.mark.parametrize("mode", ["mean", "weighted_mean", "last_token"])
 @pytest.mark.parametrize("skip_instruction", [False, True])
-def test_encode_equals_numpy_pooling_of_transformers(llama, mode, skip_instruction):
+@pytest.mark.parametrize("attention", ["bidirectional", "causal"])
+@pytest.mark.parametrize("packed", [True, False])
+def test_encode_equals_numpy_pooling_of_transformers(llama, mode, skip_instruction, attention, packed):
+    """Packed (several texts a row, each attending within itself, its positions from 0) or one text
+    a row: each text's vector is the one transformers gives it alone."""
     oracle, directory = llama
-    embedder = Embedder.from_pretrained(directory, pooling=mode, skip_instruction=skip_instruction,
-                                        batch_size=2, max_length=64)
+    embedder = Embedder.from_pretrained(directory, pooling=mode, skip_instruction=skip_instruction, attention=attention,
+                                        batch_size=2, max_length=64, pack_length=512 if packed else 0)
+    rows = []
+    dispatch = embedder._dispatch
+    embedder._dispatch = lambda batch, texts_per_row: rows.extend(batch[1].max(-1)) or dispatch(batch, texts_per_row)
     ours = embedder.encode(TEXTS, instruction=INSTRUCTION, progress=False)
+    assert max(rows) == (3 if packed else 1)  # packed: rows of 32 tokens hold 18 + 14 and 9 + 8 + 7
 
     tok = tokenizers.Tokenizer.from_file(str(directory / "tokenizer.json"))
     full = [tok.encode(f"{INSTRUCTION}; {t}").ids for t in TEXTS]
@@ -56,7 +64,7 @@ def test_encode_equals_numpy_pooling_of_transformers(llama, mode, skip_instructi
     for i, row in enumerate(full):  # left padding, as llm2vec tokenizes
         ids[i, width - len(row):] = row
         mask[i, width - len(row):] = 1
-    reps = tiny.oracle_hidden(oracle, ids, mask, "bidirectional")
+    reps = tiny.oracle_hidden(oracle, ids, mask, attention)
     lengths = tails if skip_instruction else mask.sum(-1)
     np.testing.assert_allclose(ours, _llm2vec_pool(reps, lengths, mode), atol=1e-4)
     np.testing.assert_allclose(np.linalg.norm(ours, axis=-1), 1.0, atol=1e-5)
@@ -71,22 +79,26 @@ def test_embed_mask_counts_the_tokens_after_the_separator(llama):
 
 
 @pytest.mark.parametrize("batch_size,max_batch_tokens", [(2, None), (4, 64)])
-def test_order_restored_and_shapes_bounded(llama, batch_size, max_batch_tokens):
+@pytest.mark.parametrize("packed", [True, False])
+def test_order_restored_and_shapes_bounded(llama, batch_size, max_batch_tokens, packed):
     embedder = Embedder.from_pretrained(llama[1], batch_size=batch_size, max_batch_tokens=max_batch_tokens,
-                                        max_length=64)
+                                        max_length=64, pack_length=512 if packed else 0)
     texts = TEXTS * 3 + [" ".join(TEXTS * 2)]  # the last one is past the 32-token bucket
     shapes = []
     dispatch = embedder._dispatch
-    embedder._dispatch = lambda batch: shapes.append(batch[0].shape) or dispatch(batch)
+    embedder._dispatch = lambda batch, texts_per_row: shapes.append(batch[0].shape) or dispatch(batch, texts_per_row)
     together = embedder.encode(texts, progress=False)
-    shapes, alone_shapes = [], shapes
+    shapes, together_shapes = [], shapes
     alone = np.concatenate([embedder.encode([t], progress=False) for t in texts])
     embedder._dispatch = dispatch
     np.testing.assert_allclose(together, alone, atol=1e-5)
     assert {rows for rows, _ in shapes} == {1}  # a one-text call computes one row, not a batch of padding
     # per bucket: full batches, and the last batch's fewer power-of-two rows
     assert embedder._embed._cache_size() <= len(embedder.buckets) * (1 + int(np.log2(batch_size)))
-    shapes = alone_shapes
+    shapes = together_shapes
+    if packed:  # the long text fills a 64-token row; the 15 short ones (111 tokens) take 128 more
+        assert sum(rows * length for rows, length in shapes) == 64 + 128
+        return
     assert shapes[0][1] == 64 and {length for _, length in shapes[1:]} == {32}
     if max_batch_tokens is None:
         assert {rows for rows, _ in shapes} == {batch_size}
@@ -94,26 +106,41 @@ def test_order_restored_and_shapes_bounded(llama, batch_size, max_batch_tokens):
         assert shapes == [(1, 64)] + [(2, 32)] * 7 + [(1, 32)]
 
 
-def test_batch_plan_keeps_to_the_token_budget():
+@pytest.mark.parametrize("pack_length", [0, 128, 300])
+def test_batch_plan_keeps_to_the_token_budget(pack_length):
     rng = np.random.RandomState(0)
     lengths = list(rng.randint(1, 300, 200))
     buckets = [32, 64, 128, 256, 300]
     for multiple in (1, 2):
-        plan = plan_batches(lengths, buckets, 8, 256, multiple)
-        assert sorted(i for indices, _, _ in plan for i in indices) == list(range(200))
-        assert [lengths[i] for indices, _, _ in plan for i in indices] == sorted(lengths, reverse=True)
-        for indices, length, rows in plan:
-            assert max(lengths[i] for i in indices) <= length == min(b for b in buckets if b >= lengths[indices[0]])
-            assert len(indices) <= rows <= 8 and rows % multiple == 0
+        plan = plan_batches(lengths, buckets, 8, 256, multiple, pack_length)
+        placed = [i for texts, _, _ in plan for row in texts for i in row]
+        assert sorted(placed) == list(range(200))
+        assert [lengths[i] for i in placed] == sorted(lengths, reverse=True) or pack_length  # first fit reorders
+        packable = [n for n in lengths if min(b for b in buckets if b >= n) <= pack_length]
+        for texts, length, rows in plan:
+            first = texts[0][0]
+            assert max(lengths[i] for row in texts for i in row) == lengths[first]  # longest first
+            assert length == min(b for b in buckets if b >= lengths[first])
+            assert length <= pack_length or {len(row) for row in texts} == {1}
+            assert all(sum(lengths[i] for i in row) <= length for row in texts)
+            assert max(map(len, texts)) <= min(64, length)
+            assert len(texts) <= rows <= 8 and rows % multiple == 0
             assert rows * length <= 256 or rows == multiple
         full = {32: 8, 64: 4, 128: 2, 256: 1 * multiple, 300: multiple}
-        assert [rows for _, _, rows in plan[:-1]] == [full[length] for _, length, _ in plan[:-1]]
-        (last, length, rows), = plan[-1:]  # short of its bucket's rows: padded to multiple x 2^k only
-        assert len(last) < full[length] and rows <= full[length]
-        assert rows // multiple & (rows // multiple - 1) == 0 and (rows < 2 * len(last) or rows == multiple)
-    assert all(rows == 8 for _, _, rows in plan_batches(lengths, buckets, 8, None)[:-1])
-    assert plan_batches([5] * 9, [32], 8, None)[-1][2] == 1
-    assert plan_batches([5] * 11, [32], 8, None, 2)[-1][2] == 4  # three texts on two shards: two rows each
+        for kind in ([b for b in plan if b[1] > pack_length], [b for b in plan if b[1] <= pack_length]):
+            assert all(len(texts) == rows == full[length] for texts, length, rows in kind[:-1])
+            for last, length, rows in kind[-1:]:  # may be short of full rows: padded to multiple x 2^k only
+                assert len(last) <= rows <= full[length]
+                assert rows // multiple & (rows // multiple - 1) == 0 and (rows < 2 * len(last) or rows == multiple)
+    unbudgeted = plan_batches(lengths, buckets, 8, None, pack_length=pack_length)
+    assert [rows for _, _, rows in unbudgeted].count(8) >= len(unbudgeted) - 2
+    if pack_length:  # first fit decreasing pads little: under 10% of the tokens (one text a row: 30%)
+        computed = sum(len(texts) * length for texts, length, _ in unbudgeted if length <= pack_length)
+        assert computed - sum(packable) < 0.1 * sum(packable)
+    assert plan_batches([5] * 9, [32], 8, None, pack_length=0)[-1][2] == 1
+    assert plan_batches([5] * 11, [32], 8, None, 2, 0)[-1][2] == 4  # three texts on two shards: two rows each
+    (rows, length, padded), = plan_batches([5] * 11, [32], 8, None, 2, 32)
+    assert sorted(map(len, rows)) == [5, 6] and sorted(sum(rows, [])) == list(range(11)) and (length, padded) == (32, 2)
 
 
 def test_truncation_warns_once_with_count(llama, caplog):

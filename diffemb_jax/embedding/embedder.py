@@ -1,12 +1,15 @@
 """Embedder.encode: texts -> L2-normalised float32 vectors, with a handful of compiled shapes.
 
-Texts are sorted by token length (longest first, so a shape that does not fit fails at once), cut
-into batches, and each batch is right-padded to the smallest bucket length that holds it. A batch
-holds at most batch_size texts and, where one text is not already longer, at most max_batch_tokens
-padded tokens: long documents go a few at a time, short texts batch_size at a time. A batch has its
-bucket's full row count, but for the last of a call, which is padded to the fewest rows of the form
-(mesh batch shards) x 2^k that hold its texts: a one-query call computes one row, not a batch of
-padding, and XLA compiles a few programs per bucket at most. Each batch is dispatched
+Texts are sorted by token length (longest first, so a shape that does not fit fails at once). Those
+whose bucket length (powers of two, and max_length) is past pack_length go one to a row, right-padded
+to the bucket that holds the batch's first. The others are packed, one after another, several to a
+row (first fit decreasing, at most MAX_TEXTS_PER_ROW a row) into rows as long as the bucket of the
+batch's longest; each text attends only within itself and is pooled apart, so short texts compute
+next to no padding. A batch has at most batch_size rows and, where one text is not already longer,
+at most max_batch_tokens tokens: long documents go a few at a time. A batch has its full row count,
+but for the last packed one and the last one-text-a-row one, which are padded to the fewest rows of
+the form (mesh batch shards) x 2^k that hold their texts: a one-query call computes one row, not a
+batch of padding, and XLA compiles a few programs per bucket at most. Each batch is dispatched
 before the previous one's vectors are fetched, so the host pads and sends the next batch while the
 device computes. Rows come back in input order.
 On a mesh, parameters are sharded by their logical axes and every batch is split over the data
@@ -15,6 +18,7 @@ On a mesh, parameters are sharded by their logical axes and every batch is split
 
 from __future__ import annotations
 
+import bisect
 import logging
 from pathlib import Path
 
@@ -25,8 +29,8 @@ from flax import nnx
 from tqdm.auto import tqdm
 
 from diffemb_jax import parallel
-from diffemb_jax.embedding.pooling import POOLING_MODES, l2_normalize, pool
-from diffemb_jax.embedding.prompts import pad_batch, tokenize, with_instruction
+from diffemb_jax.embedding.pooling import POOLING_MODES, l2_normalize, pool, pool_packed
+from diffemb_jax.embedding.prompts import pack_batch, tokenize, with_instruction
 from diffemb_jax.model import ATTENTION_MODES, Decoder
 
 log = logging.getLogger(__name__)
@@ -42,6 +46,10 @@ def bucket_lengths(max_length: int, smallest: int = 32) -> list[int]:
 
 
 DEFAULT_MAX_BATCH_TOKENS = 16384
+# Texts up to this many tokens are packed: longer rows would make attention, whose cost per token grows
+# with the row's length, a real part of the work.
+PACK_LENGTH = 512
+MAX_TEXTS_PER_ROW = 64  # the pooled output is [rows, this, hidden]
 
 
 def rows_per_batch(length: int, batch_size: int, max_batch_tokens: int | None, multiple: int = 1) -> int:
@@ -63,34 +71,67 @@ def last_batch_rows(texts: int, rows: int, multiple: int = 1) -> int:
     return min(padded, rows)
 
 
-def plan_batches(lengths: list[int], buckets: list[int], batch_size: int, max_batch_tokens: int | None,
-                 multiple: int = 1) -> list[tuple[list[int], int, int]]:
-    """(text indices, bucket length, padded rows) per batch, longest texts first."""
-    order = sorted(range(len(lengths)), key=lambda i: -lengths[i])
-    batches, start = [], 0
-    while start < len(order):
-        length = next(b for b in buckets if b >= lengths[order[start]])
-        rows = rows_per_batch(length, batch_size, max_batch_tokens, multiple)
-        indices = order[start : start + rows]
-        batches.append((indices, length, last_batch_rows(len(indices), rows, multiple)))
-        start += rows
+def _packed_batches(texts: list[int], lengths: list[int], bucket: dict[int, int], full_rows) -> list:
+    """(rows, row length, full rows) per batch: each batch's rows are as long as the bucket of the
+    longest text left; each row opens with the longest text left, then takes the longest that still
+    fits, until none does or it holds MAX_TEXTS_PER_ROW (first fit decreasing, O(log) a text: texts
+    are kept by their token count)."""
+    by_length: dict[int, list[int]] = {}
+    for i in reversed(texts):
+        by_length.setdefault(lengths[i], []).append(i)
+    present = sorted(by_length)
+    batches = []
+    while present:
+        length = bucket[present[-1]]
+        full, most, rows = full_rows(length), min(MAX_TEXTS_PER_ROW, length), []
+        while present and len(rows) < full:
+            row, room = [], length
+            while len(row) < most and (k := bisect.bisect_right(present, room) - 1) >= 0:
+                n = present[k]
+                row.append(by_length[n].pop())
+                room -= n
+                if not by_length[n]:
+                    del present[k]
+            rows.append(row)
+        batches.append((rows, length, full))
     return batches
+
+
+def plan_batches(lengths: list[int], buckets: list[int], batch_size: int, max_batch_tokens: int | None,
+                 multiple: int = 1, pack_length: int = PACK_LENGTH) -> list[tuple[list[list[int]], int, int]]:
+    """(text indices of each row, row length, padded rows) per batch, longest texts first. Texts
+    whose bucket is past pack_length go one to a row; the others are packed (_packed_batches)."""
+    order = sorted(range(len(lengths)), key=lambda i: -lengths[i])
+    bucket = {n: next(b for b in buckets if b >= n) for n in set(lengths)}
+    alone = [i for i in order if bucket[lengths[i]] > pack_length]
+    batches, start = [], 0
+    while start < len(alone):
+        length = bucket[lengths[alone[start]]]
+        full = rows_per_batch(length, batch_size, max_batch_tokens, multiple)
+        batches.append(([[i] for i in alone[start : start + full]], length, full))
+        start += full
+    batches += _packed_batches(order[len(alone):], lengths, bucket,
+                               lambda length: rows_per_batch(length, batch_size, max_batch_tokens, multiple))
+    return [(rows, length, last_batch_rows(len(rows), full, multiple)) for rows, length, full in batches]
 
 
 class Embedder:
     def __init__(self, model: Decoder, tokenizer: tokenizers.Tokenizer, *, pooling: str = "mean",
                  skip_instruction: bool = False, max_length: int = 512, batch_size: int = 16,
-                 max_batch_tokens: int | None = DEFAULT_MAX_BATCH_TOKENS, mesh: jax.sharding.Mesh | None = None):
+                 max_batch_tokens: int | None = DEFAULT_MAX_BATCH_TOKENS, pack_length: int = PACK_LENGTH,
+                 mesh: jax.sharding.Mesh | None = None):
         if pooling not in POOLING_MODES:
             raise ValueError(f"unknown pooling {pooling!r}; choose one of {POOLING_MODES}")
         if model.attention not in ATTENTION_MODES:
             raise ValueError(f"unknown attention {model.attention!r}; choose one of {ATTENTION_MODES}")
         if max_length < 1 or batch_size < 1 or (max_batch_tokens is not None and max_batch_tokens < 1):
             raise ValueError("max_length, batch_size and max_batch_tokens must be positive")
+        if pack_length < 0:
+            raise ValueError(f"pack_length must be >= 0 (0: one text a row), got {pack_length}")
         shards = mesh.shape["data"] * mesh.shape["fsdp"] if mesh is not None else 1
         if batch_size % shards:
             raise ValueError(f"batch_size={batch_size} is not divisible by the {shards} batch shards of the mesh")
-        self.shards, self.max_batch_tokens = shards, max_batch_tokens
+        self.shards, self.max_batch_tokens, self.pack_length = shards, max_batch_tokens, pack_length
         self.mesh = mesh
         self.model, self.tokenizer = model, tokenizer
         self.pooling, self.skip_instruction = pooling, skip_instruction
@@ -98,11 +139,15 @@ class Embedder:
         self.buckets = bucket_lengths(max_length)
         graphdef, self._state = nnx.split(model)
 
-        def embed(state, input_ids, padding_mask, embed_mask):
-            hidden = nnx.merge(graphdef, state)(input_ids, padding_mask)
-            return l2_normalize(pool(hidden, padding_mask, embed_mask, pooling, skip_instruction))
+        def embed(state, input_ids, segments, embed_mask, texts_per_row):
+            """[rows, D], or packed (texts_per_row > 1) [rows, texts_per_row, D]."""
+            packed = texts_per_row > 1
+            hidden = nnx.merge(graphdef, state)(input_ids, segments, packed)
+            if packed:
+                return l2_normalize(pool_packed(hidden, segments, embed_mask, texts_per_row, pooling, skip_instruction))
+            return l2_normalize(pool(hidden, segments, embed_mask, pooling, skip_instruction))
 
-        self._embed = jax.jit(embed)
+        self._embed = jax.jit(embed, static_argnums=4)
 
     @classmethod
     def from_pretrained(cls, path: str | Path, *, adapter: str | Path | None = None, attention: str = "bidirectional",
@@ -122,13 +167,13 @@ class Embedder:
         model.attention, model.kernel = attention, kernel
         return cls(model, tokenizer, mesh=mesh, **kwargs)
 
-    def _dispatch(self, batch):
+    def _dispatch(self, batch, texts_per_row: int):
         """Start the batch on the device and return at once (JAX dispatches asynchronously)."""
         if self.mesh is None:
-            return self._embed(self._state, *batch)
+            return self._embed(self._state, *batch, texts_per_row)
         placed = jax.device_put(batch, parallel.batch_sharding(self.mesh))
         with jax.set_mesh(self.mesh):  # kernels that need it (splash) find the mesh
-            return self._embed(self._state, *placed)
+            return self._embed(self._state, *placed, texts_per_row)
 
     def _fetch(self, vectors) -> np.ndarray:
         """Wait for a dispatched batch; on a mesh every process gets all rows."""
@@ -149,19 +194,21 @@ class Embedder:
             log.warning("%d of %d texts were longer than max_length=%d tokens and were truncated",
                         tokens.truncated, len(texts), self.max_length)
         plan = plan_batches([len(row) for row in tokens.ids], self.buckets, self.batch_size,
-                            self.max_batch_tokens, self.shards)
+                            self.max_batch_tokens, self.shards, self.pack_length)
         out = np.zeros((len(texts), self.model.cfg.hidden_size), np.float32)
-        pending = None  # (indices, vectors) of the batch on the device while the next one is padded and sent
+        pending = None  # (rows, vectors) of the batch on the device while the next one is packed and sent
         with tqdm(total=len(texts), desc="encoding", unit="text", disable=not progress) as bar:
-            for indices, length, rows in [*plan, (None, None, None)]:
+            for rows, length, padded_rows in [*plan, (None, None, None)]:
                 dispatched = None
-                if indices:
-                    batch = pad_batch([tokens.ids[i] for i in indices], [tokens.embed_lengths[i] for i in indices],
-                                      length, rows)
-                    dispatched = (indices, self._dispatch(batch))
+                if rows:
+                    batch = pack_batch(tokens.ids, tokens.embed_lengths, rows, length, padded_rows)
+                    packed = length <= self.pack_length  # the program pools each text of a row apart
+                    dispatched = (rows, self._dispatch(batch, min(MAX_TEXTS_PER_ROW, length) if packed else 1))
                 if pending is not None:
                     done, vectors = pending
-                    out[done] = self._fetch(vectors)[: len(done)]
-                    bar.update(len(done))
+                    vectors = self._fetch(vectors)
+                    for row, indices in enumerate(done):
+                        out[indices] = vectors[row, : len(indices)] if vectors.ndim == 3 else vectors[row]
+                    bar.update(sum(map(len, done)))
                 pending = dispatched
         return out

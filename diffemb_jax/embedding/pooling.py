@@ -33,5 +33,15 @@ def pool(hidden: jax.Array, padding_mask: jax.Array, embed_mask: jax.Array, mode
     return jnp.einsum("bl,bld->bd", weights, hidden)
 
 
+def pool_packed(hidden: jax.Array, segments: jax.Array, embed_mask: jax.Array, max_texts: int, mode: str = "mean",
+                skip_instruction: bool = False) -> jax.Array:
+    """hidden [B, L, D] of rows packed with texts (segments: each token's text number 1..max_texts,
+    0 for pads) -> [B, max_texts, D] float32: text k of row b at [b, k - 1], zeros where a row holds
+    fewer texts. Each text is pooled by `pool` over its own tokens."""
+    texts = (segments[:, None, :] == jnp.arange(1, max_texts + 1, dtype=segments.dtype)[None, :, None])
+    one = lambda mask: pool(hidden, mask.astype(jnp.int32), embed_mask, mode, skip_instruction)  # noqa: E731
+    return jax.vmap(one, in_axes=1, out_axes=1)(texts)
+
+
 def l2_normalize(x: jax.Array) -> jax.Array:
     return x / jnp.maximum(jnp.linalg.norm(x, axis=-1, keepdims=True), 1e-12)

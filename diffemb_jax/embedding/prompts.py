@@ -52,3 +52,23 @@ def pad_batch(ids: list[list[int]], embed_lengths: list[int], length: int, rows:
         padding_mask[i, : len(row)] = 1
         embed_mask[i, len(row) - n_embed : len(row)] = 1
     return input_ids, padding_mask, embed_mask
+
+
+def pack_batch(ids: list[list[int]], embed_lengths: list[int], rows: list[list[int]], length: int, padded_rows: int):
+    """Texts packed one after another into `padded_rows` rows of `length` tokens, row r holding the
+    texts numbered rows[r]: (input_ids, segments, embed_mask) as int32 numpy arrays, segments being
+    each token's place in its row's list, from 1 (0 for pads)."""
+    input_ids = np.zeros((padded_rows, length), np.int32)
+    segments = np.zeros((padded_rows, length), np.int32)
+    embed_mask = np.zeros((padded_rows, length), np.int32)
+    for r, texts in enumerate(rows):
+        start = 0
+        for k, i in enumerate(texts, 1):
+            end = start + len(ids[i])
+            if end > length:
+                raise ValueError(f"row {r} holds {end} tokens, more than its {length}")
+            input_ids[r, start:end] = ids[i]
+            segments[r, start:end] = k
+            embed_mask[r, end - embed_lengths[i] : end] = 1
+            start = end
+    return input_ids, segments, embed_mask

@@ -5,9 +5,11 @@ Padding is always masked, in both modes. Kernels:
   QUERY_CHUNK queries at a time (the backward pass recomputes each chunk's scores), so memory grows
   with length x QUERY_CHUNK rather than length squared: a 32k-token document needs no 32k x 32k scores;
 - cudnn: cuDNN flash attention on NVIDIA GPUs, padding given as per-sequence lengths (right padding,
-  as the Embedder and the data pipeline produce);
-- splash: Pallas splash attention (TPU), padding as segment ids (real tokens 1, pads 0), the sequence
-  padded up to the kernel's 128-token blocks; on CPU it runs in Pallas interpret mode (for tests).
+  as the Embedder and the data pipeline produce); packed rows' texts as a mask, which cuDNN takes as
+  a bias;
+- splash: Pallas splash attention (TPU), padding as segment ids (real tokens 1, or in a packed row
+  each token's text number; pads 0), the sequence padded up to the kernel's 128-token blocks; on CPU
+  it runs in Pallas interpret mode (for tests).
   Under a mesh context (`jax.set_mesh`) it runs inside shard_map: batch over data and fsdp, heads
   over tensor, since GSPMD cannot partition a Pallas call.
 `auto` picks by backend and falls back to xla, with the reason logged, where a kernel cannot serve.
@@ -28,10 +30,16 @@ log = logging.getLogger(__name__)
 
 
 def attention_mask_4d(padding_mask: jax.Array, causal: bool, sliding_window: int | None,
-                      query_positions: jax.Array | None = None) -> jax.Array:
+                      query_positions: jax.Array | None = None, packed: bool = False) -> jax.Array:
     """[B, L] 0/1 padding mask -> [B, 1, Q, L] boolean (query, key) mask, for the queries at
-    `query_positions` (default: all L)."""
-    keys = padding_mask.astype(bool)[:, None, None, :]
+    `query_positions` (default: all L). Packed rows hold each token's text number (0: pads): a token
+    sees its own text only, and pads see pads (so that no row of scores is empty)."""
+    if packed:
+        queries = padding_mask if query_positions is None else jnp.take(padding_mask, query_positions, axis=1,
+                                                                         mode="clip")
+        keys = padding_mask[:, None, None, :] == queries[:, None, :, None]
+    else:
+        keys = padding_mask.astype(bool)[:, None, None, :]
     if not causal:
         return keys
     length = padding_mask.shape[-1]
@@ -43,12 +51,12 @@ def attention_mask_4d(padding_mask: jax.Array, causal: bool, sliding_window: int
     return keys & allowed[None, None]
 
 
-def _xla(q, k, v, padding_mask, causal: bool, sliding_window: int | None, chunk: int):
+def _xla(q, k, v, padding_mask, causal: bool, sliding_window: int | None, chunk: int, packed: bool = False):
     """XLA attention; longer than `chunk`, one chunk of queries at a time under jax.checkpoint, so
     neither the forward nor the backward pass holds more than one chunk's [B, H, chunk, L] scores."""
     b, length, heads, d = q.shape
     if length <= chunk:
-        mask = attention_mask_4d(padding_mask, causal, sliding_window)
+        mask = attention_mask_4d(padding_mask, causal, sliding_window, packed=packed)
         return jax.nn.dot_product_attention(q, k, v, mask=mask, implementation="xla")
     n = -(-length // chunk)
     q = jnp.pad(q, ((0, 0), (0, n * chunk - length), (0, 0), (0, 0)))  # padded queries are cut off below
@@ -57,7 +65,7 @@ def _xla(q, k, v, padding_mask, causal: bool, sliding_window: int | None, chunk:
     @jax.checkpoint
     def one(chunk_and_start):
         q_chunk, start = chunk_and_start
-        mask = attention_mask_4d(padding_mask, causal, sliding_window, start + jnp.arange(chunk))
+        mask = attention_mask_4d(padding_mask, causal, sliding_window, start + jnp.arange(chunk), packed)
         return jax.nn.dot_product_attention(q_chunk, k, v, mask=mask, implementation="xla")
 
     out = jax.lax.map(one, (chunks, jnp.arange(n) * chunk))
@@ -86,17 +94,23 @@ def resolve_kernel(kernel: str, backend: str, dtype: str, head_dim: int, sliding
     return "xla"
 
 
-def attend(q, k, v, padding_mask, *, causal: bool, sliding_window: int | None = None, kernel: str = "xla"):
-    """q [B,L,H,D], k/v [B,L,KV,D] (grouped heads broadcast) -> [B,L,H,D]."""
+def attend(q, k, v, padding_mask, *, causal: bool, sliding_window: int | None = None, kernel: str = "xla",
+           packed: bool = False):
+    """q [B,L,H,D], k/v [B,L,KV,D] (grouped heads broadcast) -> [B,L,H,D]. `packed`: rows hold several
+    texts, padding_mask each token's text number (0: pads), and attention stays within a text."""
     kernel = resolve_kernel(kernel, jax.default_backend(), str(q.dtype), q.shape[-1], sliding_window)
     if kernel == "xla":
-        return _xla(q, k, v, padding_mask, causal, sliding_window, QUERY_CHUNK)
+        return _xla(q, k, v, padding_mask, causal, sliding_window, QUERY_CHUNK, packed)
     if kernel == "cudnn":
         if jax.default_backend() != "gpu":
             raise ValueError(f"the cudnn attention kernel needs an NVIDIA GPU; this backend is "
                              f"{jax.default_backend()!r}: use kernel='xla'")
-        lengths = padding_mask.sum(-1).astype(jnp.int32)
         window = None if (sliding_window is None or not causal) else (sliding_window - 1, 0)
+        if packed:  # the texts' block-diagonal mask, which cuDNN takes as a bias
+            return jax.nn.dot_product_attention(
+                q, k, v, mask=attention_mask_4d(padding_mask, False, None, packed=True), is_causal=causal,
+                local_window_size=window, implementation="cudnn")
+        lengths = padding_mask.sum(-1).astype(jnp.int32)
         return jax.nn.dot_product_attention(
             q, k, v, is_causal=causal, query_seq_lengths=lengths, key_value_seq_lengths=lengths,
             local_window_size=window, implementation="cudnn")

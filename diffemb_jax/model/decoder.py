@@ -65,14 +65,15 @@ class Attention(nnx.Module):
         self.v_proj = _linear(d, cfg.num_kv_heads * hd, ("embed", "kv_heads"), bias=cfg.qkv_bias, **kw)
         self.o_proj = _linear(cfg.num_heads * hd, d, ("q_heads", "embed"), bias=False, **kw)
 
-    def __call__(self, x, positions, padding_mask, *, causal: bool, kernel: str):
+    def __call__(self, x, positions, padding_mask, *, causal: bool, kernel: str, packed: bool):
         b, l, _ = x.shape
         cfg = self.cfg
         q = self.q_proj(x).reshape(b, l, cfg.num_heads, cfg.head_dim)
         k = self.k_proj(x).reshape(b, l, cfg.num_kv_heads, cfg.head_dim)
         v = self.v_proj(x).reshape(b, l, cfg.num_kv_heads, cfg.head_dim)
         q, k = rope(q, positions, cfg.rope_theta), rope(k, positions, cfg.rope_theta)
-        out = attend(q, k, v, padding_mask, causal=causal, sliding_window=cfg.sliding_window, kernel=kernel)
+        out = attend(q, k, v, padding_mask, causal=causal, sliding_window=cfg.sliding_window, kernel=kernel,
+                     packed=packed)
         return self.o_proj(out.reshape(b, l, cfg.num_heads * cfg.head_dim))
 
 
@@ -95,8 +96,8 @@ class Block(nnx.Module):
         self.post_attention_norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps, param_dtype=param_dtype)
         self.mlp = MLP(cfg, dtype=dtype, param_dtype=param_dtype, rngs=rngs)
 
-    def __call__(self, x, positions, padding_mask, *, causal: bool, kernel: str):
-        x = x + self.attn(self.input_norm(x), positions, padding_mask, causal=causal, kernel=kernel)
+    def __call__(self, x, positions, padding_mask, *, causal: bool, kernel: str, packed: bool):
+        x = x + self.attn(self.input_norm(x), positions, padding_mask, causal=causal, kernel=kernel, packed=packed)
         return x + self.mlp(self.post_attention_norm(x))
 
 
@@ -144,16 +145,20 @@ class Decoder(nnx.Module):
             self.lm_head = _linear(cfg.hidden_size, cfg.vocab_size, ("embed", "vocab"), bias=False,
                                    dtype=dtype, param_dtype=param_dtype, rngs=rngs)
 
-    def __call__(self, input_ids: jax.Array, padding_mask: jax.Array) -> jax.Array:
+    def __call__(self, input_ids: jax.Array, padding_mask: jax.Array, packed: bool = False) -> jax.Array:
+        """padding_mask: 1 for tokens, 0 for pads; or, `packed`, rows holding several texts one after
+        another, each token's text number (1, 2, ...; 0 for pads): each text then attends within
+        itself. Positions run on across a row: RoPE's scores depend on position differences only, so
+        a text's states are those it has alone."""
         if self.attention not in ATTENTION_MODES:
             raise ValueError(f"attention must be one of {ATTENTION_MODES}, got {self.attention!r}")
         if self.remat not in REMAT_POLICIES:
             raise ValueError(f"remat must be one of {tuple(REMAT_POLICIES)}, got {self.remat!r}")
         causal = self.attention == "causal"
-        positions = positions_from_mask(padding_mask)
+        positions = positions_from_mask(padding_mask > 0)
 
         def run(block, x):
-            return block(x, positions, padding_mask, causal=causal, kernel=self.kernel)
+            return block(x, positions, padding_mask, causal=causal, kernel=self.kernel, packed=packed)
 
         x = self.embed(input_ids)
         for block in self.layers:
