@@ -58,6 +58,7 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import functools
 import importlib
 import importlib.metadata
 import inspect
@@ -360,13 +361,28 @@ def _reset_device_peak(framework: str) -> bool:
     return False
 
 
+@functools.cache
+def _jax_compilations() -> list[float]:
+    """The seconds of each XLA compilation in this process from the first call on (jax.monitoring's
+    event), so that a timed part can say it compiled nothing."""
+    import jax.monitoring
+
+    seen: list[float] = []
+    jax.monitoring.register_event_duration_secs_listener(
+        lambda event, seconds, **_: seen.append(seconds) if event == "/jax/core/compile/backend_compile_duration" else None)
+    return seen
+
+
 def _measure(framework: str, warm_up: Callable, timed: Callable):
     """(figures, warm_up(), timed()): seconds of each, the peak RSS of the process so far (loading
     included), the peak RSS during the timed part alone, and how far that rose above the RSS the
     timed part started from (memory kept from warming up, say by an allocator, is not counted).
     On an accelerator, the same two peaks of device memory (the timed one where the framework can
     restart its mark; None otherwise). On a shared machine, cores_used (CPU seconds / wall seconds
-    of the timed part) and the load average say how much of the machine the worker had."""
+    of the timed part) and the load average say how much of the machine the worker had. JAX's
+    warmup_compiles and timed_compiles: the XLA compilations of each part, the timed one's 0 where
+    warming up met every shape."""
+    compilations = _jax_compilations() if framework == "jax" else None
     start = time.perf_counter()
     warm = warm_up()
     warmup_seconds = time.perf_counter() - start
@@ -374,6 +390,7 @@ def _measure(framework: str, warm_up: Callable, timed: Callable):
     _reset_peak_rss()
     device_reset = _reset_device_peak(framework)
     rss_before_kb = _proc_status_kb("VmRSS")
+    compiled_before = None if compilations is None else len(compilations)  # before the timed part
     start, cpu_start = time.perf_counter(), time.process_time()
     # Plain Python values or numpy: the work is done when it returns (.item(), .cpu(), float() and
     # np.asarray wait for the device), so no explicit synchronisation is needed.
@@ -385,7 +402,9 @@ def _measure(framework: str, warm_up: Callable, timed: Callable):
                "rss_increase_mb": max(timed_peak_kb - rss_before_kb, 0) / 1024,
                "peak_device_mb": None if timed_peak_device is None else max(load_peak_device, timed_peak_device),
                "timed_peak_device_mb": timed_peak_device if device_reset else None,
-               "cores_used": cpu_seconds / seconds, "load_average_1m": os.getloadavg()[0]}
+               "cores_used": cpu_seconds / seconds, "load_average_1m": os.getloadavg()[0],
+               "warmup_compiles": compiled_before,
+               "timed_compiles": None if compilations is None else len(compilations) - compiled_before}
     return figures, warm, out
 
 
@@ -649,6 +668,8 @@ def _train_worker(framework: str, job: dict) -> dict:
 
 def run_worker(framework: str, job_path: str, out_path: str) -> None:
     job = json.loads(Path(job_path).read_text())
+    if framework == "jax":
+        _jax_compilations()  # counted from the start: loading, ahead-of-time compilation, warm-up
     result = {"framework": framework, **KINDS[job["what"]].work(framework, job)}
     Path(out_path).write_text(json.dumps(result))
 
@@ -1143,6 +1164,8 @@ def main(args) -> dict:
     report = {"command": _command(args), "settings": settings, "results": results, "skipped": skipped, **summary,
               **flops, "device_mismatch": mismatch}
     lines = ([mismatch] if mismatch else []) + lines
+    lines += [f"{_label(key)} compiled {result['timed_compiles']} XLA programs in its timed part: its time "
+              "includes compilation" for key, result in results.items() if result.get("timed_compiles")]
     print("\n" + _table(results, kind.columns) + "\n")
     print("\n".join(lines + flops_lines))
     if args.json:

@@ -49,6 +49,9 @@ def test_bench_encode_tiny_model(tmp_path):
         assert result["texts"] == 8 and result["tokens"] == report["settings"]["tokens"] > 0
         assert result["tokens_per_s"] > 0 and result["peak_rss_mb"] > 0
     assert report["max_abs_diff_first"] < 1e-3
+    jax_r, torch_r = report["results"]["jax"], report["results"]["torch"]
+    assert jax_r["warmup_compiles"] > 0 == jax_r["timed_compiles"]  # warming up met every batch shape
+    assert torch_r["warmup_compiles"] is None is torch_r["timed_compiles"]
     assert report["model_flops_per_token"] > 0
     for result in report["results"].values():  # no peak known on CPU without --peak-tflops
         assert result["mfu"] is None and result["model_tflops_per_s"] > 0
@@ -71,6 +74,7 @@ def test_bench_train_tiny_model(tmp_path):
     jax_r, torch_r = report["results"]["JAX remat=none"], report["results"]["PyTorch checkpointing=off"]
     assert abs(jax_r["first_loss"] - torch_r["first_loss"]) < 1e-3
     assert jax_r["compile_seconds"] > 0 == torch_r["compile_seconds"]
+    assert jax_r["warmup_compiles"] > 0 == jax_r["timed_compiles"]
     assert report["model_flops_per_token"] > 0
     for result in report["results"].values():
         assert result["mfu"] == pytest.approx(result["model_tflops_per_s"] / 2.5)
