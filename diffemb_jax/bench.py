@@ -527,7 +527,8 @@ def _encode_worker(framework: str, job: dict) -> dict:
     """Load, encode all the texts once untimed (warm-up: every batch shape compiled), then once timed."""
     encode, device, info = {"jax": _jax_encoder, "torch": _torch_encoder}[framework](job)
     figures, _, vectors = _measure(framework, lambda: encode(job["texts"]), lambda: encode(job["texts"]))
-    return {"device": device, **info, "tokens": job["tokens"], "texts": len(job["texts"]), **figures,
+    return {"device": device, **info, "tokens": job["tokens"], "texts": len(job["texts"]),
+            "computed_tokens": job["computed_tokens"][framework], **figures,
             "tokens_per_s": job["tokens"] / figures["seconds"],
             "texts_per_s": len(job["texts"]) / figures["seconds"],
             "first_embeddings": vectors[:COMPARED].tolist()}
@@ -794,7 +795,7 @@ def _table(results: dict, columns: tuple[tuple[str, str], ...]) -> str:
 
 
 def _encode_job(args, tokenizer) -> tuple[dict, dict]:
-    from diffemb_jax.embedding.embedder import bucket_lengths, rows_per_batch
+    from diffemb_jax.embedding.embedder import bucket_lengths, plan_batches, rows_per_batch
 
     texts = make_texts(tokenizer, args.texts, args.max_length)
     buckets = bucket_lengths(args.max_length)
@@ -804,6 +805,12 @@ def _encode_job(args, tokenizer) -> tuple[dict, dict]:
                 "pack_length": args.pack_length, "dtype": args.dtype, "buckets": buckets,
                 "bucket_rows": [rows_per_batch(b, args.batch_size, budget) for b in buckets]}
     lengths = [min(len(enc.ids), args.max_length) for enc in tokenizer.encode_batch(texts)]
+    # Tokens each framework computes, padding included: JAX its Embedder's padded rows; PyTorch the same
+    # batches one text a row, a batch's rows only as many as its texts.
+    jax_plan = plan_batches(lengths, buckets, args.batch_size, budget, pack_length=args.pack_length)
+    torch_plan = plan_batches(lengths, buckets, args.batch_size, budget, pack_length=0)
+    settings["computed_tokens"] = {"jax": sum(rows * length for _, length, rows in jax_plan),
+                                   "torch": sum(len(texts) * length for texts, length, _ in torch_plan)}
     return settings, {"texts": texts, "lengths": lengths}
 
 
@@ -1095,6 +1102,7 @@ KINDS = {
         prepare=_encode_job, runs=lambda settings: {f: (f, {}) for f in FRAMEWORKS}, work=_encode_worker,
         summarize=_encode_summary, flops=_encode_flops,
         columns=(("device", "{device}"), ("tokens/s", "{tokens_per_s:.0f}"), ("texts/s", "{texts_per_s:.1f}"),
+                 ("tokens computed", "{computed_tokens}"),
                  ("model TFLOP/s", "{model_tflops_per_s:.3f}"),
                  ("warm-up s", "{warmup_seconds:.2f}"), ("peak RSS MB", "{peak_rss_mb:.0f}"),
                  ("RSS increase MB", "{rss_increase_mb:.0f}"), ("peak device MB", "{peak_device_mb:.0f}"),
