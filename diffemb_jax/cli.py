@@ -57,6 +57,7 @@ def _encode(args) -> None:
 EVALUATE_MAX_LENGTH = {"longembed": 32768, "bright": 4096}
 MAX_BATCH_TOKENS_HELP = ("at most this many padded tokens per batch, so long documents go fewer at a time "
                          "(one text that is longer goes alone); 0: no limit")
+BATCH_SIZE_HELP = "rows per batch (a row holds one text, or several short ones packed)"
 PACK_LENGTH_HELP = ("texts of at most this many tokens are packed several to a row, each attending within "
                     "itself (no compute on padding); 0: one text a row")
 
@@ -260,7 +261,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--skip-instruction", action="store_true", help="pool only the tokens after the instruction")
     p.add_argument("--instruction", default=None, help="task instruction prepended to every text")
     p.add_argument("--max-length", type=int, default=512)
-    p.add_argument("--batch-size", type=int, default=16)
+    p.add_argument("--batch-size", type=int, default=16, help=BATCH_SIZE_HELP)
     p.add_argument("--max-batch-tokens", type=int, default=DEFAULT_MAX_BATCH_TOKENS, help=MAX_BATCH_TOKENS_HELP)
     p.add_argument("--pack-length", type=int, default=PACK_LENGTH, help=PACK_LENGTH_HELP)
     p.add_argument("--dtype", choices=("float32", "bfloat16"), default="float32")
@@ -280,7 +281,7 @@ def build_parser() -> argparse.ArgumentParser:
     common.add_argument("--skip-instruction", action="store_true", help="pool only the tokens after the instruction")
     common.add_argument("--max-length", type=int, default=None, help="tokens per text; default: 512, longembed "
                         f"{EVALUATE_MAX_LENGTH['longembed']}, bright {EVALUATE_MAX_LENGTH['bright']}")
-    common.add_argument("--batch-size", type=int, default=16)
+    common.add_argument("--batch-size", type=int, default=16, help=BATCH_SIZE_HELP)
     common.add_argument("--max-batch-tokens", type=int, default=DEFAULT_MAX_BATCH_TOKENS, help=MAX_BATCH_TOKENS_HELP)
     common.add_argument("--pack-length", type=int, default=PACK_LENGTH, help=PACK_LENGTH_HELP)
     common.add_argument("--dtype", choices=("float32", "bfloat16"), default="float32")
