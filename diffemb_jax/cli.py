@@ -327,7 +327,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--tokenizer", default=None, help="--shape: a tokenizer.json, model directory or .gguf to make "
                    "the token ids with (default: the bundled SmolLM2's), where the bundled model is not installed")
     p.add_argument("--texts", type=int, default=64, help="number of texts")
-    p.add_argument("--batch-size", type=int, default=16)
+    p.add_argument("--batch-size", type=int, default=16, help=BATCH_SIZE_HELP)
     p.add_argument("--max-batch-tokens", type=int, default=DEFAULT_MAX_BATCH_TOKENS, help=MAX_BATCH_TOKENS_HELP)
     p.add_argument("--max-length", type=int, default=128)
     p.add_argument("--pack-length", type=int, default=PACK_LENGTH,
