@@ -52,6 +52,11 @@ PACK_LENGTH = 512
 MAX_TEXTS_PER_ROW = 64  # the pooled output is [rows, this, hidden]
 
 
+def row_capacity(length: int) -> int:
+    """The most texts a packed row of `length` tokens holds (each has at least one token)."""
+    return min(MAX_TEXTS_PER_ROW, length)
+
+
 def rows_per_batch(length: int, batch_size: int, max_batch_tokens: int | None, multiple: int = 1) -> int:
     """Padded rows of a batch of `length`-token bucket: batch_size, or fewer so that rows x length
     stays within max_batch_tokens (None: no limit), yet a multiple of `multiple` (the mesh's batch
@@ -83,7 +88,7 @@ def _packed_batches(texts: list[int], lengths: list[int], bucket: dict[int, int]
     batches = []
     while present:
         length = bucket[present[-1]]
-        full, most, rows = full_rows(length), min(MAX_TEXTS_PER_ROW, length), []
+        full, most, rows = full_rows(length), row_capacity(length), []
         while present and len(rows) < full:
             row, room = [], length
             while len(row) < most and (k := bisect.bisect_right(present, room) - 1) >= 0:
@@ -203,7 +208,7 @@ class Embedder:
                 if rows:
                     batch = pack_batch(tokens.ids, tokens.embed_lengths, rows, length, padded_rows)
                     packed = length <= self.pack_length  # the program pools each text of a row apart
-                    dispatched = (rows, self._dispatch(batch, min(MAX_TEXTS_PER_ROW, length) if packed else 1))
+                    dispatched = (rows, self._dispatch(batch, row_capacity(length) if packed else 1))
                 if pending is not None:
                     done, vectors = pending
                     vectors = self._fetch(vectors)

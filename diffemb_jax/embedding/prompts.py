@@ -43,15 +43,9 @@ def tokenize(tokenizer: tokenizers.Tokenizer, texts: list[str], max_length: int)
 
 
 def pad_batch(ids: list[list[int]], embed_lengths: list[int], length: int, rows: int):
-    """Right-pad to [rows, length]: (input_ids, padding_mask, embed_mask) as int32 numpy arrays."""
-    input_ids = np.zeros((rows, length), np.int32)
-    padding_mask = np.zeros((rows, length), np.int32)
-    embed_mask = np.zeros((rows, length), np.int32)
-    for i, (row, n_embed) in enumerate(zip(ids, embed_lengths)):
-        input_ids[i, : len(row)] = row
-        padding_mask[i, : len(row)] = 1
-        embed_mask[i, len(row) - n_embed : len(row)] = 1
-    return input_ids, padding_mask, embed_mask
+    """Right-pad to [rows, length]: (input_ids, padding_mask, embed_mask) as int32 numpy arrays
+    (pack_batch with one text a row, whose segments are the padding mask)."""
+    return pack_batch(ids, embed_lengths, [[i] for i in range(len(ids))], length, rows)
 
 
 def pack_batch(ids: list[list[int]], embed_lengths: list[int], rows: list[list[int]], length: int, padded_rows: int):
