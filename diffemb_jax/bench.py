@@ -10,7 +10,9 @@ to a row (the Embedder's default); PyTorch, the reference, runs one text a row, 
 train: both frameworks run the same contrastive LoRA train step on the same token ids: --queries
 queries (a docstring's first sentence, at most --query-length tokens), their positives (the
 docstring) and hard negatives (the next docstring, most often of the same module), documents at
-most --doc-length tokens, every side padded to a fixed shape. Bidirectional attention, mean pooling,
+most --doc-length tokens. PyTorch, as llm2vec does, pads each side to its longest text; JAX runs the
+train step's own layout, every text packed into rows of the longer length (training/packing.py;
+"tokens computed" counts both). Bidirectional attention, mean pooling,
 in-batch InfoNCE over [positives; negatives] (cosine x 50), LoRA r=--lora-rank, alpha=2r, dropout
 --lora-dropout (0.05) on q,k,v,o,gate,up,down, AdamW (weight decay 0, the HF linear schedule from lr to 0 over all
 the steps run) after clipping gradients to norm 1. JAX runs the project's own train step (qwix
@@ -151,13 +153,31 @@ def make_triples(n: int) -> list[tuple[str, str, str]]:
 
 
 def padded(tokenizer, texts: list[str], length: int) -> dict[str, list[list[int]]]:
-    """Token ids cut to `length` and right-padded to it, with their 0/1 padding mask (JSON lists)."""
-    ids, mask = [], []
-    for enc in tokenizer.encode_batch(texts):
-        row = enc.ids[:length]
-        ids.append(row + [0] * (length - len(row)))
-        mask.append([1] * len(row) + [0] * (length - len(row)))
-    return {"input_ids": ids, "padding_mask": mask}
+    """Token ids cut to `length` and right-padded to the longest of them (as llm2vec's batches are),
+    with their 0/1 padding mask (JSON lists)."""
+    rows = [enc.ids[:length] for enc in tokenizer.encode_batch(texts)]
+    longest = max(map(len, rows))
+    return {"input_ids": [row + [0] * (longest - len(row)) for row in rows],
+            "padding_mask": [[1] * len(row) + [0] * (longest - len(row)) for row in rows]}
+
+
+def packed_step(batch: dict, length: int) -> dict[str, list[list[int]]]:
+    """The train step's layout of `batch` (training/packing.py): its texts packed into rows of
+    `length` tokens, every token embedded, the row count rounded to a power of two."""
+    import numpy as np
+
+    from diffemb_jax.training.packing import pack_step, pad_rows, step_rows
+
+    sides = {}
+    for side in SIDES:
+        mask = np.asarray(batch[side]["padding_mask"], np.int32)
+        ids = np.pad(np.asarray(batch[side]["input_ids"], np.int32), ((0, 0), (0, length - mask.shape[1])))
+        mask = np.pad(mask, ((0, 0), (0, length - mask.shape[1])))
+        sides[side] = {"input_ids": ids, "padding_mask": mask, "embed_mask": mask}
+    queries = len(batch["query"]["input_ids"])
+    rows = pack_step(sides, global_batch_size=queries, num_negatives=len(batch["negative"]["input_ids"]) // queries)
+    rows = pad_rows(rows, step_rows(len(rows["input_ids"]), 1, queries * len(SIDES)))
+    return {key: value.tolist() for key, value in rows.items()}
 
 
 # ----------------------------------------------------------------------------- models
@@ -590,12 +610,10 @@ def _jax_trainer(job: dict):
     opt = job["optimizer"]
     tx, schedule = make_optimizer(opt["lr"], warmup_steps=0, total_steps=job["warmup_steps"] + job["steps"],
                                   grad_clip=opt["grad_clip"], weight_decay=opt["weight_decay"])
-    train_step = make_train_step(graphdef, tx, schedule,
-                                 StepConfig(loss="in_batch", scale=job["scale"], seed=job["seed"]))
-    batch = jax.device_put({side: {"input_ids": np.asarray(job["batch"][side]["input_ids"], np.int32),
-                                   "padding_mask": np.asarray(job["batch"][side]["padding_mask"], np.int32),
-                                   "embed_mask": np.asarray(job["batch"][side]["padding_mask"], np.int32)}
-                            for side in SIDES})
+    step_cfg = StepConfig(batch_size=len(job["batch"]["query"]["input_ids"]), loss="in_batch", scale=job["scale"],
+                          seed=job["seed"])
+    train_step = make_train_step(graphdef, tx, schedule, step_cfg)
+    batch = jax.device_put({key: np.asarray(value, np.int32) for key, value in job["packed"].items()})
     # Committed to the device, as the step's outputs are (and the Trainer's state): uncommitted inputs
     # to step 0 would make step 1 compile again.
     lora, opt_state = jax.device_put((lora, tx.init(lora)), jax.devices()[0])
@@ -657,6 +675,7 @@ def _train_worker(framework: str, job: dict) -> dict:
     """Load, run --warmup-steps steps, then time --steps steps, all on the same batch."""
     step, device, info = {"jax": _jax_trainer, "torch": _torch_trainer}[framework](job)
     warmup, steps = job["warmup_steps"], job["steps"]
+    info["computed_tokens"] = job["computed_tokens"][framework]
     figures, warm_losses, losses = _measure(framework, lambda: [step(i) for i in range(warmup)],
                                             lambda: [step(i) for i in range(warmup, warmup + steps)])
     losses = warm_losses + losses
@@ -835,12 +854,16 @@ def _encode_summary(results: dict) -> tuple[dict, list[str]]:
 
 
 def _train_job(args, tokenizer) -> tuple[dict, dict]:
+    """One step's batch: PyTorch's as llm2vec's (each side padded to its longest), JAX's packed."""
     triples = make_triples(args.queries)
     lengths = {"query": args.query_length, "positive": args.doc_length, "negative": args.doc_length}
     batch = {side: padded(tokenizer, [t[i] for t in triples], lengths[side]) for i, side in enumerate(SIDES)}
+    packed = packed_step(batch, max(lengths.values()))
+    computed = {"jax": sum(map(len, packed["input_ids"])),
+                "torch": sum(len(row) for side in SIDES for row in batch[side]["input_ids"])}
     settings = {"queries": args.queries, "query_length": args.query_length, "doc_length": args.doc_length,
                 "tokens_per_step": sum(sum(map(sum, batch[side]["padding_mask"])) for side in SIDES),
-                "padded_tokens_per_step": sum(args.queries * n for n in lengths.values()),
+                "computed_tokens": computed, "packed_rows": len(packed["input_ids"]),
                 "warmup_steps": args.warmup_steps, "steps": args.steps, "dtype": args.dtype,
                 "remat": remat_policies(args.remat),
                 "attention": "bidirectional", "pooling": "mean", "loss": "in-batch InfoNCE, cosine x scale",
@@ -849,7 +872,7 @@ def _train_job(args, tokenizer) -> tuple[dict, dict]:
                          "targets": list(LORA_TARGETS)},
                 "optimizer": {"name": "AdamW", "lr": LR, "weight_decay": 0.0, "grad_clip": GRAD_CLIP,
                               "schedule": "linear from lr to 0 over warmup_steps + steps, no warm-up"}}
-    return settings, {"batch": batch}
+    return settings, {"batch": batch, "packed": packed}
 
 
 def remat_policies(spec: str) -> list[str]:
@@ -1113,6 +1136,7 @@ KINDS = {
         positive=("queries", "query_length", "doc_length", "lora_rank", "steps"),
         prepare=_train_job, runs=_train_runs, work=_train_worker, summarize=_train_summary, flops=_train_flops,
         columns=(("device", "{device}"), ("remat", "{remat}"), ("tokens/s", "{tokens_per_s:.0f}"),
+                 ("tokens computed", "{computed_tokens}"),
                  ("model TFLOP/s", "{model_tflops_per_s:.3f}"), ("step s", "{step_seconds:.2f}"),
                  ("compile s", "{compile_seconds:.2f}"), ("warm-up s", "{warmup_seconds:.2f}"),
                  ("peak RSS MB", "{peak_rss_mb:.0f}"), ("timed steps' peak RSS MB", "{timed_peak_rss_mb:.0f}"),

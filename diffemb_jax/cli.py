@@ -307,8 +307,8 @@ def build_parser() -> argparse.ArgumentParser:
                    help="encode: texts; train: the LoRA step; long: one long document per length, how long fits")
     p.add_argument("--queries", type=int, default=8, help="train: queries per step, each with a positive and a "
                    "hard negative (--batch-size, --texts and --max-length are encode's)")
-    p.add_argument("--query-length", type=int, default=32, help="train: tokens per query, padded")
-    p.add_argument("--doc-length", type=int, default=128, help="train: tokens per document, padded")
+    p.add_argument("--query-length", type=int, default=32, help="train: most tokens per query")
+    p.add_argument("--doc-length", type=int, default=128, help="train: most tokens per document")
     p.add_argument("--lora-rank", type=int, default=16, help="train: LoRA rank (alpha = 2 x rank)")
     p.add_argument("--lora-dropout", type=float, default=0.05, help="train: dropout on the adapters' input")
     p.add_argument("--remat", default="none", metavar="POLICY[,POLICY...]|all",

@@ -85,6 +85,15 @@ def global_batch(local_batch, mesh: Mesh):
     return jax.tree.map(lambda x: jax.make_array_from_process_local_data(sharding, np.asarray(x)), local_batch)
 
 
+def max_over_processes(n: int) -> int:
+    """The largest of every process's `n` (a collective: every process must call it); `n` on one host."""
+    if jax.process_count() == 1:
+        return n
+    from jax.experimental import multihost_utils
+
+    return int(np.max(multihost_utils.process_allgather(np.int32(n))))
+
+
 def initialize_distributed(coordinator_address: str | None = None, num_processes: int | None = None,
                            process_id: int | None = None) -> None:
     """Start JAX's distributed runtime when there is more than one process.

@@ -14,7 +14,7 @@ from diffemb_jax.embedding.pooling import pool, pool_packed
 from diffemb_jax.model import Decoder
 from diffemb_jax.model.config import ModelConfig
 from diffemb_jax.training.lora import LoraConfig, apply_lora
-from diffemb_jax.training.step import SIDES, StepConfig, make_optimizer, make_train_step, split_model
+from diffemb_jax.training.step import StepConfig, make_optimizer, make_train_step, split_model
 
 LAYERS = 2
 # Real head width (128, the 7B shapes'), grouped heads, q/k/v bias: the kernels' constraints bind here.
@@ -22,10 +22,11 @@ CONFIG = ModelConfig(model_type="qwen2", vocab_size=128, hidden_size=256, num_la
                      num_kv_heads=1, head_dim=128, intermediate_size=256, rope_theta=1e6, qkv_bias=True)
 BATCH, LENGTH = 2, 200  # not a multiple of splash's 128-token blocks: the padding path lowers too
 # (platform, jax backend name, kernel) -> the custom call the kernel lowers to
-KERNEL_CALLS = {"cudnn": ("cuda", "gpu", ["__cudnn$fmha", "__cudnn$fmhaSoftmaxBackward("]),
+KERNEL_CALLS = {"cudnn": ("cuda", "gpu", ["__cudnn$fmha", "SoftmaxBackward("]),
                 "splash": ("tpu", "tpu", ["tpu_custom_call"])}
-CUDNN_CALLS = [jax.export.DisabledSafetyCheck.custom_call(f"__cudnn$fmha{name}") for name in  # no serialisation
-               ("Softmax", "SoftmaxBackward", "ScaleBiasSoftmax")]  # promise; we only read the text
+# No serialisation promise is needed: we only read the text.
+CUDNN_CALLS = [jax.export.DisabledSafetyCheck.custom_call(f"__cudnn$fmha{name}") for name in
+               ("Softmax", "SoftmaxBackward", "ScaleBiasSoftmax", "ScaleBiasSoftmaxBackward")]
 
 
 @pytest.fixture
@@ -81,14 +82,15 @@ def test_encode_lowers_to_the_kernel(kernel, packed, on_device):
 
 @pytest.mark.parametrize("kernel,remat", [("cudnn", "none"), ("cudnn", "full"), ("splash", "dots")])
 def test_lora_train_step_lowers_to_the_kernel(kernel, remat, on_device):
-    """The whole step: LoRA with dropout (threefry), our custom backward, remat, the loss, optax."""
+    """The whole step on packed rows: LoRA with dropout (threefry), our custom backward, remat, the
+    loss, optax. cuDNN takes the packed texts' mask as a bias, forward and backward."""
     platform, backend, names = KERNEL_CALLS[kernel]
     model = apply_lora(_model("xla", remat), LoraConfig(rank=4, alpha=8, dropout=0.1))
     model.kernel = kernel
     graphdef, lora, frozen = split_model(model)
     tx, schedule = make_optimizer(1e-4, warmup_steps=0, total_steps=10, grad_clip=1.0, weight_decay=0.0)
-    step = make_train_step(graphdef, tx, schedule, StepConfig(loss="in_batch", scale=50, seed=0))
-    batch = {side: {key: _tokens() for key in ("input_ids", "padding_mask", "embed_mask")} for side in SIDES}
+    step = make_train_step(graphdef, tx, schedule, StepConfig(batch_size=2, loss="in_batch", scale=50, seed=0))
+    batch = {key: _tokens() for key in ("input_ids", "segments", "embed_mask")}  # packed rows
 
     on_device(backend)
     exported = jax.export.export(step, platforms=[platform], disabled_checks=CUDNN_CALLS)(
@@ -97,3 +99,5 @@ def test_lora_train_step_lowers_to_the_kernel(kernel, remat, on_device):
     counts = _calls(text, names)
     assert all(count > 0 for count in counts), counts  # forward (and cuDNN's backward) on the kernel
     assert "threefry2x32" in text  # the adapters' dropout masks are in the step
+    if kernel == "cudnn":
+        assert "__cudnn$fmhaScaleBiasSoftmaxBackward(" in text

@@ -66,9 +66,12 @@ def test_bench_train_tiny_model(tmp_path):
                          "--peak-tflops", "2.5")
     settings = report["settings"]
     assert list(report["results"]) == ["JAX remat=none", "PyTorch checkpointing=off"]
-    assert 0 < settings["tokens_per_step"] <= settings["padded_tokens_per_step"] == 4 * (8 + 24 + 24)
+    computed = settings["computed_tokens"]  # PyTorch pads each side to its longest; JAX packs rows of 24
+    assert 0 < settings["tokens_per_step"] <= computed["torch"] <= 4 * (8 + 24 + 24)
+    assert settings["tokens_per_step"] <= computed["jax"] == 24 * settings["packed_rows"] <= 24 * 4 * 3
     for result in report["results"].values():
         assert result["tokens_per_step"] == settings["tokens_per_step"]
+        assert result["computed_tokens"] == computed[result["framework"]]
         assert result["tokens_per_s"] > 0 and result["step_seconds"] > 0 and result["peak_rss_mb"] > 0
         assert len(result["losses"]) == 2 and result["remat"] == "none"
     # LoRA B starts at zero: the first step is the base model's loss on the same ids in both frameworks

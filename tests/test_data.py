@@ -10,7 +10,7 @@ import tokenizers
 
 import tiny
 from diffemb_jax.embedding.prompts import SEPARATOR
-from diffemb_jax.training import data
+from diffemb_jax.training import data, packing
 
 WORDS = tiny.WORDS[:40]  # row i is recognisable by its first word WORDS[i], token id WORD_ID + i
 WORD_ID = 3
@@ -192,3 +192,46 @@ def test_impossible_batching_is_refused(echo_dir, tokenizer):
         batches(echo_dir, tokenizer, 0, global_batch_size=16)
     with pytest.raises(ValueError, match="rebuild it with build_dataset"):
         batches(echo_dir, tokenizer, 0, num_negatives=2)
+
+
+def _texts(batch):
+    """A packed step's texts: number -> (token ids, embedded token ids)."""
+    out = {}
+    for ids, numbers, embed in zip(batch["input_ids"], batch["segments"], batch["embed_mask"]):
+        for n in set(numbers[numbers > 0].tolist()):
+            out[n] = (ids[numbers == n].tolist(), ids[(numbers == n) & (embed > 0)].tolist())
+    return out
+
+
+def test_hosts_packed_steps_number_the_global_batch(tmp_path, tokenizer):
+    """Each host packs its share of a step; together their texts carry the numbers the whole global
+    batch has one text a row, with the same tokens and embedded tokens: query g is g + 1, its
+    positive G + g + 1, its negative j 2G + g*k + j + 1."""
+    k, g = 3, 4
+    source = build(tmp_path, [row(i, "msmarco_instructions") for i in range(6)], "msmarco_instructions",
+                   num_negatives=k)
+    _, [whole] = batches(source, tokenizer, 1, num_negatives=k)
+    one = _texts(packing.pack_step(whole, global_batch_size=g, num_negatives=k, pack=False))
+    hosts, rows = {}, []
+    for p in (0, 1):
+        _, [part] = batches(source, tokenizer, 1, num_negatives=k, process_index=p, process_count=2)
+        packed = packing.pack_step(part, global_batch_size=g, num_negatives=k, process_index=p)
+        hosts |= _texts(packed)
+        rows.append(len(packed["input_ids"]))
+    assert hosts == one and sorted(one) == list(range(1, g * (2 + k) + 1))
+    assert sum(rows) < g * (2 + k)  # several texts a row
+    for q in range(g):  # the first embedded token names the training row; negative j's second is WORDS[j]
+        first = one[q + 1][1][0]
+        assert one[g + q + 1][1][0] == first
+        for j in range(k):
+            negative = one[2 * g + q * k + j + 1][1]
+            assert negative[0] == first and negative[1] == WORD_ID + j
+
+
+def test_step_rows_round_to_shards_times_a_power_of_two():
+    assert [packing.step_rows(n, 2, 100) for n in (1, 2, 3, 5, 9)] == [2, 2, 4, 8, 16]
+    assert packing.step_rows(9, 2, 11) == 12  # never past one text a row (rounded up to the shards)
+    batch = packing.pad_rows({"input_ids": np.ones((3, 4), np.int32)}, 4)
+    assert batch["input_ids"].shape == (4, 4) and not batch["input_ids"][3].any()
+    with pytest.raises(ValueError, match="more than 2"):
+        packing.pad_rows(batch, 2)

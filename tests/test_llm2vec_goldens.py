@@ -8,7 +8,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from diffemb_jax.embedding.pooling import pool
+from diffemb_jax.embedding.pooling import pool, pool_texts
 from diffemb_jax.training.loss import in_batch_info_nce, per_query_negatives_loss
 
 GOLDENS = np.load(Path(__file__).parent / "goldens" / "llm2vec.npz")
@@ -20,6 +20,33 @@ def test_pooling_equals_llm2vec(mode, skip):
     got = pool(jnp.asarray(GOLDENS["pool_reps"]), jnp.asarray(GOLDENS["pool_attention_mask"]),
                jnp.asarray(GOLDENS["pool_embed_mask"]), mode, skip_instruction=skip)
     np.testing.assert_allclose(np.asarray(got), GOLDENS[f"pool_{mode}_skip{skip}"], atol=1e-6)
+
+
+def _packed_goldens(rows: list[list[int]], length: int):
+    """The golden texts packed: each golden row's real tokens, rows[r] the golden rows (numbered as
+    texts from 1) laid one after another in row r, in that order; (hidden, segments, embed_mask)."""
+    reps, real, embed = GOLDENS["pool_reps"], GOLDENS["pool_attention_mask"] == 1, GOLDENS["pool_embed_mask"]
+    hidden = np.zeros((len(rows), length, reps.shape[-1]), np.float32)
+    segments, embed_mask = np.zeros((len(rows), length), np.int32), np.zeros((len(rows), length), np.int32)
+    for r, texts in enumerate(rows):
+        start = 0
+        for t in texts:
+            n = int(real[t].sum())
+            hidden[r, start : start + n], embed_mask[r, start : start + n] = reps[t][real[t]], embed[t][real[t]]
+            segments[r, start : start + n] = t + 1
+            start += n
+    return jnp.asarray(hidden), jnp.asarray(segments), jnp.asarray(embed_mask)
+
+
+@pytest.mark.parametrize("mode", ["mean", "weighted_mean", "last_token"])
+@pytest.mark.parametrize("skip", [False, True])
+def test_pooling_of_packed_texts_equals_llm2vec(mode, skip):
+    """The train step's pooling: texts numbered across rows, two to a row (in another order than their
+    numbers), and one number (5) that no row holds."""
+    hidden, segments, embed_mask = _packed_goldens([[2, 0], [3, 1]], 2 * GOLDENS["pool_reps"].shape[1])
+    got = np.asarray(pool_texts(hidden, segments, embed_mask, 5, mode, skip_instruction=skip))
+    np.testing.assert_allclose(got[:4], GOLDENS[f"pool_{mode}_skip{skip}"], atol=1e-6)
+    assert not got[4].any()
 
 
 @pytest.mark.parametrize("scale", [50, 20])

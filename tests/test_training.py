@@ -20,6 +20,7 @@ from flax import nnx
 from diffemb_jax.cli import main as cli
 from diffemb_jax.model import Decoder, ModelConfig
 from diffemb_jax.training.lora import LoraConfig, apply_lora, merge_lora
+from diffemb_jax.training.packing import pack_step, pad_rows, step_rows
 from diffemb_jax.training.step import StepConfig, loss_and_grads, make_optimizer, make_train_step, split_model
 from training_fixtures import tiny_setup, train_args
 
@@ -35,7 +36,17 @@ def _side(rows, length, seed):
     return {"input_ids": ids, "padding_mask": mask, "embed_mask": mask.copy()}
 
 
-BATCH = {"query": _side(8, 8, 0), "positive": _side(8, 12, 1), "negative": _side(8, 12, 2)}
+SIDES = {"query": _side(8, 8, 0), "positive": _side(8, 12, 1), "negative": _side(8, 12, 2)}
+
+
+def _packed(pack=True, multiple=8):
+    """SIDES as the train step takes them, in rows of 12 tokens: several texts a row, or one."""
+    batch = pack_step(SIDES, global_batch_size=8, num_negatives=1, pack=pack)
+    return pad_rows(batch, step_rows(len(batch["input_ids"]), multiple, 24))
+
+
+BATCH, ONE_A_ROW = _packed(), _packed(pack=False)
+STEP = StepConfig(batch_size=8)
 
 
 def _adapted(remat="none", dropout=0.0):
@@ -51,7 +62,7 @@ KEY = jax.random.key(7)
 
 def _grads(remat="none", chunk=0, batch=BATCH, dropout=0.0):
     _, graphdef, lora, frozen = _adapted(remat, dropout)
-    cfg = StepConfig(grad_cache_chunk=chunk)
+    cfg = StepConfig(batch_size=8, grad_cache_chunk=chunk)
     metrics, grads = jax.jit(lambda l, f, b: loss_and_grads(graphdef, l, f, b, cfg, KEY))(lora, frozen, batch)
     return float(metrics["loss"]), grads
 
@@ -62,6 +73,68 @@ def _assert_grads_equal(a, b, rel=1e-5):
     scale = max(float(jnp.abs(x).max()) for x in jax.tree.leaves(a))
     for x, y in zip(jax.tree.leaves(a), jax.tree.leaves(b)):
         np.testing.assert_allclose(np.asarray(x), np.asarray(y), atol=rel * scale, rtol=0)
+
+
+def test_packed_step_equals_one_text_a_row():
+    """Texts packed several to a row give the loss and gradients they give one to a row."""
+    assert len(BATCH["input_ids"]) < len(ONE_A_ROW["input_ids"])
+    assert max(len(set(row[row > 0].tolist())) for row in BATCH["segments"]) >= 2  # rows really hold several
+    loss, grads = _grads()
+    alone_loss, alone = _grads(batch=ONE_A_ROW)
+    assert abs(loss - alone_loss) <= 1e-5
+    _assert_grads_equal(grads, alone)
+
+
+def test_packed_step_loss_and_gradients_equal_peft(tmp_path):
+    """Oracle: transformers + peft with the same adapters, on each side padded (llm2vec's batches),
+    bidirectional through a 4-D mask, llm2vec's mean pooling and in-batch loss (cosine x 50 over
+    [positives; negatives]): the packed step's loss and every LoRA gradient."""
+    import torch
+    from peft import PeftModel
+    from safetensors.numpy import load_file
+
+    import tiny
+    from conversion import load_model
+    from conversion.peft_adapters import save_peft_adapter
+
+    oracle = tiny.oracle_model("qwen2")
+    model, _ = load_model(tiny.write_checkpoint("qwen2", tmp_path / "model", model=oracle), dtype="float32")
+    model.attention = "bidirectional"
+    lora_cfg = LoraConfig(rank=4, alpha=8, dropout=0.0)
+    adapted = apply_lora(model, lora_cfg)
+    graphdef, lora, frozen = split_model(adapted)
+    keys = iter(jax.random.split(jax.random.key(1), 64))
+    lora = jax.tree.map(lambda x: x + 0.1 * jax.random.normal(next(keys), x.shape), lora)
+    metrics, grads = jax.jit(lambda l: loss_and_grads(graphdef, l, frozen, BATCH, STEP, KEY))(lora)
+
+    def under_peft_names(state, name):
+        nnx.update(adapted, state)
+        return save_peft_adapter(adapted, lora_cfg, tmp_path / name)
+
+    under_peft_names(lora, "adapter")
+    expected = load_file(under_peft_names(grads, "grads") / "adapter_model.safetensors")
+    reference = PeftModel.from_pretrained(oracle, tmp_path / "adapter", is_trainable=True)
+
+    def embed(side):
+        ids, real = torch.as_tensor(SIDES[side]["input_ids"]).long(), torch.as_tensor(SIDES[side]["padding_mask"]).bool()
+        mask = real[:, None, None, :].expand(-1, 1, ids.shape[1], -1)
+        positions = (real.long().cumsum(-1) - 1).clamp(min=0)
+        hidden = reference.base_model.model.model(input_ids=ids, attention_mask=mask,
+                                                  position_ids=positions).last_hidden_state
+        weights = real.float()[..., None]
+        return torch.nn.functional.normalize((hidden * weights).sum(1) / weights.sum(1), dim=-1)
+
+    q, p, n = map(embed, ("query", "positive", "negative"))
+    loss = torch.nn.functional.cross_entropy(q @ torch.cat([p, n]).T * 50.0, torch.arange(8))
+    loss.backward()
+    assert float(metrics["loss"]) == pytest.approx(loss.item(), rel=1e-5)
+    got = {name.replace(".default", ""): param.grad.numpy() for name, param in reference.named_parameters()
+           if param.requires_grad}
+    assert got.keys() == expected.keys() and len(got) == 2 * 7 * 2  # A and B of 7 projections, 2 layers
+    scale = max(np.abs(g).max() for g in got.values())
+    assert scale > 1e-2
+    for name, grad in got.items():
+        np.testing.assert_allclose(expected[name], grad, atol=1e-5 * scale, rtol=0, err_msg=name)
 
 
 @pytest.mark.parametrize("chunk", [3, 8])
@@ -78,7 +151,7 @@ def test_grad_cache_with_dropout_is_the_gradient_of_its_loss():
     would belong to another loss. Oracle: central finite differences of the loss along a random
     direction (h = 1e-4 matched to 4e-5 when measured; 1e-2 is too coarse for this curvature)."""
     _, graphdef, lora, frozen = _adapted(dropout=0.3)
-    cfg = StepConfig(grad_cache_chunk=3)
+    cfg = StepConfig(batch_size=8, grad_cache_chunk=3)
     run = jax.jit(lambda l: loss_and_grads(graphdef, l, frozen, BATCH, cfg, KEY))
     _, grads = run(lora)
     keys = iter(jax.random.split(jax.random.key(5), 64))
@@ -112,7 +185,7 @@ def test_dropout_masks_under_jit_equal_eager_draws(remat):
     model = apply_lora(Decoder(CFG, rngs=nnx.Rngs(0), remat=remat), LoraConfig(rank=4, alpha=8, dropout=0.5))
     nnx.update(model, jax.tree.map(lambda x: x + 0.3, nnx.state(model, nnx.LoRAParam)))  # B is zero at init
     graphdef, state = nnx.split(model)
-    side = BATCH["positive"]
+    side = SIDES["positive"]
     ids, mask = jnp.asarray(side["input_ids"]), jnp.asarray(side["padding_mask"])
     key = jax.random.key(3)
 
@@ -204,7 +277,7 @@ def test_lora_backward_equals_autodiff_of_qwix_delta(monkeypatch, dtype):
     lora = jax.tree.map(lambda x: x + 0.02 * jax.random.normal(next(key), x.shape), lora)
 
     def run():
-        return jax.jit(lambda l, f, b: loss_and_grads(graphdef, l, f, b, StepConfig(), KEY))(lora, frozen, BATCH)
+        return jax.jit(lambda l, f, b: loss_and_grads(graphdef, l, f, b, STEP, KEY))(lora, frozen, BATCH)
 
     def reference(lhs, *args, **kwargs):
         keep, key, index = lora_module._dropout_draw()
@@ -229,7 +302,7 @@ def test_only_lora_parameters_train():
     opt_state = tx.init(lora)
     assert sum(x.size for x in jax.tree.leaves(opt_state)) < 3 * sum(x.size for x in jax.tree.leaves(lora))
     frozen_before = jax.tree.map(np.asarray, frozen)
-    step = make_train_step(graphdef, tx, schedule, StepConfig())
+    step = make_train_step(graphdef, tx, schedule, STEP)
     before = jax.tree.map(np.asarray, lora)
     new_lora, _, metrics = step(lora, opt_state, frozen, 0, BATCH)
     assert np.isfinite(float(metrics["loss"]))
@@ -243,7 +316,7 @@ def test_merged_lora_equals_adapted_model():
     nnx.update(model, lora)
     merged = merge_lora(model, LoraConfig(rank=4, alpha=8, dropout=0.0))
     assert not nnx.state(merged, nnx.LoRAParam)
-    ids, mask = jnp.asarray(BATCH["positive"]["input_ids"]), jnp.asarray(BATCH["positive"]["padding_mask"])
+    ids, mask = jnp.asarray(SIDES["positive"]["input_ids"]), jnp.asarray(SIDES["positive"]["padding_mask"])
     plain = Decoder(CFG, rngs=nnx.Rngs(0))
     assert float(jnp.abs(model(ids, mask) - plain(ids, mask)).max()) > 1e-3  # the adapters do something
     np.testing.assert_allclose(np.asarray(merged(ids, mask)), np.asarray(model(ids, mask)), atol=1e-5)
@@ -256,11 +329,11 @@ DATA_PARALLEL = textwrap.dedent("""
     import test_training as t
     assert jax.device_count() == 8
     _, graphdef, lora, frozen = t._adapted()
-    fn = jax.jit(lambda l, f, b: t.loss_and_grads(graphdef, l, f, b, t.StepConfig(), t.KEY))
+    fn = jax.jit(lambda l, f, b: t.loss_and_grads(graphdef, l, f, b, t.STEP, t.KEY))
     one = fn(lora, frozen, t.BATCH)
     mesh = Mesh(np.array(jax.devices()), ("data",))
     batch = jax.device_put(t.BATCH, NamedSharding(mesh, P("data")))
-    assert len(batch["query"]["input_ids"].sharding.device_set) == 8
+    assert len(batch["input_ids"].sharding.device_set) == 8
     params = jax.device_put((lora, frozen), NamedSharding(mesh, P()))
     many = fn(*params, batch)
     np.testing.assert_allclose(float(many[0]["loss"]), float(one[0]["loss"]), rtol=1e-6)
@@ -359,7 +432,9 @@ def test_missing_model_path_is_explained(tmp_path, capsys):
     assert "config.model.path is empty" in capsys.readouterr().err
 
 
-def test_the_step_compiles_once_and_keeps_placements(tmp_path):
+def test_the_step_compiles_once_per_row_count_and_keeps_placements(tmp_path):
+    """Packed, a step's rows vary with its texts: one program per row count, and fewer rows than one
+    text a row, which compiles once."""
     import importlib.util
 
     from diffemb_jax.training.trainer import Trainer
@@ -368,10 +443,19 @@ def test_the_step_compiles_once_and_keeps_placements(tmp_path):
     tiny_cfg = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(tiny_cfg)
     model, data = tiny_setup(tmp_path)
-    config = tiny_cfg.get_config()
-    config.model.path, config.data.files, config.train.steps = str(model), (str(data),), 3
-    trainer = Trainer(config, tmp_path / "run")
-    before = jax.tree.map(lambda x: x.sharding, trainer.lora)
-    trainer.run(progress=False)
-    assert trainer.train_step._cache_size() == 1
-    assert jax.tree.map(lambda x: x.sharding, trainer.lora) == before
+    rows = {}
+    for pack in (True, False):
+        config = tiny_cfg.get_config()
+        config.model.path, config.data.files, config.train.steps, config.data.pack = str(model), (str(data),), 3, pack
+        trainer = Trainer(config, tmp_path / f"run-{pack}")
+        before = jax.tree.map(lambda x: x.sharding, trainer.lora)
+        packed, rows[pack] = trainer.packed, []
+        trainer.packed = lambda sides, packed=packed, seen=rows[pack]: seen.append(packed(sides)) or seen[-1]
+        trainer.run(progress=False)
+        assert trainer.train_step._cache_size() == len({len(b["input_ids"]) for b in rows[pack]})
+        assert jax.tree.map(lambda x: x.sharding, trainer.lora) == before
+    assert {len(b["input_ids"]) for b in rows[False]} == {8 * 3}  # global batch 8: a query, a positive, a negative
+    assert max(len(b["input_ids"]) for b in rows[True]) < 8 * 3
+    for packed, alone in zip(rows[True], rows[False]):  # the same texts, tokens and embedded tokens
+        for key in ("segments", "embed_mask"):
+            assert np.array_equal(np.sort(packed[key][packed[key] > 0]), np.sort(alone[key][alone[key] > 0]))

@@ -2,8 +2,8 @@
 
 Texts are sorted by token length (longest first, so a shape that does not fit fails at once). Those
 whose bucket length (powers of two, and max_length) is past pack_length go one to a row, right-padded
-to the bucket that holds the batch's first. The others are packed, one after another, several to a
-row (first fit decreasing, at most MAX_TEXTS_PER_ROW a row) into rows as long as the bucket of the
+to the bucket that holds the batch's first. The others are packed several to a row (first fit
+decreasing, packing.py; at most MAX_TEXTS_PER_ROW a row) into rows as long as the bucket of the
 batch's longest; each text attends only within itself and is pooled apart, so short texts compute
 next to no padding. A batch has at most batch_size rows and, where one text is not already longer,
 at most max_batch_tokens tokens: long documents go a few at a time. A batch has its full row count,
@@ -18,7 +18,6 @@ On a mesh, parameters are sharded by their logical axes and every batch is split
 
 from __future__ import annotations
 
-import bisect
 import logging
 from pathlib import Path
 
@@ -30,6 +29,7 @@ from tqdm.auto import tqdm
 
 from diffemb_jax import parallel
 from diffemb_jax.embedding.pooling import POOLING_MODES, l2_normalize, pool, pool_packed
+from diffemb_jax.embedding.packing import TextsByLength
 from diffemb_jax.embedding.prompts import pack_batch, tokenize, with_instruction
 from diffemb_jax.model import ATTENTION_MODES, Decoder
 
@@ -78,26 +78,13 @@ def last_batch_rows(texts: int, rows: int, multiple: int = 1) -> int:
 
 def _packed_batches(texts: list[int], lengths: list[int], bucket: dict[int, int], full_rows) -> list:
     """(rows, row length, full rows) per batch: each batch's rows are as long as the bucket of the
-    longest text left; each row opens with the longest text left, then takes the longest that still
-    fits, until none does or it holds MAX_TEXTS_PER_ROW (first fit decreasing, O(log) a text: texts
-    are kept by their token count)."""
-    by_length: dict[int, list[int]] = {}
-    for i in reversed(texts):
-        by_length.setdefault(lengths[i], []).append(i)
-    present = sorted(by_length)
-    batches = []
-    while present:
-        length = bucket[present[-1]]
+    longest text left, and packed by first fit decreasing (packing.py), at most MAX_TEXTS_PER_ROW a row."""
+    left, batches = TextsByLength(texts, lengths), []
+    while left:
+        length = bucket[left.longest()]
         full, most, rows = full_rows(length), row_capacity(length), []
-        while present and len(rows) < full:
-            row, room = [], length
-            while len(row) < most and (k := bisect.bisect_right(present, room) - 1) >= 0:
-                n = present[k]
-                row.append(by_length[n].pop())
-                room -= n
-                if not by_length[n]:
-                    del present[k]
-            rows.append(row)
+        while left and len(rows) < full:
+            rows.append(left.fill_row(length, most))
         batches.append((rows, length, full))
     return batches
 

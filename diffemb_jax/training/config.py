@@ -26,6 +26,7 @@ def base_config() -> ml_collections.ConfigDict:
         query_max_length=512,
         doc_max_length=512,
         num_negatives=1,
+        pack=True,  # a step's texts several to a row (a few compiled row counts); False: one a row, one shape
         skip_bad_rows=False,
         cache_dir="",  # where the ArrayRecord dataset is built; default: WORKDIR/data
     ))

@@ -8,7 +8,7 @@ and renames it into place, so a failed build leaves nothing behind.
 
 `TrainBatches` reads that dataset with grain: a global shuffle per epoch (seeded), global batches
 that never straddle two epochs, each host reading and tokenising only its slice of every global batch,
-padded to fixed shapes so the train step compiles once. It is a grain `DatasetIterator`, so its state
+each side padded to its max length. The trainer packs them into the step's rows (packing.py). It is a grain `DatasetIterator`, so its state
 is grain's (a small JSON dict) and `grain.checkpoint.CheckpointSave(batches)` saves it with orbax.
 """
 

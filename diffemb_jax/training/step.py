@@ -1,12 +1,16 @@
 """One contrastive train step: embeddings -> loss over the global batch -> LoRA gradients -> AdamW.
 
+The batch is the global batch's texts packed into rows (training/packing.py): one pass of the model
+over all of them, then each text pooled by its number into [texts, D], where queries, positives and
+negatives lie at fixed places.
 The model is split into LoRA parameters (trained) and everything else (frozen), so only adapters
 carry gradients and optimizer state. LoRA dropout masks come from a key derived from (seed, step):
 no RNG state to carry, and a resumed run draws the very masks the uninterrupted one drew. With
 `grad_cache_chunk` set, the step follows GradCache (Gao et al., 2021): embed every chunk without
 gradients, take the loss and its gradient with respect to the embeddings over the whole batch, then
-re-embed each chunk with that cached gradient as the cotangent. Activations of one chunk are live at
-a time, and loss and gradients equal the plain step's.
+re-embed each chunk with that cached gradient as the cotangent. Chunks are runs of rows; a chunk's
+embeddings are [texts, D] with zeros for the texts it does not hold, so they add up to the batch's.
+Activations of one chunk are live at a time, and loss and gradients equal the plain step's.
 """
 
 from __future__ import annotations
@@ -19,16 +23,16 @@ import jax.numpy as jnp
 import optax
 from flax import nnx
 
-from diffemb_jax.embedding.pooling import pool
+from diffemb_jax.embedding.pooling import pool_texts
 from diffemb_jax.training.lora import set_dropout_key
 from diffemb_jax.training.loss import in_batch_info_nce, per_query_negatives_loss
 
-SIDES = ("query", "positive", "negative")
 LOSSES = ("in_batch", "per_query")
 
 
 @dataclasses.dataclass(frozen=True)
 class StepConfig:
+    batch_size: int  # queries in the global batch
     loss: str = "in_batch"  # in_batch: cos * scale over all documents; per_query: dot / sqrt(d), own negatives
     scale: float = 50.0
     num_negatives: int = 1
@@ -41,23 +45,31 @@ class StepConfig:
         if self.loss not in LOSSES:
             raise ValueError(f"loss must be one of {LOSSES}, got {self.loss!r}")
 
+    @property
+    def num_texts(self) -> int:
+        return self.batch_size * (2 + self.num_negatives)
+
 
 def split_model(model):
     """(graphdef, lora, frozen): the LoRA parameters and everything else, as nnx.States."""
     return nnx.split(model, nnx.LoRAParam, ...)
 
 
-def _embed(graphdef, lora, frozen, side: dict, cfg: StepConfig, key: jax.Array) -> jax.Array:
+def _embed(graphdef, lora, frozen, rows: dict, cfg: StepConfig, key: jax.Array) -> jax.Array:
+    """[texts, D]: the texts the rows hold, pooled, at their numbers; zeros for the others."""
     model = nnx.merge(graphdef, lora, frozen)
     set_dropout_key(model, key)
-    hidden = model(side["input_ids"], side["padding_mask"])
-    return pool(hidden, side["padding_mask"], side["embed_mask"], cfg.pooling, cfg.skip_instruction)
+    hidden = model(rows["input_ids"], rows["segments"], packed=True)
+    return pool_texts(hidden, rows["segments"], rows["embed_mask"], cfg.num_texts, cfg.pooling, cfg.skip_instruction)
 
 
-def contrastive_loss(q, p, n, cfg: StepConfig) -> dict[str, jax.Array]:
+def contrastive_loss(vectors, cfg: StepConfig) -> dict[str, jax.Array]:
+    """The loss of the embedded texts, [texts, D] in their numbers' order."""
+    g = cfg.batch_size
+    q, p, n = vectors[:g], vectors[g : 2 * g], vectors[2 * g :]
     if cfg.loss == "in_batch":
         return in_batch_info_nce(q, p, n, scale=cfg.scale)
-    return per_query_negatives_loss(q, p, n.reshape(q.shape[0], cfg.num_negatives, q.shape[-1]))
+    return per_query_negatives_loss(q, p, n.reshape(g, cfg.num_negatives, q.shape[-1]))
 
 
 def loss_and_grads(graphdef, lora, frozen, batch: dict, cfg: StepConfig, key: jax.Array):
@@ -66,53 +78,33 @@ def loss_and_grads(graphdef, lora, frozen, batch: dict, cfg: StepConfig, key: ja
         return _grad_cache(graphdef, lora, frozen, batch, cfg, key)
 
     def objective(lora):
-        metrics = contrastive_loss(*_embed_sides(graphdef, lora, frozen, batch, cfg, key), cfg)
+        metrics = contrastive_loss(_embed(graphdef, lora, frozen, batch, cfg, jax.random.fold_in(key, 0)), cfg)
         return metrics["loss"], metrics
 
     (_, metrics), grads = jax.value_and_grad(objective, has_aux=True)(lora)
     return metrics, grads
 
 
-def _embed_sides(graphdef, lora, frozen, batch: dict, cfg: StepConfig, key: jax.Array):
-    """(queries, positives, negatives) embedded; positives and negatives of one length go through the
-    model as one batch: a third less program to compile, and larger matrix products."""
-    pos, neg = batch["positive"], batch["negative"]
-    q = _embed(graphdef, lora, frozen, batch["query"], cfg, jax.random.fold_in(key, 0))
-    if pos["input_ids"].shape[1] != neg["input_ids"].shape[1]:
-        return q, *(_embed(graphdef, lora, frozen, batch[side], cfg, jax.random.fold_in(key, i))
-                    for i, side in enumerate(SIDES[1:], 1))
-    docs = {k: jnp.concatenate([pos[k], neg[k]]) for k in pos}
-    vectors = _embed(graphdef, lora, frozen, docs, cfg, jax.random.fold_in(key, 1))
-    return q, vectors[: pos["input_ids"].shape[0]], vectors[pos["input_ids"].shape[0] :]
-
-
-def _chunks(side: dict, size: int) -> list[dict]:
-    rows = side["input_ids"].shape[0]
-    return [{k: v[i : i + size] for k, v in side.items()} for i in range(0, rows, size)]
+def _chunks(rows: dict, size: int) -> list[dict]:
+    count = rows["input_ids"].shape[0]
+    return [{k: v[i : i + size] for k, v in rows.items()} for i in range(0, count, size)]
 
 
 def _grad_cache(graphdef, lora, frozen, batch, cfg, key):
-    plan = [(side, chunk) for side in SIDES for chunk in _chunks(batch[side], cfg.grad_cache_chunk)]
-    keys = [jax.random.fold_in(key, i) for i in range(len(plan))]
-    pieces = {side: [] for side in SIDES}
-    for (side, chunk), chunk_key in zip(plan, keys):  # 1. embed every chunk without gradients
-        vectors = _embed(graphdef, jax.lax.stop_gradient(lora), frozen, chunk, cfg, chunk_key)
-        pieces[side].append(jax.lax.stop_gradient(vectors))
-    vectors = [jnp.concatenate(pieces[side]) for side in SIDES]
+    chunks = _chunks(batch, cfg.grad_cache_chunk)
+    keys = [jax.random.fold_in(key, i) for i in range(len(chunks))]
+    vectors = sum(jax.lax.stop_gradient(_embed(graphdef, jax.lax.stop_gradient(lora), frozen, chunk, cfg, k))
+                  for chunk, k in zip(chunks, keys))  # 1. embed every chunk without gradients
 
-    def objective(q, p, n):  # 2. loss and its gradient with respect to the embeddings
-        metrics = contrastive_loss(q, p, n, cfg)
+    def objective(vectors):  # 2. loss and its gradient with respect to the embeddings
+        metrics = contrastive_loss(vectors, cfg)
         return metrics["loss"], metrics
 
-    (_, metrics), cached = jax.value_and_grad(objective, argnums=(0, 1, 2), has_aux=True)(*vectors)
-    cached = dict(zip(SIDES, cached))
-    grads, offsets = jax.tree.map(jnp.zeros_like, lora), {side: 0 for side in SIDES}
-    for (side, chunk), chunk_key in zip(plan, keys):  # 3. re-embed each chunk, same dropout masks
-        rows = chunk["input_ids"].shape[0]
-        cotangent = cached[side][offsets[side] : offsets[side] + rows]
-        offsets[side] += rows
-        _, vjp = jax.vjp(lambda l: _embed(graphdef, l, frozen, chunk, cfg, chunk_key), lora)
-        grads = jax.tree.map(jnp.add, grads, vjp(cotangent)[0])
+    (_, metrics), cached = jax.value_and_grad(objective, has_aux=True)(vectors)
+    grads = jax.tree.map(jnp.zeros_like, lora)
+    for chunk, k in zip(chunks, keys):  # 3. re-embed each chunk, same dropout masks
+        _, vjp = jax.vjp(lambda l: _embed(graphdef, l, frozen, chunk, cfg, k), lora)
+        grads = jax.tree.map(jnp.add, grads, vjp(cached)[0])
     return metrics, grads
 
 
@@ -152,4 +144,5 @@ def make_train_step(graphdef, tx: optax.GradientTransformation, schedule, cfg: S
 
 
 def batch_tokens(batch: dict[str, Any]) -> int:
-    return int(sum(batch[side]["padding_mask"].sum() for side in SIDES))
+    """The real tokens of a packed batch."""
+    return int((batch["segments"] > 0).sum())

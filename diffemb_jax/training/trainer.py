@@ -28,6 +28,7 @@ from tqdm.auto import tqdm
 from diffemb_jax import parallel
 from diffemb_jax.training.data import TrainBatches, build_dataset
 from diffemb_jax.training.lora import LoraConfig, apply_lora
+from diffemb_jax.training.packing import pack_step, pad_rows, step_rows
 from diffemb_jax.training.step import StepConfig, batch_tokens, make_optimizer, make_train_step, split_model
 
 log = logging.getLogger(__name__)
@@ -44,7 +45,7 @@ def lora_config(config) -> LoraConfig:
 
 
 def step_config(config) -> StepConfig:
-    return StepConfig(loss=config.loss.kind, scale=config.loss.scale, num_negatives=config.data.num_negatives,
+    return StepConfig(batch_size=config.train.global_batch_size, loss=config.loss.kind, scale=config.loss.scale, num_negatives=config.data.num_negatives,
                       pooling=config.model.pooling, skip_instruction=config.model.skip_instruction,
                       grad_cache_chunk=config.train.grad_cache_chunk, seed=config.train.seed)
 
@@ -151,6 +152,21 @@ class Trainer:
                             num_negatives=c.data.num_negatives, seed=c.train.seed,
                             process_index=jax.process_index(), process_count=jax.process_count())
 
+    def packed(self, sides: dict) -> dict:
+        """This host's share of a step, packed into as many rows as every other host's (packing.py)."""
+        c = self.config
+        batch = pack_step(sides, global_batch_size=c.train.global_batch_size, num_negatives=c.data.num_negatives,
+                          process_index=jax.process_index(), pack=c.data.pack)
+        rows = parallel.max_over_processes(len(batch["input_ids"]))
+        return pad_rows(batch, step_rows(rows, *self._row_bounds()))
+
+    def _row_bounds(self) -> tuple[int, int]:
+        """(multiple, most) of a host's rows: its devices' batch shards, and one text a row."""
+        c = self.config
+        shards = math.prod(self.mesh.shape[axis] for axis in parallel.BATCH_AXES) // jax.process_count()
+        texts = c.train.global_batch_size // jax.process_count() * (2 + c.data.num_negatives)
+        return max(shards, 1), texts
+
     # ------------------------------------------------------------------ checkpoints
 
     def _state_tree(self) -> dict:
@@ -183,7 +199,7 @@ class Trainer:
         try:
             while self.step < c.steps:
                 data_state = self.batches.get_state()
-                batch = next(self.batches)
+                batch = self.packed(next(self.batches))
                 start = time.perf_counter()
                 with jax.set_mesh(self.mesh):  # kernels that need it (splash) find the mesh
                     self.lora, self.opt_state, metrics = self.train_step(
@@ -231,8 +247,13 @@ class Trainer:
         return out
 
     def memory_plan(self) -> dict[str, int]:
-        """Per-device bytes of the compiled train step (XLA's memory analysis) and of the parameters."""
-        batch = parallel.global_batch(next(self.batches), self.mesh)
+        """Per-device bytes of the compiled train step (XLA's memory analysis) and of the parameters, at
+        the step's largest batch: every text a row, the row count no packing exceeds."""
+        multiple, most = self._row_bounds()
+        host = self.packed(next(self.batches))
+        rows = -(-most // multiple) * multiple * jax.process_count()
+        batch = {key: jax.ShapeDtypeStruct((rows, value.shape[1]), value.dtype,
+                                           sharding=parallel.batch_sharding(self.mesh)) for key, value in host.items()}
         compiled = self.train_step.lower(self.lora, self.opt_state, self.frozen, 0, batch).compile()
         stats = compiled.memory_analysis()
 
@@ -240,7 +261,8 @@ class Trainer:
             return sum(x.addressable_shards[0].data.nbytes for x in jax.tree.leaves(tree))
 
         return {"frozen_params": per_device(self.frozen), "lora_params": per_device(self.lora),
-                "optimizer_state": per_device(self.opt_state), "batch": per_device(batch),
+                "optimizer_state": per_device(self.opt_state),
+                "batch": sum(math.prod(x.sharding.shard_shape(x.shape)) * x.dtype.itemsize for x in batch.values()),
                 "arguments": stats.argument_size_in_bytes, "temporaries": stats.temp_size_in_bytes,
                 "outputs": stats.output_size_in_bytes}
 

@@ -1,0 +1,67 @@
+"""A step's texts packed into rows: the one layout the train step takes.
+
+The data pipeline gives each host its share of the global batch side by side (queries, positives,
+negatives, each right-padded to its max length). `pack_step` lays all of them into rows of the
+longer max length, several to a row by first fit decreasing (or one a row, `pack=False`), so a step
+computes its real tokens and next to no padding: the recipe's short queries no longer fill rows of
+4096 tokens. Each token carries its text's number, which the attention mask keeps texts apart by and
+pooling sums by. Numbers run across the global batch, side by side: with G queries and k negatives
+each, query g is g + 1, its positive G + g + 1, its j-th negative 2G + g*k + j + 1, whichever host
+holds them, so the step finds every embedding at a fixed place however the rows were packed.
+
+Row counts vary with the texts; `step_rows` rounds them to (batch shards) x 2^k, so the step
+compiles a few programs at most, and every host pads to the same count (`pad_rows`).
+"""
+
+from __future__ import annotations
+
+import numpy as np
+
+from diffemb_jax.embedding.packing import pack_rows
+from diffemb_jax.embedding.prompts import pack_batch
+
+SIDES = ("query", "positive", "negative")  # the data pipeline's, in text-number order
+
+
+def text_numbers(global_batch_size: int, num_negatives: int, process_index: int, host_batch_size: int) -> np.ndarray:
+    """The numbers of this host's texts, in its side-by-side order (queries, positives, negatives)."""
+    g = process_index * host_batch_size + np.arange(host_batch_size)
+    negatives = (2 * global_batch_size + g[:, None] * num_negatives + np.arange(num_negatives)).reshape(-1)
+    return np.concatenate([g, global_batch_size + g, negatives]) + 1
+
+
+def pack_step(sides: dict, *, global_batch_size: int, num_negatives: int, process_index: int = 0,
+              pack: bool = True) -> dict[str, np.ndarray]:
+    """This host's {"query", "positive", "negative"} padded arrays -> {"input_ids", "segments",
+    "embed_mask"} [rows, length] int32, segments holding global text numbers (0 for pads)."""
+    host_batch_size = len(sides["query"]["input_ids"])
+    length = max(sides[side]["input_ids"].shape[1] for side in SIDES)
+    ids, embed_lengths = [], []
+    for side in SIDES:
+        for row, real, embed in zip(sides[side]["input_ids"], sides[side]["padding_mask"], sides[side]["embed_mask"]):
+            ids.append(row[real > 0].tolist())
+            embed_lengths.append(int(embed.sum()))
+    rows = pack_rows([len(t) for t in ids], length) if pack else [[i] for i in range(len(ids))]
+    input_ids, place, embed_mask = pack_batch(ids, embed_lengths, rows, length, len(rows))
+    numbers = text_numbers(global_batch_size, num_negatives, process_index, host_batch_size)
+    table = np.zeros((len(rows), max(map(len, rows)) + 1), np.int32)  # row r, place k -> text number
+    for r, texts in enumerate(rows):
+        table[r, 1 : len(texts) + 1] = numbers[texts]
+    return {"input_ids": input_ids, "segments": np.take_along_axis(table, place, axis=1), "embed_mask": embed_mask}
+
+
+def step_rows(rows: int, multiple: int, most: int) -> int:
+    """The row count a step of `rows` packed rows is padded to: the fewest multiple x 2^k that hold
+    them, but no more than `most` (one text a row) rounded up to a multiple."""
+    padded = multiple
+    while padded < rows:
+        padded *= 2
+    return min(padded, -(-most // multiple) * multiple)
+
+
+def pad_rows(batch: dict[str, np.ndarray], rows: int) -> dict[str, np.ndarray]:
+    """`batch` with empty rows (all pads) appended up to `rows`."""
+    extra = rows - len(batch["input_ids"])
+    if extra < 0:
+        raise ValueError(f"the batch has {len(batch['input_ids'])} rows, more than {rows}")
+    return {key: np.pad(value, ((0, extra), (0, 0))) for key, value in batch.items()}
