@@ -163,7 +163,7 @@ def padded(tokenizer, texts: list[str], length: int) -> dict[str, list[list[int]
 
 def packed_step(batch: dict, length: int) -> dict[str, list[list[int]]]:
     """The train step's layout of `batch` (training/packing.py): its texts packed into rows of
-    `length` tokens, every token embedded, the row count rounded to a power of two."""
+    `length` tokens, every token embedded, the row count rounded as the trainer rounds it."""
     import numpy as np
 
     from diffemb_jax.training.packing import pack_step, pad_rows, step_rows

@@ -228,9 +228,10 @@ def test_hosts_packed_steps_number_the_global_batch(tmp_path, tokenizer):
             assert negative[0] == first and negative[1] == WORD_ID + j
 
 
-def test_step_rows_round_to_shards_times_a_power_of_two():
-    assert [packing.step_rows(n, 2, 100) for n in (1, 2, 3, 5, 9)] == [2, 2, 4, 8, 16]
-    assert packing.step_rows(9, 2, 11) == 12  # never past one text a row (rounded up to the shards)
+def test_step_rows_round_to_shards_times_few_sizes():
+    assert [packing.step_rows(n, 1, 100) for n in range(1, 14)] == [1, 2, 3, 4, 6, 6, 8, 8, 12, 12, 12, 12, 16]
+    assert [packing.step_rows(n, 2, 100) for n in (1, 2, 3, 5, 7, 9)] == [2, 2, 4, 6, 8, 12]
+    assert packing.step_rows(13, 2, 13) == 14  # never past one text a row (rounded up to the shards)
     batch = packing.pad_rows({"input_ids": np.ones((3, 4), np.int32)}, 4)
     assert batch["input_ids"].shape == (4, 4) and not batch["input_ids"][3].any()
     with pytest.raises(ValueError, match="more than 2"):

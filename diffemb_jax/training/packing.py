@@ -9,8 +9,8 @@ pooling sums by. Numbers run across the global batch, side by side: with G queri
 each, query g is g + 1, its positive G + g + 1, its j-th negative 2G + g*k + j + 1, whichever host
 holds them, so the step finds every embedding at a fixed place however the rows were packed.
 
-Row counts vary with the texts; `step_rows` rounds them to (batch shards) x 2^k, so the step
-compiles a few programs at most, and every host pads to the same count (`pad_rows`).
+Row counts vary with the texts; `step_rows` rounds them to (batch shards) x (2^k or 3 x 2^k), so
+the step compiles a few programs at most, and every host pads to the same count (`pad_rows`).
 """
 
 from __future__ import annotations
@@ -50,13 +50,21 @@ def pack_step(sides: dict, *, global_batch_size: int, num_negatives: int, proces
     return {"input_ids": input_ids, "segments": np.take_along_axis(table, place, axis=1), "embed_mask": embed_mask}
 
 
+def _sizes():
+    """1, 2, 3, 4, 6, 8, 12, 16, ...: powers of two and half-way between."""
+    yield 1
+    power = 2
+    while True:
+        yield from (power, 3 * power // 2)
+        power *= 2
+
+
 def step_rows(rows: int, multiple: int, most: int) -> int:
-    """The row count a step of `rows` packed rows is padded to: the fewest multiple x 2^k that hold
-    them, but no more than `most` (one text a row) rounded up to a multiple."""
-    padded = multiple
-    while padded < rows:
-        padded *= 2
-    return min(padded, -(-most // multiple) * multiple)
+    """The row count a step of `rows` packed rows is padded to: the fewest multiple x size (_sizes)
+    that hold them (a third more at most; two programs an octave); but no more than
+    `most` (one text a row) rounded up to a multiple."""
+    size = next(size for size in _sizes() if size * multiple >= rows)
+    return min(size * multiple, -(-most // multiple) * multiple)
 
 
 def pad_rows(batch: dict[str, np.ndarray], rows: int) -> dict[str, np.ndarray]:
