@@ -21,6 +21,7 @@ from diffemb_jax.embedding.packing import pack_rows
 from diffemb_jax.embedding.prompts import pack_batch
 
 SIDES = ("query", "positive", "negative")  # the data pipeline's, in text-number order
+STEP_KEYS = ("input_ids", "segments", "embed_mask")  # the step's batch, each [rows, length] int32
 
 
 def text_numbers(global_batch_size: int, num_negatives: int, process_index: int, host_batch_size: int) -> np.ndarray:
@@ -47,7 +48,7 @@ def pack_step(sides: dict, *, global_batch_size: int, num_negatives: int, proces
     table = np.zeros((len(rows), max(map(len, rows)) + 1), np.int32)  # row r, place k -> text number
     for r, texts in enumerate(rows):
         table[r, 1 : len(texts) + 1] = numbers[texts]
-    return {"input_ids": input_ids, "segments": np.take_along_axis(table, place, axis=1), "embed_mask": embed_mask}
+    return dict(zip(STEP_KEYS, (input_ids, np.take_along_axis(table, place, axis=1), embed_mask)))
 
 
 def _sizes():

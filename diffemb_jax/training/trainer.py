@@ -19,6 +19,7 @@ import time
 from pathlib import Path
 
 import jax
+import jax.numpy as jnp
 import ml_collections
 import orbax.checkpoint as ocp
 from flax import nnx
@@ -28,7 +29,7 @@ from tqdm.auto import tqdm
 from diffemb_jax import parallel
 from diffemb_jax.training.data import TrainBatches, build_dataset
 from diffemb_jax.training.lora import LoraConfig, apply_lora
-from diffemb_jax.training.packing import pack_step, pad_rows, step_rows
+from diffemb_jax.training.packing import STEP_KEYS, pack_step, pad_rows, step_rows
 from diffemb_jax.training.step import StepConfig, batch_tokens, make_optimizer, make_train_step, split_model
 
 log = logging.getLogger(__name__)
@@ -45,8 +46,8 @@ def lora_config(config) -> LoraConfig:
 
 
 def step_config(config) -> StepConfig:
-    return StepConfig(batch_size=config.train.global_batch_size, loss=config.loss.kind, scale=config.loss.scale, num_negatives=config.data.num_negatives,
-                      pooling=config.model.pooling, skip_instruction=config.model.skip_instruction,
+    return StepConfig(batch_size=config.train.global_batch_size, loss=config.loss.kind, scale=config.loss.scale,
+                      num_negatives=config.data.num_negatives, pooling=config.model.pooling, skip_instruction=config.model.skip_instruction,
                       grad_cache_chunk=config.train.grad_cache_chunk, seed=config.train.seed)
 
 
@@ -131,6 +132,7 @@ class Trainer:
             options=ocp.CheckpointManagerOptions(max_to_keep=config.train.keep_checkpoints, create=True,
                                                  enable_async_checkpointing=True))
         self.step = 0
+        self._row_counts: set[int] = set()  # of the steps packed so far: one compiled program each
 
     def _batches(self) -> TrainBatches:
         c = self.config
@@ -157,8 +159,12 @@ class Trainer:
         c = self.config
         batch = pack_step(sides, global_batch_size=c.train.global_batch_size, num_negatives=c.data.num_negatives,
                           process_index=jax.process_index(), pack=c.data.pack)
-        rows = parallel.max_over_processes(len(batch["input_ids"]))
-        return pad_rows(batch, step_rows(rows, *self._row_bounds()))
+        rows = step_rows(parallel.max_over_processes(len(batch["input_ids"])), *self._row_bounds())
+        if rows not in self._row_counts:
+            self._row_counts.add(rows)
+            log.info("a step of %d rows a host: the train step compiles for it (row counts so far: %s)",
+                     rows, sorted(self._row_counts))
+        return pad_rows(batch, rows)
 
     def _row_bounds(self) -> tuple[int, int]:
         """(multiple, most) of a host's rows: its devices' batch shards, and one text a row."""
@@ -249,11 +255,11 @@ class Trainer:
     def memory_plan(self) -> dict[str, int]:
         """Per-device bytes of the compiled train step (XLA's memory analysis) and of the parameters, at
         the step's largest batch: every text a row, the row count no packing exceeds."""
-        multiple, most = self._row_bounds()
-        host = self.packed(next(self.batches))
-        rows = -(-most // multiple) * multiple * jax.process_count()
-        batch = {key: jax.ShapeDtypeStruct((rows, value.shape[1]), value.dtype,
-                                           sharding=parallel.batch_sharding(self.mesh)) for key, value in host.items()}
+        c, (multiple, most) = self.config, self._row_bounds()
+        length = max(c.data.query_max_length, c.data.doc_max_length)
+        shape = (step_rows(most, multiple, most) * jax.process_count(), length)
+        rows = jax.ShapeDtypeStruct(shape, jnp.int32, sharding=parallel.batch_sharding(self.mesh))
+        batch = dict.fromkeys(STEP_KEYS, rows)
         compiled = self.train_step.lower(self.lora, self.opt_state, self.frozen, 0, batch).compile()
         stats = compiled.memory_analysis()
 
@@ -262,7 +268,7 @@ class Trainer:
 
         return {"frozen_params": per_device(self.frozen), "lora_params": per_device(self.lora),
                 "optimizer_state": per_device(self.opt_state),
-                "batch": sum(math.prod(x.sharding.shard_shape(x.shape)) * x.dtype.itemsize for x in batch.values()),
+                "batch": len(batch) * math.prod(rows.sharding.shard_shape(shape)) * rows.dtype.itemsize,
                 "arguments": stats.argument_size_in_bytes, "temporaries": stats.temp_size_in_bytes,
                 "outputs": stats.output_size_in_bytes}
 
