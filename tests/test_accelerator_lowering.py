@@ -80,16 +80,18 @@ def test_encode_lowers_to_the_kernel(kernel, packed, on_device):
         assert ("__cudnn$fmhaScaleBiasSoftmax(" in text) == packed
 
 
-@pytest.mark.parametrize("kernel,remat", [("cudnn", "none"), ("cudnn", "full"), ("splash", "dots")])
-def test_lora_train_step_lowers_to_the_kernel(kernel, remat, on_device):
-    """The whole step on packed rows: LoRA with dropout (threefry), our custom backward, remat, the
-    loss, optax. cuDNN takes the packed texts' mask as a bias, forward and backward."""
+@pytest.mark.parametrize("kernel,remat,packed", [("cudnn", "none", True), ("cudnn", "full", True),
+                                                 ("cudnn", "none", False), ("splash", "dots", True)])
+def test_lora_train_step_lowers_to_the_kernel(kernel, remat, packed, on_device):
+    """The whole step: LoRA with dropout (threefry), our custom backward, remat, the loss, optax.
+    cuDNN takes packed rows' mask as a bias, forward and backward; one text a row, its lengths."""
     platform, backend, names = KERNEL_CALLS[kernel]
     model = apply_lora(_model("xla", remat), LoraConfig(rank=4, alpha=8, dropout=0.1))
     model.kernel = kernel
     graphdef, lora, frozen = split_model(model)
     tx, schedule = make_optimizer(1e-4, warmup_steps=0, total_steps=10, grad_clip=1.0, weight_decay=0.0)
-    step = make_train_step(graphdef, tx, schedule, StepConfig(batch_size=2, loss="in_batch", scale=50, seed=0))
+    step = make_train_step(graphdef, tx, schedule, StepConfig(batch_size=2, loss="in_batch", scale=50, seed=0,
+                                                           packed=packed))
     batch = {key: _tokens() for key in ("input_ids", "segments", "embed_mask")}  # packed rows
 
     on_device(backend)
@@ -100,4 +102,4 @@ def test_lora_train_step_lowers_to_the_kernel(kernel, remat, on_device):
     assert all(count > 0 for count in counts), counts  # forward (and cuDNN's backward) on the kernel
     assert "threefry2x32" in text  # the adapters' dropout masks are in the step
     if kernel == "cudnn":
-        assert "__cudnn$fmhaScaleBiasSoftmaxBackward(" in text
+        assert ("__cudnn$fmhaScaleBiasSoftmaxBackward(" in text) == packed

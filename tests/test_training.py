@@ -60,9 +60,9 @@ def _adapted(remat="none", dropout=0.0):
 KEY = jax.random.key(7)
 
 
-def _grads(remat="none", chunk=0, batch=BATCH, dropout=0.0):
+def _grads(remat="none", chunk=0, batch=BATCH, dropout=0.0, packed=True):
     _, graphdef, lora, frozen = _adapted(remat, dropout)
-    cfg = StepConfig(batch_size=8, grad_cache_chunk=chunk)
+    cfg = StepConfig(batch_size=8, grad_cache_chunk=chunk, packed=packed)
     metrics, grads = jax.jit(lambda l, f, b: loss_and_grads(graphdef, l, f, b, cfg, KEY))(lora, frozen, batch)
     return float(metrics["loss"]), grads
 
@@ -80,9 +80,10 @@ def test_packed_step_equals_one_text_a_row():
     assert len(BATCH["input_ids"]) < len(ONE_A_ROW["input_ids"])
     assert max(len(set(row[row > 0].tolist())) for row in BATCH["segments"]) >= 2  # rows really hold several
     loss, grads = _grads()
-    alone_loss, alone = _grads(batch=ONE_A_ROW)
-    assert abs(loss - alone_loss) <= 1e-5
-    _assert_grads_equal(grads, alone)
+    for packed in (True, False):  # one text a row: as packed rows, or as plain padded ones
+        alone_loss, alone = _grads(batch=ONE_A_ROW, packed=packed)
+        assert abs(loss - alone_loss) <= 1e-5
+        _assert_grads_equal(grads, alone)
 
 
 def test_packed_step_loss_and_gradients_equal_peft(tmp_path):

@@ -40,6 +40,7 @@ class StepConfig:
     skip_instruction: bool = False
     grad_cache_chunk: int = 0  # rows per chunk; 0 = plain step
     seed: int = 0  # for LoRA dropout masks
+    packed: bool = True  # rows may hold several texts; False: one a row (cuDNN then takes lengths, not a bias)
 
     def __post_init__(self):
         if self.loss not in LOSSES:
@@ -59,7 +60,8 @@ def _embed(graphdef, lora, frozen, rows: dict, cfg: StepConfig, key: jax.Array) 
     """[texts, D]: the texts the rows hold, pooled, at their numbers; zeros for the others."""
     model = nnx.merge(graphdef, lora, frozen)
     set_dropout_key(model, key)
-    hidden = model(rows["input_ids"], rows["segments"], packed=True)
+    segments = rows["segments"] if cfg.packed else (rows["segments"] > 0).astype(jnp.int32)  # one text a row
+    hidden = model(rows["input_ids"], segments, packed=cfg.packed)
     return pool_texts(hidden, rows["segments"], rows["embed_mask"], cfg.num_texts, cfg.pooling, cfg.skip_instruction)
 
 
