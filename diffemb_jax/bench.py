@@ -11,8 +11,8 @@ train: both frameworks run the same contrastive LoRA train step on the same toke
 queries (a docstring's first sentence, at most --query-length tokens), their positives (the
 docstring) and hard negatives (the next docstring, most often of the same module), documents at
 most --doc-length tokens. PyTorch, as llm2vec does, pads each side to its longest text; JAX runs the
-train step's own layout, every text packed into rows of the longer length (training/packing.py;
-"tokens computed" counts both). Bidirectional attention, mean pooling,
+train step's own layout, every text packed into rows as long as the bucket of the longest
+(training/packing.py; "tokens computed" counts both). Bidirectional attention, mean pooling,
 in-batch InfoNCE over [positives; negatives] (cosine x 50), LoRA r=--lora-rank, alpha=2r, dropout
 --lora-dropout (0.05) on q,k,v,o,gate,up,down, AdamW (weight decay 0, the HF linear schedule from lr to 0 over all
 the steps run) after clipping gradients to norm 1. JAX runs the project's own train step (qwix
@@ -162,8 +162,9 @@ def padded(tokenizer, texts: list[str], length: int) -> dict[str, list[list[int]
 
 
 def packed_step(batch: dict, length: int) -> dict[str, list[list[int]]]:
-    """The train step's layout of `batch` (training/packing.py): its texts packed into rows of
-    `length` tokens, every token embedded, the row count rounded as the trainer rounds it."""
+    """The train step's layout of `batch` (training/packing.py), texts of at most `length` tokens:
+    packed into rows as long as the bucket of the longest, every token embedded, the row count
+    rounded as the trainer rounds it."""
     import numpy as np
 
     from diffemb_jax.training.packing import pack_step, pad_rows, step_rows
@@ -814,7 +815,8 @@ def _table(results: dict, columns: tuple[tuple[str, str], ...]) -> str:
 
 
 def _encode_job(args, tokenizer) -> tuple[dict, dict]:
-    from diffemb_jax.embedding.embedder import bucket_lengths, plan_batches, rows_per_batch
+    from diffemb_jax.embedding.embedder import plan_batches, rows_per_batch
+    from diffemb_jax.embedding.packing import bucket_lengths
 
     texts = make_texts(tokenizer, args.texts, args.max_length)
     buckets = bucket_lengths(args.max_length)

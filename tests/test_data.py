@@ -228,10 +228,18 @@ def test_hosts_packed_steps_number_the_global_batch(tmp_path, tokenizer):
             assert negative[0] == first and negative[1] == WORD_ID + j
 
 
-def test_step_rows_round_to_shards_times_few_sizes():
+def test_step_rows_and_lengths_take_few_values():
     assert [packing.step_rows(n, 1, 100) for n in range(1, 14)] == [1, 2, 3, 4, 6, 6, 8, 8, 12, 12, 12, 12, 16]
     assert [packing.step_rows(n, 2, 100) for n in (1, 2, 3, 5, 7, 9)] == [2, 2, 4, 6, 8, 12]
     assert packing.step_rows(13, 2, 13) == 14  # never past one text a row (rounded up to the shards)
+    def sides(longest, width=100):
+        mask = np.zeros((2, width), np.int32)
+        mask[0, :longest] = mask[1, :5] = 1
+        return {side: {"input_ids": mask, "padding_mask": mask, "embed_mask": mask} for side in packing.SIDES}
+
+    assert [packing.row_length(sides(n)) for n in (5, 32, 33, 64, 65, 100)] == [32, 32, 64, 64, 100, 100]
+    assert packing.row_length(sides(5), pack=False) == 100
+    assert packing.pack_step(sides(40), global_batch_size=2, num_negatives=1)["input_ids"].shape[1] == 64
     batch = packing.pad_rows({"input_ids": np.ones((3, 4), np.int32)}, 4)
     assert batch["input_ids"].shape == (4, 4) and not batch["input_ids"][3].any()
     with pytest.raises(ValueError, match="more than 2"):

@@ -433,9 +433,9 @@ def test_missing_model_path_is_explained(tmp_path, capsys):
     assert "config.model.path is empty" in capsys.readouterr().err
 
 
-def test_the_step_compiles_once_per_row_count_and_keeps_placements(tmp_path):
-    """Packed, a step's rows vary with its texts: one program per row count, and fewer rows than one
-    text a row, which compiles once."""
+def test_the_step_compiles_once_per_shape_and_keeps_placements(tmp_path):
+    """Packed, a step's rows vary with its texts: one program per (rows, length) met, and fewer rows
+    than one text a row, which compiles once."""
     import importlib.util
 
     from diffemb_jax.training.trainer import Trainer
@@ -453,7 +453,7 @@ def test_the_step_compiles_once_per_row_count_and_keeps_placements(tmp_path):
         packed, rows[pack] = trainer.packed, []
         trainer.packed = lambda sides, packed=packed, seen=rows[pack]: seen.append(packed(sides)) or seen[-1]
         trainer.run(progress=False)
-        assert trainer.train_step._cache_size() == len({len(b["input_ids"]) for b in rows[pack]})
+        assert trainer.train_step._cache_size() == len({b["input_ids"].shape for b in rows[pack]})
         assert jax.tree.map(lambda x: x.sharding, trainer.lora) == before
     assert {len(b["input_ids"]) for b in rows[False]} == {8 * 3}  # global batch 8: a query, a positive, a negative
     assert max(len(b["input_ids"]) for b in rows[True]) < 8 * 3

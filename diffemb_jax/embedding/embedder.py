@@ -29,20 +29,11 @@ from tqdm.auto import tqdm
 
 from diffemb_jax import parallel
 from diffemb_jax.embedding.pooling import POOLING_MODES, l2_normalize, pool, pool_packed
-from diffemb_jax.embedding.packing import TextsByLength
+from diffemb_jax.embedding.packing import TextsByLength, bucket_lengths
 from diffemb_jax.embedding.prompts import pack_batch, tokenize, with_instruction
 from diffemb_jax.model import ATTENTION_MODES, Decoder
 
 log = logging.getLogger(__name__)
-
-
-def bucket_lengths(max_length: int, smallest: int = 32) -> list[int]:
-    """Powers of two from `smallest` up to max_length, and max_length itself."""
-    buckets, n = [], smallest
-    while n < max_length:
-        buckets.append(n)
-        n *= 2
-    return buckets + [max_length]
 
 
 DEFAULT_MAX_BATCH_TOKENS = 16384

@@ -1,10 +1,20 @@
 """Texts packed into rows by first fit decreasing: a row opens with the longest text left, then takes
 the longest that still fits, until none does. Texts are kept by token count, so each placement costs
-O(log) of the distinct counts. The Embedder packs its batches this way, the train step its texts."""
+O(log) of the distinct counts. The Embedder packs its batches this way, the train step its texts,
+into rows as long as the bucket of their longest text: a few lengths, so a few compiled programs."""
 
 from __future__ import annotations
 
 import bisect
+
+
+def bucket_lengths(max_length: int, smallest: int = 32) -> list[int]:
+    """Powers of two from `smallest` up to max_length, and max_length itself."""
+    buckets, n = [], smallest
+    while n < max_length:
+        buckets.append(n)
+        n *= 2
+    return buckets + [max_length]
 
 
 class TextsByLength:

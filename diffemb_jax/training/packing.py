@@ -1,23 +1,25 @@
 """A step's texts packed into rows: the one layout the train step takes.
 
 The data pipeline gives each host its share of the global batch side by side (queries, positives,
-negatives, each right-padded to its max length). `pack_step` lays all of them into rows of the
-longer max length, several to a row by first fit decreasing (or one a row, `pack=False`), so a step
-computes its real tokens and next to no padding: the recipe's short queries no longer fill rows of
-4096 tokens. Each token carries its text's number, which the attention mask keeps texts apart by and
+negatives, each right-padded to its max length). `pack_step` lays all of them into rows as long as
+the bucket (powers of two, and the longer max length) of the step's longest text, several to a row
+by first fit decreasing, so a step computes its real tokens and next to no padding, and attention
+(whose cost per token grows with the row) no more than the texts need: the recipe's short queries no
+longer fill rows of 4096 tokens. `pack=False` puts one text a row, rows of the longer max length. Each token carries its text's number, which the attention mask keeps texts apart by and
 pooling sums by. Numbers run across the global batch, side by side: with G queries and k negatives
 each, query g is g + 1, its positive G + g + 1, its j-th negative 2G + g*k + j + 1, whichever host
 holds them, so the step finds every embedding at a fixed place however the rows were packed.
 
 Row counts vary with the texts; `step_rows` rounds them to (batch shards) x (2^k or 3 x 2^k), so
-the step compiles a few programs at most, and every host pads to the same count (`pad_rows`).
+the step compiles a few programs at most (one a row count and length met), and every host takes the
+same length and pads to the same count (`pad_rows`).
 """
 
 from __future__ import annotations
 
 import numpy as np
 
-from diffemb_jax.embedding.packing import pack_rows
+from diffemb_jax.embedding.packing import bucket_lengths, pack_rows
 from diffemb_jax.embedding.prompts import pack_batch
 
 SIDES = ("query", "positive", "negative")  # the data pipeline's, in text-number order
@@ -31,17 +33,33 @@ def text_numbers(global_batch_size: int, num_negatives: int, process_index: int,
     return np.concatenate([g, global_batch_size + g, negatives]) + 1
 
 
-def pack_step(sides: dict, *, global_batch_size: int, num_negatives: int, process_index: int = 0,
-              pack: bool = True) -> dict[str, np.ndarray]:
-    """This host's {"query", "positive", "negative"} padded arrays -> {"input_ids", "segments",
-    "embed_mask"} [rows, length] int32, segments holding global text numbers (0 for pads)."""
-    host_batch_size = len(sides["query"]["input_ids"])
-    length = max(sides[side]["input_ids"].shape[1] for side in SIDES)
+def _texts(sides: dict) -> tuple[list[list[int]], list[int]]:
+    """Each text's token ids and embedded token count, in text-number order."""
     ids, embed_lengths = [], []
     for side in SIDES:
         for row, real, embed in zip(sides[side]["input_ids"], sides[side]["padding_mask"], sides[side]["embed_mask"]):
             ids.append(row[real > 0].tolist())
             embed_lengths.append(int(embed.sum()))
+    return ids, embed_lengths
+
+
+def row_length(sides: dict, pack: bool = True) -> int:
+    """The length of a step's rows: packed, the bucket of its longest text; else the longer max length."""
+    longest_allowed = max(sides[side]["input_ids"].shape[1] for side in SIDES)
+    if not pack:
+        return longest_allowed
+    longest = max(int(sides[side]["padding_mask"].sum(1).max()) for side in SIDES)
+    return next(b for b in bucket_lengths(longest_allowed) if b >= longest)
+
+
+def pack_step(sides: dict, *, global_batch_size: int, num_negatives: int, process_index: int = 0,
+              pack: bool = True, length: int | None = None) -> dict[str, np.ndarray]:
+    """This host's {"query", "positive", "negative"} padded arrays -> {"input_ids", "segments",
+    "embed_mask"} [rows, length] int32, segments holding global text numbers (0 for pads). `length`:
+    the rows' (every host's row_length, the longest of them), by default this host's row_length."""
+    host_batch_size = len(sides["query"]["input_ids"])
+    length = row_length(sides, pack) if length is None else length
+    ids, embed_lengths = _texts(sides)
     rows = pack_rows([len(t) for t in ids], length) if pack else [[i] for i in range(len(ids))]
     input_ids, place, embed_mask = pack_batch(ids, embed_lengths, rows, length, len(rows))
     numbers = text_numbers(global_batch_size, num_negatives, process_index, host_batch_size)

@@ -29,7 +29,7 @@ from tqdm.auto import tqdm
 from diffemb_jax import parallel
 from diffemb_jax.training.data import TrainBatches, build_dataset
 from diffemb_jax.training.lora import LoraConfig, apply_lora
-from diffemb_jax.training.packing import STEP_KEYS, pack_step, pad_rows, step_rows
+from diffemb_jax.training.packing import STEP_KEYS, pack_step, pad_rows, row_length, step_rows
 from diffemb_jax.training.step import StepConfig, batch_tokens, make_optimizer, make_train_step, split_model
 
 log = logging.getLogger(__name__)
@@ -133,7 +133,7 @@ class Trainer:
             options=ocp.CheckpointManagerOptions(max_to_keep=config.train.keep_checkpoints, create=True,
                                                  enable_async_checkpointing=True))
         self.step = 0
-        self._row_counts: set[int] = set()  # of the steps packed so far: one compiled program each
+        self._shapes: set[tuple[int, int]] = set()  # (rows, length) of the steps so far: a program each
 
     def _batches(self) -> TrainBatches:
         c = self.config
@@ -156,15 +156,17 @@ class Trainer:
                             process_index=jax.process_index(), process_count=jax.process_count())
 
     def packed(self, sides: dict) -> dict:
-        """This host's share of a step, packed into as many rows as every other host's (packing.py)."""
+        """This host's share of a step, packed into rows as long and as many as every other host's
+        (packing.py)."""
         c = self.config
+        length = parallel.max_over_processes(row_length(sides, c.data.pack))
         batch = pack_step(sides, global_batch_size=c.train.global_batch_size, num_negatives=c.data.num_negatives,
-                          process_index=jax.process_index(), pack=c.data.pack)
+                          process_index=jax.process_index(), pack=c.data.pack, length=length)
         rows = step_rows(parallel.max_over_processes(len(batch["input_ids"])), *self._row_bounds())
-        if rows not in self._row_counts:
-            self._row_counts.add(rows)
-            log.info("a step of %d rows a host: the train step compiles for it (row counts so far: %s)",
-                     rows, sorted(self._row_counts))
+        if (rows, length) not in self._shapes:
+            self._shapes.add((rows, length))
+            log.info("a step of %d rows of %d tokens a host: the train step compiles for it (shapes so far: %s)",
+                     rows, length, sorted(self._shapes))
         return pad_rows(batch, rows)
 
     def _row_bounds(self) -> tuple[int, int]:
