@@ -3,6 +3,7 @@
 The batch is the global batch's texts packed into rows (training/packing.py): one pass of the model
 over all of them, then each text pooled by its number into [texts, D], where queries, positives and
 negatives lie at fixed places.
+
 The model is split into LoRA parameters (trained) and everything else (frozen), so only adapters
 carry gradients and optimizer state. LoRA dropout masks come from a key derived from (seed, step):
 no RNG state to carry, and a resumed run draws the very masks the uninterrupted one drew. With
