@@ -1,6 +1,6 @@
 """Sharded training on 8 simulated CPU devices: every mesh gives the one-device losses and LoRA
 update (LoRA dropout on), parameters really are sharded, and per-device parameter memory falls as
-1/n with fsdp."""
+1/n with fsdp. Two processes (JAX's distributed runtime on the CPU) train as one device."""
 
 import json
 import os
@@ -26,12 +26,12 @@ TRAIN = textwrap.dedent("""
     from diffemb_jax.training.trainer import Trainer
     spec = importlib.util.spec_from_file_location("tiny_cfg", "configs/tiny.py")
     tiny_cfg = importlib.util.module_from_spec(spec); spec.loader.exec_module(tiny_cfg)
-    model, data, out, meshes = sys.argv[1], sys.argv[2], sys.argv[3], json.loads(sys.argv[4])
+    model, data, out, meshes, dropout = sys.argv[1], sys.argv[2], sys.argv[3], json.loads(sys.argv[4]), float(sys.argv[5])
     results = {}
     for shape in meshes:
         c = tiny_cfg.get_config()
         c.model.path, c.data.files, c.train.steps = model, (data,), 3
-        c.lora.dropout = 0.1  # the masks must not depend on the mesh either
+        c.lora.dropout = dropout  # the masks must not depend on the mesh either
         c.mesh.data, c.mesh.fsdp, c.mesh.tensor = shape
         trainer = Trainer(c, f"{out}/run-{'x'.join(map(str, shape))}")
         history = trainer.run(progress=False)
@@ -60,15 +60,15 @@ def _run(code, *args, devices):
 def trained(tmp_path_factory):
     root = tmp_path_factory.mktemp("parallel")
     model, data = tiny_setup(root)
-    _run(TRAIN, model, data, root / "one", json.dumps([(1, 1, 1)]), devices=1)
-    _run(TRAIN, model, data, root / "eight", json.dumps(MESHES), devices=8)
+    _run(TRAIN, model, data, root / "one", json.dumps([(1, 1, 1)]), 0.1, devices=1)
+    _run(TRAIN, model, data, root / "eight", json.dumps(MESHES), 0.1, devices=8)
     one = json.loads((root / "one" / "results.json").read_text())["1x1x1"]
-    return one, json.loads((root / "eight" / "results.json").read_text())
+    return one, json.loads((root / "eight" / "results.json").read_text()), root
 
 
 @pytest.mark.parametrize("shape", MESHES)
 def test_mesh_step_equals_one_device(trained, shape):
-    one, eight = trained
+    one, eight, _ = trained
     got = eight["x".join(map(str, shape))]
     np.testing.assert_allclose(got["losses"], one["losses"], rtol=1e-5)
     # Three Adam steps: Adam divides by sqrt(v), so float32 reordering in a near-zero gradient entry can move
@@ -87,6 +87,57 @@ def test_parameters_are_sharded(trained, shape):
         assert got["kernel_shards"] == fsdp * tensor
     assert [s if s in ("fsdp", "tensor") else "None" for s in got["kernel_spec"]] == ["fsdp", "tensor"]
     assert got["lora_a_spec"][0] == "fsdp"  # adapters follow their base kernel's input axis
+
+
+MULTIHOST = textwrap.dedent("""
+    import json, sys
+    import jax
+    process, port, model, data, out = sys.argv[1:]
+    jax.config.update("jax_cpu_collectives_implementation", "gloo")
+    jax.distributed.initialize(coordinator_address=f"localhost:{port}", num_processes=2, process_id=int(process))
+    import importlib.util
+    from diffemb_jax.training.trainer import Trainer
+    spec = importlib.util.spec_from_file_location("tiny_cfg", "configs/tiny.py")
+    tiny_cfg = importlib.util.module_from_spec(spec); spec.loader.exec_module(tiny_cfg)
+    c = tiny_cfg.get_config()
+    c.model.path, c.data.files, c.train.steps, c.lora.dropout = model, (data,), 3, 0.0
+    c.mesh.data, c.mesh.fsdp, c.mesh.tensor = 2, 1, 1
+    history = Trainer(c, out).run(progress=False)
+    if jax.process_index() == 0:
+        json.dump([h["loss"] for h in history], open(f"{out}/losses.json", "w"))
+""")
+
+
+def test_two_processes_train_as_one_device(trained, tmp_path):
+    """Multi-host: two processes of one CPU device each, through JAX's distributed runtime. Each
+    reads and packs its half of every step (they agree on row length and count), and they give the
+    one-device losses and the same PEFT adapter, which the lead writes. Without dropout: its masks
+    follow rows, and each host packs its own rows."""
+    import socket
+
+    from safetensors.numpy import load_file
+
+    _, _, root = trained
+    _run(TRAIN, root / "model", root / "train.jsonl", tmp_path / "one", json.dumps([(1, 1, 1)]), 0.0, devices=1)
+    one = json.loads((tmp_path / "one" / "results.json").read_text())["1x1x1"]
+    with socket.socket() as s:
+        s.bind(("localhost", 0))
+        port = s.getsockname()[1]
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("XLA_", "PYTEST"))}
+    env.update(JAX_PLATFORMS="cpu")
+    out = tmp_path / "run"
+    processes = [subprocess.Popen([sys.executable, "-c", MULTIHOST, str(i), str(port), str(root / "model"),
+                                   str(root / "train.jsonl"), str(out)], cwd=ROOT, env=env,
+                                  stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True) for i in range(2)]
+    for p in processes:
+        _, err = p.communicate(timeout=600)
+        assert p.returncode == 0, err[-4000:]
+    np.testing.assert_allclose(json.loads((out / "losses.json").read_text()), one["losses"], rtol=1e-5)
+    ours = load_file(str(out / "adapter" / "adapter_model.safetensors"))
+    alone = load_file(str(tmp_path / "one" / "run-1x1x1" / "adapter" / "adapter_model.safetensors"))
+    assert ours.keys() == alone.keys() and len(ours) == 2 * 7 * 2
+    for name in ours:
+        np.testing.assert_allclose(ours[name], alone[name], atol=5e-5, rtol=0, err_msg=name)
 
 
 def test_mesh_shape_resolves_the_rest():

@@ -12,6 +12,8 @@ an adapted model called without one runs without dropout.
 
 from __future__ import annotations
 
+import contextlib
+
 import dataclasses
 import functools
 import inspect
@@ -167,6 +169,30 @@ class LoraConfig:
         return self.alpha / self.rank
 
 
+@contextlib.contextmanager
+def _jit_for_multihost_checks():
+    """qwix creates each adapter under jax.disable_jit() and device_puts it onto its base weight's
+    sharding. Across processes jax then checks the value is the same everywhere (assert_equal), by
+    an allgather whose jit, disabled, returns this process's shard (jax 0.10): every multi-host run
+    failed there. The check runs with jit on."""
+    if jax.process_count() == 1:
+        yield
+        return
+    from jax.experimental import multihost_utils
+
+    check = multihost_utils.assert_equal
+
+    def with_jit(*args, **kwargs):
+        with jax.disable_jit(False):
+            return check(*args, **kwargs)
+
+    multihost_utils.assert_equal = with_jit
+    try:
+        yield
+    finally:
+        multihost_utils.assert_equal = check
+
+
 def apply_lora(model: Decoder, lora: LoraConfig, *, seed: int = 0) -> Decoder:
     """The model with LoRA adapters (A random, B zero: the output is unchanged until trained)."""
     if lora.rank < 1:
@@ -177,8 +203,9 @@ def apply_lora(model: Decoder, lora: LoraConfig, *, seed: int = 0) -> Decoder:
                                  disable_jit=True)  # qwix would jit each intercepted call: dropout RNG updates must stay in our trace
     sample = jnp.ones((1, 8), jnp.int32)
     remat, model.remat = model.remat, "none"  # adapters are created while tracing: not inside a checkpoint
-    adapted = qwix.apply_lora_to_model(model, provider, sample, sample,
-                                       rngs=nnx.Rngs(params=seed, dropout=seed + 1))
+    with _jit_for_multihost_checks():
+        adapted = qwix.apply_lora_to_model(model, provider, sample, sample,
+                                           rngs=nnx.Rngs(params=seed, dropout=seed + 1))
     adapted.remat = model.remat = remat
     adapted.lora_dropout = lora.dropout  # drawn by _lora_delta, from set_dropout_key's stream
     if not nnx.state(adapted, nnx.LoRAParam):
