@@ -26,7 +26,8 @@ TRAIN = textwrap.dedent("""
     from diffemb_jax.training.trainer import Trainer
     spec = importlib.util.spec_from_file_location("tiny_cfg", "configs/tiny.py")
     tiny_cfg = importlib.util.module_from_spec(spec); spec.loader.exec_module(tiny_cfg)
-    model, data, out, meshes, dropout = sys.argv[1], sys.argv[2], sys.argv[3], json.loads(sys.argv[4]), float(sys.argv[5])
+    model, data, out = sys.argv[1:4]
+    meshes, dropout = json.loads(sys.argv[4]), float(sys.argv[5])
     results = {}
     for shape in meshes:
         c = tiny_cfg.get_config()

@@ -117,7 +117,8 @@ def test_packed_step_loss_and_gradients_equal_peft(tmp_path):
     reference = PeftModel.from_pretrained(oracle, tmp_path / "adapter", is_trainable=True)
 
     def embed(side):
-        ids, real = torch.as_tensor(SIDES[side]["input_ids"]).long(), torch.as_tensor(SIDES[side]["padding_mask"]).bool()
+        ids = torch.as_tensor(SIDES[side]["input_ids"]).long()
+        real = torch.as_tensor(SIDES[side]["padding_mask"]).bool()
         mask = real[:, None, None, :].expand(-1, 1, ids.shape[1], -1)
         positions = (real.long().cumsum(-1) - 1).clamp(min=0)
         hidden = reference.base_model.model.model(input_ids=ids, attention_mask=mask,

@@ -8,8 +8,9 @@ and renames it into place, so a failed build leaves nothing behind.
 
 `TrainBatches` reads that dataset with grain: a global shuffle per epoch (seeded), global batches
 that never straddle two epochs, each host reading and tokenising only its slice of every global batch,
-each side padded to its max length. The trainer packs them into the step's rows (packing.py). It is a grain `DatasetIterator`, so its state
-is grain's (a small JSON dict) and `grain.checkpoint.CheckpointSave(batches)` saves it with orbax.
+each side padded to its max length; the trainer packs them into the step's rows (packing.py). It is
+a grain `DatasetIterator`, so its state is grain's (a small JSON dict) and
+`grain.checkpoint.CheckpointSave(batches)` saves it with orbax.
 """
 
 from __future__ import annotations

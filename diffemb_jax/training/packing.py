@@ -4,9 +4,11 @@ The data pipeline gives each host its share of the global batch side by side (qu
 negatives, each right-padded to its max length). `pack_step` lays all of them into rows as long as
 the bucket (powers of two, and the longer max length) of the step's longest text, several to a row
 by first fit decreasing, so a step computes its real tokens and next to no padding, and attention
-(whose cost per token grows with the row) no more than the texts need: the recipe's short queries no
-longer fill rows of 4096 tokens. `pack=False` puts one text a row, rows of the longer max length. Each token carries its text's number, which the attention mask keeps texts apart by and
-pooling sums by. Numbers run across the global batch, side by side: with G queries and k negatives
+(whose cost per token grows with the row) no more than the texts need: the recipe's short queries
+no longer fill rows of 4096 tokens. `pack=False` puts one text a row, rows of the longer max length.
+
+Each token carries its text's number, which the attention mask keeps texts apart by and pooling
+sums by. Numbers run across the global batch, side by side: with G queries and k negatives
 each, query g is g + 1, its positive G + g + 1, its j-th negative 2G + g*k + j + 1, whichever host
 holds them, so the step finds every embedding at a fixed place however the rows were packed.
 

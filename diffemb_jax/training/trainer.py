@@ -47,9 +47,9 @@ def lora_config(config) -> LoraConfig:
 
 def step_config(config) -> StepConfig:
     return StepConfig(batch_size=config.train.global_batch_size, loss=config.loss.kind, scale=config.loss.scale,
-                      num_negatives=config.data.num_negatives, pooling=config.model.pooling, skip_instruction=config.model.skip_instruction,
-                      grad_cache_chunk=config.train.grad_cache_chunk, seed=config.train.seed,
-                      packed=config.data.pack)
+                      num_negatives=config.data.num_negatives, pooling=config.model.pooling,
+                      skip_instruction=config.model.skip_instruction, grad_cache_chunk=config.train.grad_cache_chunk,
+                      seed=config.train.seed, packed=config.data.pack)
 
 
 def check_config(config) -> None:
