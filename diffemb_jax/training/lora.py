@@ -173,8 +173,8 @@ class LoraConfig:
 def _jit_for_multihost_checks():
     """qwix creates each adapter under jax.disable_jit() and device_puts it onto its base weight's
     sharding. Across processes jax then checks the value is the same everywhere (assert_equal), by
-    an allgather whose jit, disabled, returns this process's shard (jax 0.10): every multi-host run
-    failed there. The check runs with jit on."""
+    an allgather whose jit, disabled, returns this process's shard (jax 0.10 and 0.12): every
+    multi-host run failed there. The check runs with jit on."""
     if jax.process_count() == 1:
         yield
         return
