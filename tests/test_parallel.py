@@ -1,6 +1,6 @@
 """Sharded training on 8 simulated CPU devices: every mesh gives the one-device losses and LoRA
 update (LoRA dropout on), parameters really are sharded, and per-device parameter memory falls as
-1/n with fsdp. Two processes (JAX's distributed runtime on the CPU) train as one device."""
+1/n with fsdp. Two processes (JAX's distributed runtime on the CPU) train and encode as one device."""
 
 import json
 import os
@@ -93,7 +93,7 @@ def test_parameters_are_sharded(trained, shape):
 MULTIHOST = textwrap.dedent("""
     import json, sys
     import jax
-    process, port, model, data, out = sys.argv[1:]
+    process, port, model, data, out, texts = sys.argv[1:]
     jax.config.update("jax_cpu_collectives_implementation", "gloo")
     jax.distributed.initialize(coordinator_address=f"localhost:{port}", num_processes=2, process_id=int(process))
     import importlib.util
@@ -103,20 +103,31 @@ MULTIHOST = textwrap.dedent("""
     c = tiny_cfg.get_config()
     c.model.path, c.data.files, c.train.steps, c.lora.dropout = model, (data,), 3, 0.0
     c.mesh.data, c.mesh.fsdp, c.mesh.tensor = 2, 1, 1
-    history = Trainer(c, out).run(progress=False)
+    trainer = Trainer(c, out)
+    history = trainer.run(progress=False)
+    from jax.experimental import multihost_utils
+    import numpy as np
+    from diffemb_jax.embedding.embedder import Embedder
+    multihost_utils.sync_global_devices("the lead wrote the adapter")
+    embedder = Embedder.from_pretrained(model, adapter=f"{out}/adapter", mesh=trainer.mesh, batch_size=4)
+    vectors = embedder.encode(json.loads(texts), progress=False)
     if jax.process_index() == 0:
         json.dump([h["loss"] for h in history], open(f"{out}/losses.json", "w"))
+        np.save(f"{out}/vectors.npy", vectors)
 """)
 
 
-def test_two_processes_train_as_one_device(trained, tmp_path):
+def test_two_processes_train_and_encode_as_one_device(trained, tmp_path):
     """Multi-host: two processes of one CPU device each, through JAX's distributed runtime. Each
     reads and packs its half of every step (they agree on row length and count), and they give the
-    one-device losses and the same PEFT adapter, which the lead writes. Without dropout: its masks
-    follow rows, and each host packs its own rows."""
+    one-device losses and the same PEFT adapter, which the lead writes; both then encode with it as
+    one device does. Without dropout: its masks follow rows, and each host packs its own rows."""
     import socket
 
     from safetensors.numpy import load_file
+
+    import tiny
+    from diffemb_jax.embedding.embedder import Embedder
 
     _, _, root = trained
     _run(TRAIN, root / "model", root / "train.jsonl", tmp_path / "one", json.dumps([(1, 1, 1)]), 0.0, devices=1)
@@ -127,8 +138,9 @@ def test_two_processes_train_as_one_device(trained, tmp_path):
     env = {k: v for k, v in os.environ.items() if not k.startswith(("XLA_", "PYTEST"))}
     env.update(JAX_PLATFORMS="cpu")
     out = tmp_path / "run"
+    texts = [" ".join(tiny.WORDS[i : i + 1 + i % 7]) for i in range(11)]
     processes = [subprocess.Popen([sys.executable, "-c", MULTIHOST, str(i), str(port), str(root / "model"),
-                                   str(root / "train.jsonl"), str(out)], cwd=ROOT, env=env,
+                                   str(root / "train.jsonl"), str(out), json.dumps(texts)], cwd=ROOT, env=env,
                                   stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True) for i in range(2)]
     for p in processes:
         _, err = p.communicate(timeout=600)
@@ -139,6 +151,9 @@ def test_two_processes_train_as_one_device(trained, tmp_path):
     assert ours.keys() == alone.keys() and len(ours) == 2 * 7 * 2
     for name in ours:
         np.testing.assert_allclose(ours[name], alone[name], atol=5e-5, rtol=0, err_msg=name)
+    # and encode with it across both processes as one device does
+    one_device = Embedder.from_pretrained(root / "model", adapter=out / "adapter", batch_size=4)
+    np.testing.assert_allclose(np.load(out / "vectors.npy"), one_device.encode(texts, progress=False), atol=1e-5)
 
 
 def test_mesh_shape_resolves_the_rest():
