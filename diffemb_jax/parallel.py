@@ -79,6 +79,11 @@ def batch_sharding(mesh: Mesh) -> NamedSharding:
     return NamedSharding(mesh, P(BATCH_AXES))
 
 
+def batch_shards(mesh: Mesh) -> int:
+    """How many pieces a batch's rows are split into: a row count must be a multiple of it."""
+    return math.prod(mesh.shape[axis] for axis in BATCH_AXES)
+
+
 def global_batch(local_batch, mesh: Mesh):
     """Each host's rows -> global arrays sharded over the batch axes (rows ordered by process)."""
     sharding = batch_sharding(mesh)

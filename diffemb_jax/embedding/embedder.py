@@ -111,7 +111,7 @@ class Embedder:
             raise ValueError("max_length, batch_size and max_batch_tokens must be positive")
         if pack_length < 0:
             raise ValueError(f"pack_length must be >= 0 (0: one text a row), got {pack_length}")
-        shards = mesh.shape["data"] * mesh.shape["fsdp"] if mesh is not None else 1
+        shards = parallel.batch_shards(mesh) if mesh is not None else 1
         if batch_size % shards:
             raise ValueError(f"batch_size={batch_size} is not divisible by the {shards} batch shards of the mesh")
         self.shards, self.max_batch_tokens, self.pack_length = shards, max_batch_tokens, pack_length

@@ -171,10 +171,8 @@ class Trainer:
 
     def _row_bounds(self) -> tuple[int, int]:
         """(multiple, most) of a host's rows: its devices' batch shards, and one text a row."""
-        c = self.config
-        shards = math.prod(self.mesh.shape[axis] for axis in parallel.BATCH_AXES) // jax.process_count()
-        texts = c.train.global_batch_size // jax.process_count() * (2 + c.data.num_negatives)
-        return max(shards, 1), texts
+        shards = parallel.batch_shards(self.mesh) // jax.process_count()
+        return max(shards, 1), step_config(self.config).num_texts // jax.process_count()
 
     # ------------------------------------------------------------------ checkpoints
 
