@@ -304,7 +304,7 @@ def random_weights(shape: str, dtype: str) -> Path:
     import torch
     from transformers import AutoConfig, AutoModelForCausalLM
 
-    from diffemb_jax.demo import cache_dir
+    from diffemb_jax.cache import cache_dir
 
     model_type, fields = SHAPES[shape]
     recipe = json.dumps([model_type, fields, LONGEST, SEED, dtype], sort_keys=True)
@@ -704,9 +704,10 @@ PREALLOCATE = "XLA_PYTHON_CLIENT_PREALLOCATE"
 @contextlib.contextmanager
 def _parent_preallocation_off():
     """The parent may run JAX (converting the default model): on a GPU it must not take the memory the
-    workers need. Yields the environment for the workers, with the caller's own setting."""
+    workers need. Yields the environment for the workers, with the caller's own setting and JAX's
+    persistent compilation cache off."""
     caller = os.environ.get(PREALLOCATE)
-    worker_env = dict(os.environ)
+    worker_env = {**os.environ, "JAX_ENABLE_COMPILATION_CACHE": "false"}  # compile times are compilations
     os.environ[PREALLOCATE] = "false"
     try:
         yield worker_env

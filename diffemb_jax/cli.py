@@ -375,6 +375,10 @@ def _benchmark_parsers(tasks, common) -> None:
 def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(level=logging.WARNING, format="%(levelname)s: %(message)s")
     argv = sys.argv[1:] if argv is None else argv
+    if argv[:1] != ["bench"]:  # the bench times compilation itself
+        from diffemb_jax.cache import use_compilation_cache
+
+        use_compilation_cache()
     if argv[:1] in (["train"], ["plan"]):
         from diffemb_jax.training.trainer import TrainingDiverged
 

@@ -20,7 +20,6 @@ import contextlib
 import dataclasses
 import io
 import logging
-import os
 import random
 import tempfile
 import time
@@ -28,6 +27,7 @@ from pathlib import Path
 
 
 from diffemb_jax import assets
+from diffemb_jax.cache import cache_dir
 
 ATTENTION_MODES = ("bidirectional", "causal")
 
@@ -57,12 +57,6 @@ class Settings:
 
 
 DEFAULT_SETTINGS = Settings()
-
-
-def cache_dir() -> Path:
-    root = os.environ.get("DIFFEMB_CACHE") or os.path.join(
-        os.environ.get("XDG_CACHE_HOME", os.path.expanduser("~/.cache")), "diffemb-jax")
-    return Path(root)
 
 
 def converted_smollm2() -> Path:

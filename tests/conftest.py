@@ -7,6 +7,9 @@ os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 # On a GPU, JAX in this process would otherwise take 75% of the memory up front, and the bench
 # workers (child processes, test_bench.py) would then find too little to start on the GPU.
 os.environ.setdefault("XLA_PYTHON_CLIENT_PREALLOCATE", "false")
+# The CLI keeps compiled programs in a persistent cache under ~/.cache; tests stay out of it (and
+# out of each other's way) unless they turn it on for themselves (test_cli.py).
+os.environ.setdefault("JAX_ENABLE_COMPILATION_CACHE", "false")
 sys.path.insert(0, str(Path(__file__).parent))
 
 import numpy as np  # noqa: E402

@@ -357,7 +357,7 @@ def test_torch_reference_recomputes_the_layers_under_remat_full(tmp_path, monkey
     assert layers > 0 and len(calls) == entries * layers * len(bench.SIDES)
 
 
-def test_parent_preallocation_off_gives_workers_the_callers_setting(monkeypatch):
+def test_parent_preallocation_off_gives_workers_the_callers_setting_and_no_compilation_cache(monkeypatch):
     import os
 
     from diffemb_jax import bench
@@ -370,6 +370,7 @@ def test_parent_preallocation_off_gives_workers_the_callers_setting(monkeypatch)
         with bench._parent_preallocation_off() as worker_env:
             assert os.environ[bench.PREALLOCATE] == "false"
             assert worker_env.get(bench.PREALLOCATE) == caller
+            assert worker_env["JAX_ENABLE_COMPILATION_CACHE"] == "false"  # compile times are compilations
         assert os.environ.get(bench.PREALLOCATE) == caller
 
 

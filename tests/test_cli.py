@@ -2,6 +2,9 @@
 with a message that names the problem, leaving no output file behind."""
 
 import json
+import os
+import subprocess
+import sys
 
 import numpy as np
 import pytest
@@ -91,3 +94,36 @@ def test_unknown_model_path(tmp_path, capsys):
     source.write_text("the cat\n")
     assert _encode(tmp_path / "nope", source, tmp_path / "out.npy") == 2
     assert "does not exist" in capsys.readouterr().err
+
+
+def _cli_process(*args, env: dict) -> subprocess.CompletedProcess:
+    result = subprocess.run([sys.executable, "-m", "diffemb_jax.cli", *map(str, args)], capture_output=True,
+                            text=True, timeout=300, env=env)
+    assert result.returncode == 0, result.stderr[-3000:]
+    return result
+
+
+def test_a_second_encode_loads_its_programs_from_the_compilation_cache(model_dir, tmp_path):
+    source = tmp_path / "in.txt"
+    source.write_text("\n".join(LINES * 5) + "\n")
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("JAX_", "XLA_"))}
+    env.update(DIFFEMB_CACHE=str(tmp_path / "cache"), JAX_PLATFORMS="cpu", JAX_LOG_COMPILES="1",
+               JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS="0")  # tiny programs compile in well under 1 s
+    runs = [_cli_process("encode", "--model", model_dir, "--input", source, "--output", tmp_path / f"{i}.npy",
+                         "--batch-size", "4", env=env) for i in range(2)]
+    entries = list((tmp_path / "cache" / "xla").glob("jit_embed-*"))
+    assert entries, "the first call wrote no compiled encoder"
+    hits = [run.stderr.count("Persistent compilation cache hit for 'jit_embed'") for run in runs]
+    assert hits[0] == 0 and hits[1] >= len(entries), (hits, entries)
+    np.testing.assert_array_equal(np.load(tmp_path / "0.npy"), np.load(tmp_path / "1.npy"))
+
+
+@pytest.mark.parametrize("setting, where", [({}, "cache/xla"), ({"JAX_COMPILATION_CACHE_DIR": "mine"}, "mine"),
+                                            ({"JAX_ENABLE_COMPILATION_CACHE": "false"}, "None")])
+def test_jax_settings_of_the_compilation_cache_win(tmp_path, setting, where):
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("JAX_", "XLA_"))}
+    env.update(DIFFEMB_CACHE=str(tmp_path / "cache"), JAX_PLATFORMS="cpu", **setting)
+    code = "from diffemb_jax.cache import use_compilation_cache as u; print(u())"
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120, env=env,
+                         cwd=tmp_path, check=True).stdout.split()[-1]
+    assert out == (where if where in ("None", "mine") else str(tmp_path / where))
