@@ -461,3 +461,39 @@ def test_the_step_compiles_once_per_shape_and_keeps_placements(tmp_path):
     for packed, alone in zip(rows[True], rows[False]):  # the same texts, tokens and embedded tokens
         for key in ("segments", "embed_mask"):
             assert np.array_equal(np.sort(packed[key][packed[key] > 0]), np.sort(alone[key][alone[key] > 0]))
+
+
+def test_the_next_batch_is_packed_while_the_step_runs(tmp_path):
+    """The host reads and packs step n+1's batch after dispatching step n and before waiting for its
+    metrics, so the device is not left idle meanwhile."""
+    import importlib.util
+
+    from diffemb_jax.training.trainer import Trainer
+
+    spec = importlib.util.spec_from_file_location("tiny_cfg", Path(__file__).parent.parent / "configs" / "tiny.py")
+    tiny_cfg = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(tiny_cfg)
+    model, data = tiny_setup(tmp_path)
+    config = tiny_cfg.get_config()
+    config.model.path, config.data.files, config.train.steps = str(model), (str(data),), 3
+    trainer = Trainer(config, tmp_path / "run")
+    events, packed, step = [], trainer.packed, trainer.train_step
+
+    class Fetched:  # a metric that notes when the loop waits for it
+        def __init__(self, value, n):
+            self.value, self.n = value, n
+
+        def __float__(self):
+            events.append(f"wait {self.n}")
+            return float(self.value)
+
+    def traced_step(*args):
+        lora, opt_state, metrics = step(*args)
+        events.append(f"step {args[3]}")
+        return lora, opt_state, {k: Fetched(v, args[3]) for k, v in metrics.items()}
+
+    trainer.packed = lambda sides: events.append("pack") or packed(sides)
+    trainer.train_step = traced_step
+    trainer.run(progress=False)
+    order = [e for i, e in enumerate(events) if not (i and events[i - 1] == e)]  # one "wait" per metric
+    assert order == ["pack", "step 0", "pack", "wait 0", "step 1", "pack", "wait 1", "step 2", "wait 2"], events

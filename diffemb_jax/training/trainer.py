@@ -5,7 +5,9 @@ and the data iterator's state; dropout keys derive from (seed, step). Restarting
 therefore continues with the very batches and random numbers the uninterrupted run would have used. Metrics go to
 WORKDIR/metrics.jsonl and TensorBoard (WORKDIR/tensorboard) with a progress bar. After the last
 step the LoRA is written as a PEFT adapter, WORKDIR/adapter, the way out to PyTorch and to
-`diffemb encode|evaluate|export --adapter`.
+`diffemb encode|evaluate|export --adapter`. The host reads and packs each step's batch while the device
+runs the step before it; a step's `seconds` in the metrics is the wall time from one step's metrics to
+the next one's, host work included.
 """
 
 from __future__ import annotations
@@ -169,6 +171,11 @@ class Trainer:
                      rows, length, sorted(self._shapes))
         return pad_rows(batch, rows)
 
+    def _next_batch(self) -> tuple[dict, dict]:
+        """(the data position before it, the next step's packed batch)."""
+        data_state = self.batches.get_state()
+        return data_state, self.packed(next(self.batches))
+
     def _row_bounds(self) -> tuple[int, int]:
         """(multiple, most) of a host's rows: its devices' batch shards, and one text a row."""
         shards = parallel.batch_shards(self.mesh) // jax.process_count()
@@ -204,15 +211,17 @@ class Trainer:
         history = []
         bar = tqdm(total=c.steps, initial=self.step, desc="training", unit="step", disable=not (progress and self.lead))
         try:
-            while self.step < c.steps:
-                data_state = self.batches.get_state()
-                batch = self.packed(next(self.batches))
-                start = time.perf_counter()
+            upcoming = self._next_batch() if self.step < c.steps else None
+            start = time.perf_counter()
+            while upcoming is not None:
+                data_state, batch = upcoming
                 with jax.set_mesh(self.mesh):  # kernels that need it (splash) find the mesh
                     self.lora, self.opt_state, metrics = self.train_step(
                         self.lora, self.opt_state, self.frozen, self.step, parallel.global_batch(batch, self.mesh))
+                # The device runs the step (dispatch is asynchronous) while the host reads and packs the next.
+                upcoming = self._next_batch() if self.step + 1 < c.steps else None
                 metrics = {k: float(v) for k, v in metrics.items()}
-                seconds = time.perf_counter() - start
+                seconds, start = time.perf_counter() - start, time.perf_counter()
                 if not math.isfinite(metrics["loss"]):
                     self._stop_diverged(metrics["loss"], data_state)
                 self.step += 1
@@ -224,7 +233,8 @@ class Trainer:
                 bar.set_postfix(loss=f"{metrics['loss']:.4f}", acc=f"{metrics['accuracy']:.2f}")
                 bar.update()
                 if self.step % c.checkpoint_every == 0 or self.step == c.steps:
-                    self.save(self.step, self.batches.get_state())
+                    # the data position after this step's batch: the next one is already read
+                    self.save(self.step, upcoming[0] if upcoming else self.batches.get_state())
         finally:
             bar.close()
             metrics_log.close()
