@@ -497,3 +497,22 @@ def test_the_next_batch_is_packed_while_the_step_runs(tmp_path):
     trainer.run(progress=False)
     order = [e for i, e in enumerate(events) if not (i and events[i - 1] == e)]  # one "wait" per metric
     assert order == ["pack", "step 0", "pack", "wait 0", "step 1", "pack", "wait 1", "step 2", "wait 2"], events
+
+
+def test_a_second_run_loads_the_train_step_from_the_compilation_cache(tmp_path):
+    """The same run twice with the persistent compilation cache on: the second loads each program the
+    first compiled, and its losses and adapter are the same bits."""
+    model, data = tiny_setup(tmp_path)
+    env = _env(JAX_ENABLE_COMPILATION_CACHE="true", JAX_LOG_COMPILES="1", DIFFEMB_CACHE=str(tmp_path / "cache"),
+               JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS="0")
+    env.pop("JAX_COMPILATION_CACHE_DIR", None)
+    args = ["--config.train.steps=4", "--config.lora.dropout=0.1"]
+    command = [sys.executable, "-m", "diffemb_jax.cli"]
+    logs = [subprocess.run(command + train_args(model, data, tmp_path / f"run{i}", *args), check=True, env=env,
+                           capture_output=True, text=True, timeout=600).stderr for i in range(2)]
+    hits = [log.count("Persistent compilation cache hit for 'jit_step_fn'") for log in logs]
+    assert hits[0] == 0 and hits[1] >= 1, hits
+    assert _losses(tmp_path / "run0") == _losses(tmp_path / "run1")
+    first, second = (jax.tree.leaves(_final_lora(tmp_path / f"run{i}", 4)) for i in range(2))
+    for x, y in zip(first, second, strict=True):
+        np.testing.assert_array_equal(x, y)
