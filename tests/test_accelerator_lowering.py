@@ -4,6 +4,8 @@ nothing, but lowering runs every kernel's own checks and the lowering rules of t
 attention to XLA's fused-attention calls, forward and backward). CI has neither device; this is
 what it can know of their paths before a run there."""
 
+import re
+
 import jax
 import jax._src.cudnn.fused_attention_stablehlo as cudnn_attention
 import jax.numpy as jnp
@@ -103,3 +105,14 @@ def test_lora_train_step_lowers_to_the_kernel(kernel, remat, packed, on_device):
     assert "threefry2x32" in text  # the adapters' dropout masks are in the step
     if kernel == "cudnn":
         assert ("__cudnn$fmhaScaleBiasSoftmaxBackward(" in text) == packed
+    # Every product with a base weight, forward and backward, in bfloat16 (the float32 adapters'
+    # products are rank-wide): one in float32 would run at a fraction of the GPU's bf16 rate.
+    weights = {f"{a}x{b}x" for a in (128, 256) for b in (128, 256)}
+    with_weights = [types for types in _dot_operand_types(text) if any(t[:8] in weights for t in types)]
+    assert with_weights and all(t.endswith("bf16") for types in with_weights for t in types), with_weights
+
+
+def _dot_operand_types(text: str) -> list[list[str]]:
+    """The operand types of each dot_general in a StableHLO module, as 'AxBxdtype'."""
+    return [re.findall(r"tensor<([^>]*)>", line.split(" : ")[-1])[:2]
+            for line in text.splitlines() if "stablehlo.dot_general" in line]
