@@ -516,3 +516,31 @@ def test_a_second_run_loads_the_train_step_from_the_compilation_cache(tmp_path):
     first, second = (jax.tree.leaves(_final_lora(tmp_path / f"run{i}", 4)) for i in range(2))
     for x, y in zip(first, second, strict=True):
         np.testing.assert_array_equal(x, y)
+
+
+def test_an_error_reading_the_next_batch_comes_after_the_step_is_logged_and_saved(tmp_path):
+    import importlib.util
+
+    from diffemb_jax.training.trainer import Trainer
+
+    spec = importlib.util.spec_from_file_location("tiny_cfg", Path(__file__).parent.parent / "configs" / "tiny.py")
+    tiny_cfg = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(tiny_cfg)
+    model, data = tiny_setup(tmp_path)
+    config = tiny_cfg.get_config()
+    config.model.path, config.data.files, config.train.steps = str(model), (str(data),), 4
+    config.train.checkpoint_every, config.train.log_every = 2, 1
+    trainer = Trainer(config, tmp_path / "run")
+    packed, calls = trainer.packed, []
+
+    def third_fails(sides):
+        calls.append(1)
+        if len(calls) == 3:
+            raise OSError("the disk went away")
+        return packed(sides)
+
+    trainer.packed = third_fails
+    with pytest.raises(OSError, match="the disk went away"):
+        trainer.run(progress=False)
+    assert list(_losses(tmp_path / "run")) == [1, 2]  # step 2 ran while batch 3 was being read
+    assert ocp.CheckpointManager((tmp_path / "run" / "checkpoints").absolute()).latest_step() == 2

@@ -171,11 +171,6 @@ class Trainer:
                      rows, length, sorted(self._shapes))
         return pad_rows(batch, rows)
 
-    def _next_batch(self) -> tuple[dict, dict]:
-        """(the data position before it, the next step's packed batch)."""
-        data_state = self.batches.get_state()
-        return data_state, self.packed(next(self.batches))
-
     def _row_bounds(self) -> tuple[int, int]:
         """(multiple, most) of a host's rows: its devices' batch shards, and one text a row."""
         shards = parallel.batch_shards(self.mesh) // jax.process_count()
@@ -211,19 +206,26 @@ class Trainer:
         history = []
         bar = tqdm(total=c.steps, initial=self.step, desc="training", unit="step", disable=not (progress and self.lead))
         try:
-            upcoming = self._next_batch() if self.step < c.steps else None
+            before = self.batches.get_state()  # the data position before the step's batch
+            batch = self.packed(next(self.batches)) if self.step < c.steps else None
             start = time.perf_counter()
-            while upcoming is not None:
-                data_state, batch = upcoming
+            while self.step < c.steps:
                 with jax.set_mesh(self.mesh):  # kernels that need it (splash) find the mesh
                     self.lora, self.opt_state, metrics = self.train_step(
                         self.lora, self.opt_state, self.frozen, self.step, parallel.global_batch(batch, self.mesh))
-                # The device runs the step (dispatch is asynchronous) while the host reads and packs the next.
-                upcoming = self._next_batch() if self.step + 1 < c.steps else None
+                after = self.batches.get_state()
+                # The device runs the step (dispatch is asynchronous) while the host reads and packs the
+                # next batch; an error there is raised once this step is logged (and saved, when due).
+                upcoming, failed = None, None
+                if self.step + 1 < c.steps:
+                    try:
+                        upcoming = self.packed(next(self.batches))
+                    except Exception as error:  # raised below, after this step's bookkeeping
+                        failed = error
                 metrics = {k: float(v) for k, v in metrics.items()}
                 seconds, start = time.perf_counter() - start, time.perf_counter()
                 if not math.isfinite(metrics["loss"]):
-                    self._stop_diverged(metrics["loss"], data_state)
+                    self._stop_diverged(metrics["loss"], before)
                 self.step += 1
                 record = {"step": self.step, **metrics, "tokens_per_s": batch_tokens(batch) / seconds,
                           "seconds": seconds}
@@ -233,8 +235,10 @@ class Trainer:
                 bar.set_postfix(loss=f"{metrics['loss']:.4f}", acc=f"{metrics['accuracy']:.2f}")
                 bar.update()
                 if self.step % c.checkpoint_every == 0 or self.step == c.steps:
-                    # the data position after this step's batch: the next one is already read
-                    self.save(self.step, upcoming[0] if upcoming else self.batches.get_state())
+                    self.save(self.step, after)
+                if failed is not None:
+                    raise failed
+                before, batch = after, upcoming
         finally:
             bar.close()
             metrics_log.close()
