@@ -434,21 +434,29 @@ def test_missing_model_path_is_explained(tmp_path, capsys):
     assert "config.model.path is empty" in capsys.readouterr().err
 
 
-def test_the_step_compiles_once_per_shape_and_keeps_placements(tmp_path):
-    """Packed, a step's rows vary with its texts: one program per (rows, length) met, and fewer rows
-    than one text a row, which compiles once."""
+def _tiny_config(model, data, **train):
+    """configs/tiny.py for `model` and `data`, with train.* overrides."""
     import importlib.util
-
-    from diffemb_jax.training.trainer import Trainer
 
     spec = importlib.util.spec_from_file_location("tiny_cfg", Path(__file__).parent.parent / "configs" / "tiny.py")
     tiny_cfg = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(tiny_cfg)
+    config = tiny_cfg.get_config()
+    config.model.path, config.data.files = str(model), (str(data),)
+    config.train.update(train)
+    return config
+
+
+def test_the_step_compiles_once_per_shape_and_keeps_placements(tmp_path):
+    """Packed, a step's rows vary with its texts: one program per (rows, length) met, and fewer rows
+    than one text a row, which compiles once."""
+    from diffemb_jax.training.trainer import Trainer
+
     model, data = tiny_setup(tmp_path)
     rows = {}
     for pack in (True, False):
-        config = tiny_cfg.get_config()
-        config.model.path, config.data.files, config.train.steps, config.data.pack = str(model), (str(data),), 3, pack
+        config = _tiny_config(model, data, steps=3)
+        config.data.pack = pack
         trainer = Trainer(config, tmp_path / f"run-{pack}")
         before = jax.tree.map(lambda x: x.sharding, trainer.lora)
         packed, rows[pack] = trainer.packed, []
@@ -466,17 +474,9 @@ def test_the_step_compiles_once_per_shape_and_keeps_placements(tmp_path):
 def test_the_next_batch_is_packed_while_the_step_runs(tmp_path):
     """The host reads and packs step n+1's batch after dispatching step n and before waiting for its
     metrics, so the device is not left idle meanwhile."""
-    import importlib.util
-
     from diffemb_jax.training.trainer import Trainer
 
-    spec = importlib.util.spec_from_file_location("tiny_cfg", Path(__file__).parent.parent / "configs" / "tiny.py")
-    tiny_cfg = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(tiny_cfg)
-    model, data = tiny_setup(tmp_path)
-    config = tiny_cfg.get_config()
-    config.model.path, config.data.files, config.train.steps = str(model), (str(data),), 3
-    trainer = Trainer(config, tmp_path / "run")
+    trainer = Trainer(_tiny_config(*tiny_setup(tmp_path), steps=3), tmp_path / "run")
     events, packed, step = [], trainer.packed, trainer.train_step
 
     class Fetched:  # a metric that notes when the loop waits for it
@@ -519,17 +519,9 @@ def test_a_second_run_loads_the_train_step_from_the_compilation_cache(tmp_path):
 
 
 def test_an_error_reading_the_next_batch_comes_after_the_step_is_logged_and_saved(tmp_path):
-    import importlib.util
-
     from diffemb_jax.training.trainer import Trainer
 
-    spec = importlib.util.spec_from_file_location("tiny_cfg", Path(__file__).parent.parent / "configs" / "tiny.py")
-    tiny_cfg = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(tiny_cfg)
-    model, data = tiny_setup(tmp_path)
-    config = tiny_cfg.get_config()
-    config.model.path, config.data.files, config.train.steps = str(model), (str(data),), 4
-    config.train.checkpoint_every, config.train.log_every = 2, 1
+    config = _tiny_config(*tiny_setup(tmp_path), steps=4, checkpoint_every=2, log_every=1)
     trainer = Trainer(config, tmp_path / "run")
     packed, calls = trainer.packed, []
 
