@@ -34,7 +34,9 @@ Needle lengths), batch 1, each length in a child process of its own (so its peak
 own), shortest first: the largest length that fits and its time. A run that runs out of memory says
 so, and the longer ones of that framework are not tried; nor is a length whose time (or, on the CPU,
 whose peak RSS against the memory available) would pass --time-limit seconds, predicted from the two
-lengths before it with growth at most quadratic in length.
+lengths before it with growth at most quadratic in length. `long --compile-only` answers the same
+question in seconds: JAX alone compiles the encoder from the shape (no weights made or read, nothing
+run) and reports XLA's memory analysis a length (long_plan).
 
 --model benches a checkpoint; --shape a named model shape (SHAPES) at random weights, seeded, written
 once to the cache ($DIFFEMB_CACHE, else ~/.cache/diffemb-jax, under bench/) and reused, with the
@@ -275,6 +277,7 @@ SHAPES = {
 
 
 LONGEST = 32768  # the longest LongEmbed context: what the named shapes must read
+DEFAULT_SHAPE = "smollm2-135m"  # the bundled model's
 
 
 def shape_tokenizer(path: str | Path | None, shape: str):
@@ -738,8 +741,11 @@ def _spawn(key: str, framework: str, job: dict, job_path: Path, env: dict) -> di
 def _command(args) -> str:
     parts = ["diffemb", "bench", args.what]
     for name in ("model", "shape", "tokenizer") + KINDS[args.what].flags + ("dtype", "peak_tflops", "json"):
-        if getattr(args, name) is not None:
-            parts += ["--" + name.replace("_", "-"), str(getattr(args, name))]
+        value = getattr(args, name)
+        if value is True:
+            parts.append("--" + name.replace("_", "-"))
+        elif value not in (None, False):
+            parts += ["--" + name.replace("_", "-"), str(value)]
     if not args.vs_torch:
         parts.append("--no-vs-torch")
     return " ".join(parts)
@@ -788,6 +794,9 @@ def _check_args(args) -> None:
                                       "(or --no-vs-torch)")
     if args.peak_tflops is not None and not args.peak_tflops > 0:
         raise ValueError(f"--peak-tflops must be positive, got {args.peak_tflops}")
+    if args.compile_only and (args.model or args.tokenizer):
+        raise ValueError("diffemb bench long --compile-only compiles a --shape's encoder from its shape alone: "
+                         "it takes no --model or --tokenizer")
     if args.model and args.shape:
         raise ValueError("diffemb bench: --model and --shape exclude each other (--shape benches random weights)")
     if args.tokenizer and not args.shape:
@@ -1106,6 +1115,62 @@ def _long_summary(results: dict) -> tuple[dict, list[str]]:
     return {"longest": longest, "tokens_per_s_ratio_by_length": ratios, "max_abs_diff_by_length": diffs}, lines
 
 
+def _device_memory() -> tuple[str, float | None]:
+    """(the device, the bytes it can hold): the accelerator's allocator limit, or on the CPU the memory
+    available now."""
+    import jax
+
+    device = jax.devices()[0]
+    if jax.default_backend() == "cpu":
+        return "cpu", _available_memory_mb() * 2**20
+    return device.device_kind, (device.memory_stats() or {}).get("bytes_limit")
+
+
+def long_plan(args) -> dict:
+    """--compile-only: JAX alone compiles the encoder for one document of each length, from the
+    shape alone (no weights are made or read, nothing runs), and reports XLA's memory analysis:
+    whether each length fits the device, in seconds a length."""
+    import jax.numpy as jnp
+    from flax import nnx
+
+    from diffemb_jax.embedding import Embedder
+    from diffemb_jax.model import Decoder
+    from diffemb_jax.model.config import config_from_hf
+
+    shape = args.shape or DEFAULT_SHAPE
+    model_type, fields = SHAPES[shape]
+    cfg = config_from_hf({"model_type": model_type, **fields, "max_position_embeddings": LONGEST})
+    dtype = jnp.dtype(args.dtype)
+    model = nnx.eval_shape(lambda: Decoder(cfg, rngs=nnx.Rngs(0), dtype=dtype, param_dtype=dtype))
+    model.kernel = "auto"  # as `diffemb encode` runs: cuDNN on a GPU, splash on a TPU
+    lengths = lengths_of(args.lengths)
+    embedder = Embedder(model, None, max_length=lengths[-1], batch_size=1, max_batch_tokens=None, pack_length=0)
+    device, limit = _device_memory()
+    settings = {"shape": shape, "dtype": args.dtype, "lengths": lengths, "device": device, "device_bytes": limit}
+    print(f"command: {_command(args)}\nsettings: {json.dumps(settings)}", flush=True)
+    results = {}
+    for length in lengths:
+        start = time.perf_counter()
+        stats = embedder.compiled_for(length).memory_analysis()
+        total = stats.argument_size_in_bytes + stats.temp_size_in_bytes + stats.output_size_in_bytes
+        results[f"JAX {length}"] = {
+            "device": device, "length": length, "compile_seconds": time.perf_counter() - start,
+            "arguments_gib": stats.argument_size_in_bytes / 2**30, "temporaries_gib": stats.temp_size_in_bytes / 2**30,
+            "total_gib": total / 2**30, "fits": "?" if limit is None else ("yes" if total <= limit else "no")}
+    fitting = [r["length"] for r in results.values() if r["fits"] == "yes"]
+    report = {"command": _command(args), "settings": settings, "results": results,
+              "longest_fitting": max(fitting, default=None) if limit is not None else None}
+    columns = (("device", "{device}"), ("weights + inputs GiB", "{arguments_gib:.2f}"),
+               ("temporaries GiB", "{temporaries_gib:.2f}"), ("total GiB", "{total_gib:.2f}"),
+               ("fits", "{fits}"), ("compile s", "{compile_seconds:.1f}"))
+    print("\n" + _table(results, columns) + "\n")
+    print("XLA's memory analysis of the compiled encoder, one document a length; the device holds "
+          + ("an unknown amount" if limit is None else f"{limit / 2**30:.1f} GiB")
+          + (". On the CPU, XLA converts bfloat16 weights to float32 for its matmuls: the temporaries hold "
+             "those copies too" if device == "cpu" and args.dtype == "bfloat16" else "") + ".")
+    return report
+
+
 @dataclasses.dataclass(frozen=True)
 class Kind:
     """One thing to bench: its flags, the job the parent builds, the workers' work, the report."""
@@ -1147,7 +1212,7 @@ KINDS = {
                  ("cores used", "{cores_used:.2f}"), ("load 1 min", "{load_average_1m:.2f}"),
                  ("first loss", "{first_loss:.6f}"), ("last loss", "{last_loss:.6f}"))),
     "long": Kind(
-        flags=("lengths", "time_limit"), positive=("time_limit",),
+        flags=("lengths", "time_limit", "compile_only"), positive=("time_limit",),
         prepare=_long_job, runs=_long_runs, work=_long_worker, summarize=_long_summary, flops=_long_flops,
         skip=_long_skip,
         columns=(("device", "{device}"), ("length", "{length}"), ("tokens", "{tokens}"), ("status", "{status}"),
@@ -1165,6 +1230,12 @@ def main(args) -> dict:
 
     kind = KINDS[args.what]
     _check_args(args)
+    if args.compile_only:
+        report = long_plan(args)
+        if args.json:
+            write_json_atomic(Path(args.json), report)
+            print(f"wrote {args.json}")
+        return report
     with tempfile.TemporaryDirectory(prefix="diffemb-bench-") as tmp, _parent_preallocation_off() as worker_env:
         if args.shape:
             model = random_checkpoint(args.shape, Path(tmp) / args.shape, args.dtype,

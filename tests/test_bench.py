@@ -423,3 +423,30 @@ def test_out_of_memory_is_told_from_other_errors():
 def test_bench_long_rejects_bad_lengths(lengths, capsys):
     assert cli.main(["bench", "long", "--lengths", lengths]) == 2
     assert "--lengths" in capsys.readouterr().err
+
+
+def test_bench_long_compile_only_plans_from_the_shape_alone(tmp_path, monkeypatch):
+    """No weights are written or read: the parameters XLA counts are the transformers model's own,
+    and the temporaries grow with the document."""
+    import transformers
+
+    from diffemb_jax import bench
+
+    monkeypatch.setattr(bench, "random_weights", lambda *a: pytest.fail("--compile-only wrote weights"))
+    out = tmp_path / "plan.json"
+    assert cli.main(["bench", "long", "--compile-only", "--shape", "tiny", "--lengths", "256,4096",
+                     "--json", str(out)]) == 0
+    report = json.loads(out.read_text())
+    small, large = (report["results"][f"JAX {n}"] for n in (256, 4096))
+    model_type, fields = bench.SHAPES["tiny"]
+    weights = transformers.AutoModel.from_config(transformers.AutoConfig.for_model(model_type, **fields)).num_parameters()
+    for result in (small, large):  # float32 weights, and the [1, length] int32 inputs the program reads
+        assert 0 < result["arguments_gib"] * 2**30 - weights * 4 <= 3 * 4 * result["length"]
+        assert result["fits"] == "yes" and result["compile_seconds"] > 0
+    assert large["temporaries_gib"] > small["temporaries_gib"] > 0
+    assert report["longest_fitting"] == 4096
+
+
+def test_bench_long_compile_only_takes_a_shape_not_a_model(capsys):
+    assert cli.main(["bench", "long", "--compile-only", "--model", "somewhere"]) == 2
+    assert "--compile-only" in capsys.readouterr().err

@@ -18,6 +18,7 @@ On a mesh, parameters are sharded by their logical axes and every batch is split
 
 from __future__ import annotations
 
+import contextlib
 import logging
 from pathlib import Path
 
@@ -149,6 +150,15 @@ class Embedder:
             model = merged_from_peft(model, adapter)
         model.attention, model.kernel = attention, kernel
         return cls(model, tokenizer, mesh=mesh, **kwargs)
+
+    def compiled_for(self, length: int, rows: int = 1):
+        """The program that embeds `rows` rows of `length` tokens, one text a row: compiled, not run,
+        and from shapes alone (the model may be abstract, nnx.eval_shape's), so its memory_analysis()
+        says what such a batch needs before any weights are read."""
+        tokens = jax.ShapeDtypeStruct((rows, length), np.int32,
+                                      sharding=None if self.mesh is None else parallel.batch_sharding(self.mesh))
+        with contextlib.nullcontext() if self.mesh is None else jax.set_mesh(self.mesh):
+            return self._embed.lower(self._state, tokens, tokens, tokens, 1).compile()
 
     def _dispatch(self, batch, texts_per_row: int):
         """Start the batch on the device and return at once (JAX dispatches asynchronously)."""
