@@ -744,7 +744,7 @@ def _command(args) -> str:
         value = getattr(args, name)
         if value is True:
             parts.append("--" + name.replace("_", "-"))
-        elif value not in (None, False):
+        elif value is not None and value is not False:  # (0 == False: --pack-length 0 is kept)
             parts += ["--" + name.replace("_", "-"), str(value)]
     if not args.vs_torch:
         parts.append("--no-vs-torch")

@@ -450,3 +450,12 @@ def test_bench_long_compile_only_plans_from_the_shape_alone(tmp_path, monkeypatc
 def test_bench_long_compile_only_takes_a_shape_not_a_model(capsys):
     assert cli.main(["bench", "long", "--compile-only", "--model", "somewhere"]) == 2
     assert "--compile-only" in capsys.readouterr().err
+
+
+def test_the_command_echo_keeps_zeros_and_bare_flags():
+    from diffemb_jax import bench
+
+    args = cli.build_parser().parse_args(["bench", "encode", "--pack-length", "0"])
+    assert "--pack-length 0" in bench._command(args) and "--compile-only" not in bench._command(args)
+    args = cli.build_parser().parse_args(["bench", "long", "--compile-only"])
+    assert bench._command(args).split().count("--compile-only") == 1 and "True" not in bench._command(args)

@@ -223,7 +223,8 @@ class Trainer:
                     except Exception as error:  # raised below, after this step's bookkeeping
                         failed = error
                 metrics = {k: float(v) for k, v in metrics.items()}
-                seconds, start = time.perf_counter() - start, time.perf_counter()
+                now = time.perf_counter()
+                seconds, start = now - start, now
                 if not math.isfinite(metrics["loss"]):
                     self._stop_diverged(metrics["loss"], before)
                 self.step += 1
