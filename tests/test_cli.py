@@ -111,19 +111,23 @@ def test_a_second_encode_loads_its_programs_from_the_compilation_cache(model_dir
                JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS="0")  # tiny programs compile in well under 1 s
     runs = [_cli_process("encode", "--model", model_dir, "--input", source, "--output", tmp_path / f"{i}.npy",
                          "--batch-size", "4", env=env) for i in range(2)]
-    entries = list((tmp_path / "cache" / "xla").glob("jit_embed-*"))
+    entries = list((tmp_path / "cache" / "xla").glob("*/jit_embed-*"))
     assert entries, "the first call wrote no compiled encoder"
     hits = [run.stderr.count("Persistent compilation cache hit for 'jit_embed'") for run in runs]
     assert hits[0] == 0 and hits[1] >= len(entries), (hits, entries)
     np.testing.assert_array_equal(np.load(tmp_path / "0.npy"), np.load(tmp_path / "1.npy"))
 
 
-@pytest.mark.parametrize("setting, where", [({}, "cache/xla"), ({"JAX_COMPILATION_CACHE_DIR": "mine"}, "mine"),
+@pytest.mark.parametrize("setting, where", [({}, "cache/xla/HOST"), ({"JAX_COMPILATION_CACHE_DIR": "mine"}, "mine"),
                                             ({"JAX_ENABLE_COMPILATION_CACHE": "false"}, "None")])
 def test_jax_settings_of_the_compilation_cache_win(tmp_path, setting, where):
+    from diffemb_jax.cache import host_cpu
+
     env = {k: v for k, v in os.environ.items() if not k.startswith(("JAX_", "XLA_"))}
     env.update(DIFFEMB_CACHE=str(tmp_path / "cache"), JAX_PLATFORMS="cpu", **setting)
-    code = "from diffemb_jax.cache import use_compilation_cache as u; print(u())"
+    code = ("import jax; from diffemb_jax.cache import use_compilation_cache as u; print(u()); "
+            "print(jax._src.xla_bridge.backends_are_initialized())")
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120, env=env,
-                         cwd=tmp_path, check=True).stdout.split()[-1]
-    assert out == (where if where in ("None", "mine") else str(tmp_path / where))
+                         cwd=tmp_path, check=True).stdout.split()
+    assert out[-2] == (where if where in ("None", "mine") else str(tmp_path / where.replace("HOST", host_cpu())))
+    assert out[-1] == "False"  # no backend started: a multi-host run initialises the distributed runtime later
