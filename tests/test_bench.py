@@ -439,7 +439,8 @@ def test_bench_long_compile_only_plans_from_the_shape_alone(tmp_path, monkeypatc
     report = json.loads(out.read_text())
     small, large = (report["results"][f"JAX {n}"] for n in (256, 4096))
     model_type, fields = bench.SHAPES["tiny"]
-    weights = transformers.AutoModel.from_config(transformers.AutoConfig.for_model(model_type, **fields)).num_parameters()
+    config = transformers.AutoConfig.for_model(model_type, **fields)
+    weights = transformers.AutoModel.from_config(config).num_parameters()
     for result in (small, large):  # float32 weights, and the [1, length] int32 inputs the program reads
         assert 0 < result["arguments_gib"] * 2**30 - weights * 4 <= 3 * 4 * result["length"]
         assert result["fits"] == "yes" and result["compile_seconds"] > 0
