@@ -98,13 +98,17 @@ def save_converted(model: Decoder, tok: tokenizers.Tokenizer, out: Path, *, sour
     return out
 
 
-def load_converted(path: Path, *, dtype=jnp.float32, param_dtype=jnp.float32,
-                   sharding_for: ShardingFn = single_device):
+def _converted_config(path: Path) -> ModelConfig:
     meta = json.loads((path / CONVERTED_MARKER).read_text())
     if meta.get("format_version") != FORMAT_VERSION:
         raise CheckpointError(f"{path}: converted with format {meta.get('format_version')}, "
                               f"this version reads {FORMAT_VERSION}; convert the model again")
-    cfg = ModelConfig(**meta["config"])
+    return ModelConfig(**meta["config"])
+
+
+def load_converted(path: Path, *, dtype=jnp.float32, param_dtype=jnp.float32,
+                   sharding_for: ShardingFn = single_device):
+    cfg = _converted_config(path)
     graphdef, state = nnx.split(abstract_decoder(cfg, dtype=dtype, param_dtype=param_dtype))
     flat = dict(nnx.to_flat_state(state))
     target = state.to_pure_dict()
@@ -117,6 +121,16 @@ def load_converted(path: Path, *, dtype=jnp.float32, param_dtype=jnp.float32,
     nnx.replace_by_pure_dict(state, restored)
     tok = _clean(tokenizers.Tokenizer.from_file(str(path / "tokenizer.json")))
     return nnx.merge(graphdef, state), tok
+
+
+def model_config(path: str | Path) -> ModelConfig:
+    """The ModelConfig of a converted directory, an HF directory or a .gguf file; no weights are read."""
+    path = Path(path)
+    if is_converted(path):
+        return _converted_config(path)
+    if path.is_dir() and (path / "config.json").exists():
+        return config_from_hf_file(path / "config.json")
+    return open_source(path)[0]  # a .gguf's header, or open_source's error
 
 
 def load_model(path: str | Path, *, dtype: str = "float32", sharding_for: ShardingFn = single_device,

@@ -199,13 +199,16 @@ def _train(argv: list[str]) -> None:
 
 
 def _plan(argv: list[str]) -> None:
-    """Per-device memory of the config's train step on its mesh, from XLA's compiled memory analysis."""
+    """Per-device memory of the config's train step on its mesh, from XLA's compiled memory analysis
+    (from shapes: no weights or data are read)."""
     from diffemb_jax import parallel
-    from diffemb_jax.training.trainer import Trainer
+    from diffemb_jax.training.plan import memory_plan
+    from diffemb_jax.training.trainer import check_config
 
-    config, workdir = _training_flags("plan", argv)
+    config, _ = _training_flags("plan", argv)
     parallel.initialize_distributed()
-    plan = Trainer(config, workdir).memory_plan()
+    check_config(config, data=False)
+    plan = memory_plan(config)
     print(f"per-device memory of one train step, mesh {dict(config.mesh)} "
           f"(global batch {config.train.global_batch_size}):")
     print("| part | MiB |\n|---|---:|")

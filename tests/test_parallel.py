@@ -169,7 +169,13 @@ PLAN = textwrap.dedent("""
     import json, sys
     sys.path.insert(0, "tests")
     import importlib.util
-    from diffemb_jax.training.trainer import Trainer
+    import jax
+    import jax.numpy as jnp
+    from flax import nnx
+    from diffemb_jax import parallel
+    from diffemb_jax.training.packing import STEP_KEYS, step_rows
+    from diffemb_jax.training.plan import memory_plan, step_state
+    from diffemb_jax.training.trainer import Trainer, row_bounds
     spec = importlib.util.spec_from_file_location("tiny_cfg", "configs/tiny.py")
     tiny_cfg = importlib.util.module_from_spec(spec); spec.loader.exec_module(tiny_cfg)
     model, data, out = sys.argv[1:4]
@@ -178,15 +184,38 @@ PLAN = textwrap.dedent("""
         c = tiny_cfg.get_config()
         c.model.path, c.data.files = model, (data,)
         c.mesh.data, c.mesh.fsdp, c.mesh.tensor = 8 // fsdp, fsdp, 1
-        plans[fsdp] = Trainer(c, f"{out}/plan-{fsdp}").memory_plan()
-    json.dump(plans, open(f"{out}/plans.json", "w"))
+        plans[fsdp] = memory_plan(c)
+    # The plan's abstract arrays sit where a real Trainer (weights loaded, qwix's adapters) puts them, and
+    # its compiled step is the Trainer's own at the same batch.
+    c.mesh.data, c.mesh.fsdp, c.mesh.tensor = 2, 2, 2
+    trainer = Trainer(c, f"{out}/run")
+    _, lora, frozen = step_state(c, trainer.mesh)
+    def placed(state):
+        return {p: (v.shape, str(v.dtype), v.sharding.spec) for p, v in nnx.to_flat_state(state)}
+    def differ(a, b):
+        return sorted(str(p) for p in set(a) | set(b) if a.get(p) != b.get(p))
+    multiple, most = row_bounds(c, trainer.mesh)
+    rows = jax.ShapeDtypeStruct((step_rows(most, multiple, most), 24), jnp.int32,
+                                sharding=parallel.batch_sharding(trainer.mesh))
+    stats = trainer.train_step.lower(trainer.lora, trainer.opt_state, trainer.frozen, 0,
+                                     dict.fromkeys(STEP_KEYS, rows)).compile().memory_analysis()
+    json.dump({"plans": plans, "plan_222": memory_plan(c),
+               "lora_differs": differ(placed(lora), placed(trainer.lora)),
+               "frozen_differs": differ(placed(frozen), placed(trainer.frozen)),
+               "lora_specs": sorted({str(v[2]) for v in placed(trainer.lora).values()}),
+               "trainer": {"arguments": stats.argument_size_in_bytes, "temporaries": stats.temp_size_in_bytes}},
+              open(f"{out}/plans.json", "w"))
 """)
 
 
 def test_compiled_memory_falls_with_fsdp(tmp_path):
     model, data = tiny_setup(tmp_path)
     _run(PLAN, model, data, tmp_path, devices=8)
-    plans = {int(k): v for k, v in json.loads((tmp_path / "plans.json").read_text()).items()}
+    result = json.loads((tmp_path / "plans.json").read_text())
+    assert result["lora_differs"] == [] and result["frozen_differs"] == []
+    assert len(result["lora_specs"]) > 1  # the adapters are not all replicated: the comparison has teeth
+    assert {k: result["plan_222"][k] for k in result["trainer"]} == result["trainer"]
+    plans = {int(k): v for k, v in result["plans"].items()}
     for n in (2, 4, 8):
         # about 1/n: the embedding (vocab 97) shards by its embed axis; norm scales and q/k/v biases stay whole
         assert plans[n]["frozen_params"] == pytest.approx(plans[1]["frozen_params"] / n, rel=0.1)

@@ -536,3 +536,19 @@ def test_an_error_reading_the_next_batch_comes_after_the_step_is_logged_and_save
         trainer.run(progress=False)
     assert list(_losses(tmp_path / "run")) == [1, 2]  # step 2 ran while batch 3 was being read
     assert ocp.CheckpointManager((tmp_path / "run" / "checkpoints").absolute()).latest_step() == 2
+
+
+def test_plan_reads_neither_weights_nor_data(tmp_path, monkeypatch, capsys):
+    """`diffemb plan` builds the step from the model's config: no weight is loaded, no data file is needed."""
+    import conversion.checkpoint
+
+    model, _ = tiny_setup(tmp_path)
+    for name in ("load_decoder", "load_converted"):
+        monkeypatch.setattr(conversion.checkpoint, name, lambda *a, **k: pytest.fail("plan read weights"))
+    config = Path(__file__).parent.parent / "configs" / "tiny.py"
+    assert cli(["plan", f"--config={config}", f"--workdir={tmp_path / 'run'}", f"--config.model.path={model}"]) == 0
+    table = capsys.readouterr().out
+    sizes = {line.split("|")[1].strip(): float(line.split("|")[2]) for line in table.splitlines()
+             if line.startswith("| ") and not line.startswith("| part")}
+    assert set(sizes) >= {"frozen_params", "lora_params", "optimizer_state", "arguments", "temporaries"}
+    assert sizes["frozen_params"] > 0 and sizes["temporaries"] > 0  # MiB, to 0.1: the adapters show 0.0

@@ -21,7 +21,6 @@ import time
 from pathlib import Path
 
 import jax
-import jax.numpy as jnp
 import ml_collections
 import orbax.checkpoint as ocp
 from flax import nnx
@@ -31,7 +30,7 @@ from tqdm.auto import tqdm
 from diffemb_jax import parallel
 from diffemb_jax.training.data import TrainBatches, build_dataset
 from diffemb_jax.training.lora import LoraConfig, apply_lora
-from diffemb_jax.training.packing import STEP_KEYS, pack_step, pad_rows, row_length, step_rows
+from diffemb_jax.training.packing import pack_step, pad_rows, row_length, step_rows
 from diffemb_jax.training.step import StepConfig, batch_tokens, make_optimizer, make_train_step, split_model
 
 log = logging.getLogger(__name__)
@@ -54,18 +53,41 @@ def step_config(config) -> StepConfig:
                       seed=config.train.seed, packed=config.data.pack)
 
 
-def check_config(config) -> None:
+def row_bounds(config, mesh) -> tuple[int, int]:
+    """(multiple, most) of a host's rows a step: its devices' batch shards, and one text a row."""
+    shards = parallel.batch_shards(mesh) // jax.process_count()
+    return max(shards, 1), step_config(config).num_texts // jax.process_count()
+
+
+def optimizer_and_step(config, graphdef, lora, mesh):
+    """(tx, lora, opt_state, train_step): the adapters and their optimizer state placed on the mesh,
+    and the step compiled to keep them there."""
+    tx, schedule = make_optimizer(config.train.lr, config.train.warmup_steps, config.train.steps,
+                                  config.train.grad_clip, config.train.weight_decay)
+    opt_state = tx.init(lora)  # eager: zeros_like keeps each parameter's sharding
+    replicated = NamedSharding(mesh, P())
+    placement = jax.tree.map(lambda x: x.sharding if isinstance(x.sharding, NamedSharding) else replicated,
+                             (lora, opt_state))
+    lora, opt_state = jax.device_put((lora, opt_state), placement)
+    train_step = make_train_step(graphdef, tx, schedule, step_config(config), out_shardings=(*placement, replicated))
+    return tx, lora, opt_state, train_step
+
+
+def check_config(config, *, data: bool = True) -> None:
+    """Errors a run would meet later, at once; `data=False` (the plan) leaves the data files unchecked."""
     if not config.model.path:
         raise ValueError("config.model.path is empty: set --config.model.path=MODEL (converted dir, HF dir or .gguf)")
+    data_shards, fsdp, _ = parallel.mesh_shape(**config.mesh)
+    if config.train.global_batch_size % (data_shards * fsdp):
+        raise ValueError(f"train.global_batch_size={config.train.global_batch_size} is not divisible by the "
+                         f"{data_shards * fsdp} batch shards of mesh {dict(config.mesh)}")
+    if not data:
+        return
     if not [f for f in config.data.files if f]:
         raise ValueError("config.data.files is empty: set --config.data.files=train.jsonl (repeat for more files)")
     for f in config.data.files:
         if not Path(f).is_file():
             raise FileNotFoundError(f"config.data.files: {f} does not exist")
-    data, fsdp, _ = parallel.mesh_shape(**config.mesh)
-    if config.train.global_batch_size % (data * fsdp):
-        raise ValueError(f"train.global_batch_size={config.train.global_batch_size} is not divisible by the "
-                         f"{data * fsdp} batch shards of mesh {dict(config.mesh)}")
 
 
 class MetricsLog:
@@ -120,15 +142,8 @@ class Trainer:
         model.attention, model.remat, model.kernel = config.model.attention, config.train.remat, config.model.kernel
         self.model = apply_lora(model, lora_config(config), seed=config.train.seed)  # adapters follow base shardings
         self.graphdef, self.lora, self.frozen = split_model(self.model)
-        self.tx, schedule = make_optimizer(config.train.lr, config.train.warmup_steps, config.train.steps,
-                                           config.train.grad_clip, config.train.weight_decay)
-        self.opt_state = self.tx.init(self.lora)  # eager: zeros_like keeps each parameter's sharding
-        replicated = NamedSharding(self.mesh, P())
-        placement = jax.tree.map(lambda x: x.sharding if isinstance(x.sharding, NamedSharding) else replicated,
-                                 (self.lora, self.opt_state))
-        self.lora, self.opt_state = jax.device_put((self.lora, self.opt_state), placement)
-        self.train_step = make_train_step(self.graphdef, self.tx, schedule, step_config(config),
-                                          out_shardings=(*placement, replicated))
+        self.tx, self.lora, self.opt_state, self.train_step = optimizer_and_step(config, self.graphdef, self.lora,
+                                                                               self.mesh)
         self.batches = self._batches()
         self.checkpoints = ocp.CheckpointManager(
             (self.workdir / "checkpoints").absolute(),
@@ -164,17 +179,12 @@ class Trainer:
         length = parallel.max_over_processes(row_length(sides, c.data.pack))
         batch = pack_step(sides, global_batch_size=c.train.global_batch_size, num_negatives=c.data.num_negatives,
                           process_index=jax.process_index(), pack=c.data.pack, length=length)
-        rows = step_rows(parallel.max_over_processes(len(batch["input_ids"])), *self._row_bounds())
+        rows = step_rows(parallel.max_over_processes(len(batch["input_ids"])), *row_bounds(c, self.mesh))
         if (rows, length) not in self._shapes:
             self._shapes.add((rows, length))
             log.info("a step of %d rows of %d tokens a host: the train step compiles for it (shapes so far: %s)",
                      rows, length, sorted(self._shapes))
         return pad_rows(batch, rows)
-
-    def _row_bounds(self) -> tuple[int, int]:
-        """(multiple, most) of a host's rows: its devices' batch shards, and one text a row."""
-        shards = parallel.batch_shards(self.mesh) // jax.process_count()
-        return max(shards, 1), step_config(self.config).num_texts // jax.process_count()
 
     # ------------------------------------------------------------------ checkpoints
 
@@ -267,26 +277,6 @@ class Trainer:
                               base_model_name_or_path=str(self.config.model.path))
             log.info("wrote the trained LoRA as a PEFT adapter to %s", out)
         return out
-
-    def memory_plan(self) -> dict[str, int]:
-        """Per-device bytes of the compiled train step (XLA's memory analysis) and of the parameters, at
-        the step's largest batch: every text a row, the row count no packing exceeds."""
-        c, (multiple, most) = self.config, self._row_bounds()
-        length = max(c.data.query_max_length, c.data.doc_max_length)
-        shape = (step_rows(most, multiple, most) * jax.process_count(), length)
-        rows = jax.ShapeDtypeStruct(shape, jnp.int32, sharding=parallel.batch_sharding(self.mesh))
-        batch = dict.fromkeys(STEP_KEYS, rows)
-        compiled = self.train_step.lower(self.lora, self.opt_state, self.frozen, 0, batch).compile()
-        stats = compiled.memory_analysis()
-
-        def per_device(tree) -> int:
-            return sum(x.addressable_shards[0].data.nbytes for x in jax.tree.leaves(tree))
-
-        return {"frozen_params": per_device(self.frozen), "lora_params": per_device(self.lora),
-                "optimizer_state": per_device(self.opt_state),
-                "batch": len(batch) * math.prod(rows.sharding.shard_shape(shape)) * rows.dtype.itemsize,
-                "arguments": stats.argument_size_in_bytes, "temporaries": stats.temp_size_in_bytes,
-                "outputs": stats.output_size_in_bytes}
 
     def _stop_diverged(self, loss: float, data_state: dict) -> None:
         # The step kept the previous parameters; save them with the data position before this batch.
