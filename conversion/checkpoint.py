@@ -19,7 +19,7 @@ import orbax.checkpoint as ocp
 import tokenizers
 from flax import nnx
 
-from conversion.loader import ShardingFn, abstract_decoder, load_decoder, single_device, logical_axes
+from conversion.loader import ShardingFn, abstract_decoder, load_decoder, placed_shapes, single_device
 from conversion.sources import CheckpointError, GGUFSource, open_weights
 from diffemb_jax.model import Decoder, ModelConfig, config_from_hf, config_from_hf_file
 
@@ -110,14 +110,7 @@ def load_converted(path: Path, *, dtype=jnp.float32, param_dtype=jnp.float32,
                    sharding_for: ShardingFn = single_device):
     cfg = _converted_config(path)
     graphdef, state = nnx.split(abstract_decoder(cfg, dtype=dtype, param_dtype=param_dtype))
-    flat = dict(nnx.to_flat_state(state))
-    target = state.to_pure_dict()
-    for p, var in flat.items():
-        node = target
-        for key in p[:-1]:
-            node = node[key]
-        node[p[-1]] = jax.ShapeDtypeStruct(var.shape, var.dtype, sharding=sharding_for(p, logical_axes(var), var.shape))
-    restored = ocp.StandardCheckpointer().restore((path / "params").absolute(), target)
+    restored = ocp.StandardCheckpointer().restore((path / "params").absolute(), placed_shapes(state, sharding_for))
     nnx.replace_by_pure_dict(state, restored)
     tok = _clean(tokenizers.Tokenizer.from_file(str(path / "tokenizer.json")))
     return nnx.merge(graphdef, state), tok

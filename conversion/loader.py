@@ -32,6 +32,18 @@ def logical_axes(variable) -> tuple | None:
     return meta.get("out_sharding") or meta.get("sharding") or meta.get("sharding_names")
 
 
+def placed_shapes(state: nnx.State, sharding_for: ShardingFn) -> dict:
+    """The pure dict of `state` with each leaf a ShapeDtypeStruct where sharding_for puts it."""
+    values = state.to_pure_dict()
+    for path, variable in nnx.to_flat_state(state):
+        node = values
+        for key in path[:-1]:
+            node = node[key]
+        node[path[-1]] = jax.ShapeDtypeStruct(variable.shape, variable.dtype,
+                                              sharding=sharding_for(path, logical_axes(variable), variable.shape))
+    return values
+
+
 def abstract_decoder(cfg: ModelConfig, *, dtype, param_dtype):
     return nnx.eval_shape(lambda: Decoder(cfg, rngs=nnx.Rngs(0), dtype=dtype, param_dtype=param_dtype))
 

@@ -25,22 +25,10 @@ from diffemb_jax.training.lora import apply_lora
 from diffemb_jax.training.packing import STEP_KEYS, step_rows
 
 
-def _placed(state, sharding_of) -> nnx.State:
-    """`state` (abstract) with each leaf a ShapeDtypeStruct placed by sharding_of(path, variable)."""
-    values = state.to_pure_dict()
-    for path, variable in nnx.to_flat_state(state):
-        node = values
-        for key in path[:-1]:
-            node = node[key]
-        node[path[-1]] = jax.ShapeDtypeStruct(variable.shape, variable.dtype, sharding=sharding_of(path, variable))
-    nnx.replace_by_pure_dict(state, values)
-    return state
-
-
 def step_state(config: ml_collections.ConfigDict, mesh: jax.sharding.Mesh):
     """(graphdef, lora, frozen): the train step's model as ShapeDtypeStructs, placed as in training."""
     from conversion import model_config
-    from conversion.loader import logical_axes
+    from conversion.loader import placed_shapes
     from diffemb_jax.training.step import split_model
     from diffemb_jax.training.trainer import lora_config
 
@@ -52,20 +40,16 @@ def step_state(config: ml_collections.ConfigDict, mesh: jax.sharding.Mesh):
         return apply_lora(model, lora_config(config), seed=config.train.seed)
 
     graphdef, lora, frozen = split_model(nnx.eval_shape(build))
-    by_axes = parallel.param_sharding(mesh)
-    bases = dict(nnx.to_flat_state(frozen))
+    nnx.replace_by_pure_dict(frozen, placed_shapes(frozen, parallel.param_sharding(mesh)))
+    kernels = dict(nnx.to_flat_state(frozen))
 
-    def base_spec(path) -> P:
-        base = bases[path]
-        return by_axes(path, logical_axes(base), base.shape).spec
-
-    def adapter(path, variable):  # qwix: A [d_in, r] takes the kernel's input axis, B [r, d_out] its output axis
+    def adapter(path, axes, shape):  # qwix: A [d_in, r] takes the kernel's input axis, B [r, d_out] its output
         name = path[-1]
-        spec = base_spec(path[:-1] + (name.rsplit("_lora_", 1)[0],))
+        spec = kernels[path[:-1] + (name.rsplit("_lora_", 1)[0],)].get_value().sharding.spec
         return NamedSharding(mesh, P(spec[0], None) if name.endswith("_lora_a") else P(None, spec[1]))
 
-    frozen = _placed(frozen, lambda path, variable: by_axes(path, logical_axes(variable), variable.shape))
-    return graphdef, _placed(lora, adapter), frozen
+    nnx.replace_by_pure_dict(lora, placed_shapes(lora, adapter))
+    return graphdef, lora, frozen
 
 
 def memory_plan(config: ml_collections.ConfigDict) -> dict[str, int]:
