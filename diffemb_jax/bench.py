@@ -35,8 +35,8 @@ own), shortest first: the largest length that fits and its time. A run that runs
 so, and the longer ones of that framework are not tried; nor is a length whose time (or, on the CPU,
 whose peak RSS against the memory available) would pass --time-limit seconds, predicted from the two
 lengths before it with growth at most quadratic in length. `long --compile-only` answers the same
-question in seconds: JAX alone compiles the encoder from the shape (no weights made or read, nothing
-run) and reports XLA's memory analysis a length (long_plan).
+question in seconds: JAX alone compiles the encoder from the shape (--shape's, or --model's config;
+no weights made or read, nothing run) and reports XLA's memory analysis a length (long_plan).
 
 --model benches a checkpoint; --shape a named model shape (SHAPES) at random weights, seeded, written
 once to the cache ($DIFFEMB_CACHE, else ~/.cache/diffemb-jax, under bench/) and reused, with the
@@ -794,9 +794,9 @@ def _check_args(args) -> None:
                                       "(or --no-vs-torch)")
     if args.peak_tflops is not None and not args.peak_tflops > 0:
         raise ValueError(f"--peak-tflops must be positive, got {args.peak_tflops}")
-    if args.compile_only and (args.model or args.tokenizer):
-        raise ValueError("diffemb bench long --compile-only compiles a --shape's encoder from its shape alone: "
-                         "it takes no --model or --tokenizer")
+    if args.compile_only and args.tokenizer:
+        raise ValueError("diffemb bench long --compile-only compiles the encoder from the model's shape alone: "
+                         "it takes no --tokenizer")
     if args.model and args.shape:
         raise ValueError("diffemb bench: --model and --shape exclude each other (--shape benches random weights)")
     if args.tokenizer and not args.shape:
@@ -1128,8 +1128,8 @@ def _device_memory() -> tuple[str, float | None]:
 
 def long_plan(args) -> dict:
     """--compile-only: JAX alone compiles the encoder for one document of each length, from the
-    shape alone (no weights are made or read, nothing runs), and reports XLA's memory analysis:
-    whether each length fits the device, in seconds a length."""
+    shape alone (--shape's, or --model's config: no weights are made or read, nothing runs), and
+    reports XLA's memory analysis: whether each length fits the device, in seconds a length."""
     import jax.numpy as jnp
     from flax import nnx
 
@@ -1137,16 +1137,21 @@ def long_plan(args) -> dict:
     from diffemb_jax.model import Decoder
     from diffemb_jax.model.config import config_from_hf
 
-    shape = args.shape or DEFAULT_SHAPE
-    model_type, fields = SHAPES[shape]
-    cfg = config_from_hf({"model_type": model_type, **fields, "max_position_embeddings": LONGEST})
+    from conversion import model_config
+
+    shape = None if args.model else args.shape or DEFAULT_SHAPE
+    if shape is None:
+        cfg = model_config(args.model)  # its config alone
+    else:
+        model_type, fields = SHAPES[shape]
+        cfg = config_from_hf({"model_type": model_type, **fields, "max_position_embeddings": LONGEST})
     dtype = jnp.dtype(args.dtype)
     model = nnx.eval_shape(lambda: Decoder(cfg, rngs=nnx.Rngs(0), dtype=dtype, param_dtype=dtype))
     model.kernel = "auto"  # as `diffemb encode` runs: cuDNN on a GPU, splash on a TPU
     lengths = lengths_of(args.lengths)
     embedder = Embedder(model, None, max_length=lengths[-1], batch_size=1, max_batch_tokens=None, pack_length=0)
     device, limit = _device_memory()
-    settings = {"shape": shape, "dtype": args.dtype, "lengths": lengths, "device": device, "device_bytes": limit}
+    settings = {"model": args.model, "shape": shape, "dtype": args.dtype, "lengths": lengths, "device": device, "device_bytes": limit}
     print(f"command: {_command(args)}\nsettings: {json.dumps(settings)}", flush=True)
     results = {}
     for length in lengths:

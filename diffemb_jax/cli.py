@@ -324,8 +324,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--time-limit", type=float, default=300.0,
                    help="long: do not try a length predicted to take more seconds than this")
     p.add_argument("--compile-only", action="store_true",
-                   help="long: JAX alone compiles the encoder of --shape (default: the bundled model's) for each "
-                   "length, with no weights made or read, and reports XLA's memory analysis: what fits, in seconds")
+                   help="long: JAX alone compiles the encoder of --shape or --model (its config; default: the bundled "
+                   "model's shape) for each length, with no weights made or read, and reports XLA's memory analysis: "
+                   "what fits, in seconds")
     p.add_argument("--model", default=None, help="model to bench (default: the bundled SmolLM2-135M)")
     p.add_argument("--shape", default=None, choices=tuple(SHAPES),
                    help="bench this model shape at random weights instead, written once to the cache and reused "

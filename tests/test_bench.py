@@ -448,9 +448,19 @@ def test_bench_long_compile_only_plans_from_the_shape_alone(tmp_path, monkeypatc
     assert report["longest_fitting"] == 4096
 
 
-def test_bench_long_compile_only_takes_a_shape_not_a_model(capsys):
-    assert cli.main(["bench", "long", "--compile-only", "--model", "somewhere"]) == 2
-    assert "--compile-only" in capsys.readouterr().err
+def test_bench_long_compile_only_reads_a_models_config_not_its_weights(tmp_path, monkeypatch, capsys):
+    import conversion.checkpoint
+
+    from diffemb_jax import bench
+
+    for name in ("load_decoder", "load_converted"):
+        monkeypatch.setattr(conversion.checkpoint, name, lambda *a, **k: pytest.fail("read weights"))
+    model_dir = tiny.write_checkpoint("llama", tmp_path / "llama")
+    args = ["bench", "long", "--compile-only", "--lengths", "64,128"]
+    report = bench.main(cli.build_parser().parse_args([*args, "--model", str(model_dir)]))
+    assert report["settings"]["model"] == str(model_dir) and report["settings"]["shape"] is None
+    assert list(report["results"]) == ["JAX 64", "JAX 128"]
+    assert cli.main([*args, "--tokenizer", "t.json"]) == 2 and "--tokenizer" in capsys.readouterr().err
 
 
 def test_the_command_echo_keeps_zeros_and_bare_flags():
