@@ -1133,11 +1133,10 @@ def long_plan(args) -> dict:
     import jax.numpy as jnp
     from flax import nnx
 
+    from conversion import model_config
     from diffemb_jax.embedding import Embedder
     from diffemb_jax.model import Decoder
     from diffemb_jax.model.config import config_from_hf
-
-    from conversion import model_config
 
     shape = None if args.model else args.shape or DEFAULT_SHAPE
     if shape is None:
@@ -1151,7 +1150,8 @@ def long_plan(args) -> dict:
     lengths = lengths_of(args.lengths)
     embedder = Embedder(model, None, max_length=lengths[-1], batch_size=1, max_batch_tokens=None, pack_length=0)
     device, limit = _device_memory()
-    settings = {"model": args.model, "shape": shape, "dtype": args.dtype, "lengths": lengths, "device": device, "device_bytes": limit}
+    settings = {"model": args.model, "shape": shape, "dtype": args.dtype, "lengths": lengths, "device": device,
+                "device_bytes": limit}
     print(f"command: {_command(args)}\nsettings: {json.dumps(settings)}", flush=True)
     results = {}
     for length in lengths:
@@ -1229,18 +1229,22 @@ KINDS = {
 
 
 def main(args) -> dict:
-    """Bench each run in turn, print the comparison, and return it (also written to --json)."""
-    from diffemb_jax.demo import converted_smollm2
+    """Bench each run in turn (or, --compile-only, plan each length), print the comparison, and return
+    it (also written to --json)."""
     from diffemb_jax.embedding.files import write_json_atomic
 
-    kind = KINDS[args.what]
     _check_args(args)
-    if args.compile_only:
-        report = long_plan(args)
-        if args.json:
-            write_json_atomic(Path(args.json), report)
-            print(f"wrote {args.json}")
-        return report
+    report = long_plan(args) if args.compile_only else _compare(args, KINDS[args.what])
+    if args.json:
+        write_json_atomic(Path(args.json), report)
+        print(f"wrote {args.json}")
+    return report
+
+
+def _compare(args, kind: Kind) -> dict:
+    """Each run of `kind` in a worker of its own, in turn; the table and summary printed; the report."""
+    from diffemb_jax.demo import converted_smollm2
+
     with tempfile.TemporaryDirectory(prefix="diffemb-bench-") as tmp, _parent_preallocation_off() as worker_env:
         if args.shape:
             model = random_checkpoint(args.shape, Path(tmp) / args.shape, args.dtype,
@@ -1279,9 +1283,6 @@ def main(args) -> dict:
               "includes compilation" for key, result in results.items() if result.get("timed_compiles")]
     print("\n" + _table(results, kind.columns) + "\n")
     print("\n".join(lines + flops_lines))
-    if args.json:
-        write_json_atomic(Path(args.json), report)
-        print(f"wrote {args.json}")
     return report
 
 

@@ -13,7 +13,6 @@ an adapted model called without one runs without dropout.
 from __future__ import annotations
 
 import contextlib
-
 import dataclasses
 import functools
 import inspect

@@ -23,14 +23,14 @@ from diffemb_jax import parallel
 from diffemb_jax.model import Decoder
 from diffemb_jax.training.lora import apply_lora
 from diffemb_jax.training.packing import STEP_KEYS, step_rows
+from diffemb_jax.training.step import split_model
+from diffemb_jax.training.trainer import lora_config, optimizer_and_step, row_bounds
 
 
 def step_state(config: ml_collections.ConfigDict, mesh: jax.sharding.Mesh):
     """(graphdef, lora, frozen): the train step's model as ShapeDtypeStructs, placed as in training."""
     from conversion import model_config
     from conversion.loader import placed_shapes
-    from diffemb_jax.training.step import split_model
-    from diffemb_jax.training.trainer import lora_config
 
     cfg, dtype = model_config(config.model.path), jnp.dtype(config.model.dtype)
 
@@ -55,14 +55,12 @@ def step_state(config: ml_collections.ConfigDict, mesh: jax.sharding.Mesh):
 def memory_plan(config: ml_collections.ConfigDict) -> dict[str, int]:
     """Per-device bytes of the compiled train step (XLA's memory analysis) and of its parts, at the
     step's largest batch: every text a row of the longer max length, as many rows as texts."""
-    from diffemb_jax.training.trainer import optimizer_and_step, row_bounds
-
     c = config
     mesh = parallel.make_mesh(**c.mesh)
     graphdef, lora, frozen = step_state(c, mesh)
     # The adapters are small: made (zeros) and placed, their optimizer state follows them as in training.
     lora = jax.tree.map(lambda x: jnp.zeros(x.shape, x.dtype, device=x.sharding), lora)
-    _, lora, opt_state, train_step = optimizer_and_step(c, graphdef, lora, mesh)
+    lora, opt_state, train_step = optimizer_and_step(c, graphdef, lora, mesh)
     multiple, most = row_bounds(c, mesh)
     length = max(c.data.query_max_length, c.data.doc_max_length)
     rows = jax.ShapeDtypeStruct((step_rows(most, multiple, most) * jax.process_count(), length), jnp.int32,

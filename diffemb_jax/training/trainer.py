@@ -60,8 +60,8 @@ def row_bounds(config, mesh) -> tuple[int, int]:
 
 
 def optimizer_and_step(config, graphdef, lora, mesh):
-    """(tx, lora, opt_state, train_step): the adapters and their optimizer state placed on the mesh,
-    and the step compiled to keep them there."""
+    """(lora, opt_state, train_step): the adapters and their optimizer state placed on the mesh, and
+    the step compiled to keep them there."""
     tx, schedule = make_optimizer(config.train.lr, config.train.warmup_steps, config.train.steps,
                                   config.train.grad_clip, config.train.weight_decay)
     opt_state = tx.init(lora)  # eager: zeros_like keeps each parameter's sharding
@@ -70,7 +70,7 @@ def optimizer_and_step(config, graphdef, lora, mesh):
                              (lora, opt_state))
     lora, opt_state = jax.device_put((lora, opt_state), placement)
     train_step = make_train_step(graphdef, tx, schedule, step_config(config), out_shardings=(*placement, replicated))
-    return tx, lora, opt_state, train_step
+    return lora, opt_state, train_step
 
 
 def check_config(config, *, data: bool = True) -> None:
@@ -142,8 +142,7 @@ class Trainer:
         model.attention, model.remat, model.kernel = config.model.attention, config.train.remat, config.model.kernel
         self.model = apply_lora(model, lora_config(config), seed=config.train.seed)  # adapters follow base shardings
         self.graphdef, self.lora, self.frozen = split_model(self.model)
-        self.tx, self.lora, self.opt_state, self.train_step = optimizer_and_step(config, self.graphdef, self.lora,
-                                                                               self.mesh)
+        self.lora, self.opt_state, self.train_step = optimizer_and_step(config, self.graphdef, self.lora, self.mesh)
         self.batches = self._batches()
         self.checkpoints = ocp.CheckpointManager(
             (self.workdir / "checkpoints").absolute(),
