@@ -50,6 +50,11 @@ Devices: JAX runs on its default device; the PyTorch side on CUDA where torch se
 bfloat16 loads bf16 weights there), else on the CPU. A summary line warns when one ran on the CPU and
 the other did not.
 
+--profile DIR: after its timed part, each run profiles one more pass (encode: the texts; train: one
+step; long: the document) into DIR/<run label>: JAX an XProf trace (`xprof --logdir DIR/<run>`, or
+perfetto_trace.json.gz in ui.perfetto.dev), PyTorch a Chrome trace (trace.json) and its operators'
+totals (operators.txt). The timed figures are never the profiler's.
+
 --no-vs-torch runs JAX alone: no ratios, and no torch or peft needed but to write --shape's weights.
 
 Each run (a framework; for train, with its remat setting) is a child process of its own, one after
@@ -551,11 +556,38 @@ def _encode_worker(framework: str, job: dict) -> dict:
     """Load, encode all the texts once untimed (warm-up: every batch shape compiled), then once timed."""
     encode, device, info = {"jax": _jax_encoder, "torch": _torch_encoder}[framework](job)
     figures, _, vectors = _measure(framework, lambda: encode(job["texts"]), lambda: encode(job["texts"]))
+    if job.get("profile"):
+        figures["profile"] = _profiled(framework, lambda: encode(job["texts"]), job["profile"])
     return {"device": device, **info, "tokens": job["tokens"], "texts": len(job["texts"]),
             "computed_tokens": job["computed_tokens"][framework], **figures,
             "tokens_per_s": job["tokens"] / figures["seconds"],
             "texts_per_s": len(job["texts"]) / figures["seconds"],
             "first_embeddings": vectors[:COMPARED].tolist()}
+
+
+def _profiled(framework: str, work: Callable, out_dir: str) -> dict:
+    """One more pass of `work`, after the timed part (so no timed figure carries the profiler's
+    cost), under the framework's profiler: where the time goes. JAX writes an XProf trace (open
+    it with `xprof --logdir DIR` or TensorBoard's profile plugin; perfetto_trace.json.gz also opens
+    in ui.perfetto.dev), PyTorch a Chrome trace (ui.perfetto.dev) and its operators' totals."""
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    if framework == "jax":
+        import jax
+
+        with jax.profiler.trace(str(out), create_perfetto_trace=True):
+            work()
+        return {"profile_dir": str(out), "files": sorted(str(p) for p in out.glob("plugins/profile/*/*"))}
+    import torch
+    from torch.profiler import ProfilerActivity, profile
+
+    cuda = torch.cuda.is_available()  # as _torch_device: the worker ran there
+    with profile(activities=[ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if cuda else [])) as prof:
+        work()  # returns plain values: the device work is done
+    prof.export_chrome_trace(str(out / "trace.json"))
+    table = prof.key_averages().table(sort_by="self_cuda_time_total" if cuda else "self_cpu_time_total", row_limit=20)
+    (out / "operators.txt").write_text(table + "\n")
+    return {"profile_dir": str(out), "files": [str(out / "trace.json"), str(out / "operators.txt")]}
 
 
 def out_of_memory(error: BaseException) -> bool:
@@ -585,6 +617,8 @@ def _long_worker(framework: str, job: dict) -> dict:
         return {**result, "status": "out of memory", "error": first_line[:500],
                 **dict.fromkeys(("seconds", "warmup_seconds", "tokens_per_s", "peak_rss_mb", "timed_peak_rss_mb",
                                  "rss_increase_mb", "peak_device_mb", "timed_peak_device_mb"))}
+    if job.get("profile"):
+        figures["profile"] = _profiled(framework, lambda: encode([text]), job["profile"])
     return {**result, "status": "ok", **figures, "tokens_per_s": result["tokens"] / figures["seconds"],
             "embedding": vectors[0].tolist()}
 
@@ -683,6 +717,8 @@ def _train_worker(framework: str, job: dict) -> dict:
     figures, warm_losses, losses = _measure(framework, lambda: [step(i) for i in range(warmup)],
                                             lambda: [step(i) for i in range(warmup, warmup + steps)])
     losses = warm_losses + losses
+    if job.get("profile"):  # one step more, its loss not among the timed ones
+        figures["profile"] = _profiled(framework, lambda: step(warmup + steps), job["profile"])
     return {"device": device, **info, "remat": job["remat"], "dtype": job["dtype"],
             "tokens_per_step": job["tokens_per_step"], **figures,
             "step_seconds": figures["seconds"] / steps,
@@ -738,9 +774,14 @@ def _spawn(key: str, framework: str, job: dict, job_path: Path, env: dict) -> di
     return json.loads(out_path.read_text())
 
 
+def _folder_name(key: str) -> str:
+    """A run's profile folder: its label, spaces and signs other than = . - _ made dashes."""
+    return re.sub(r"[^A-Za-z0-9=._-]+", "-", _label(key))
+
+
 def _command(args) -> str:
     parts = ["diffemb", "bench", args.what]
-    for name in ("model", "shape", "tokenizer") + KINDS[args.what].flags + ("dtype", "peak_tflops", "json"):
+    for name in ("model", "shape", "tokenizer") + KINDS[args.what].flags + ("dtype", "peak_tflops", "profile", "json"):
         value = getattr(args, name)
         if value is True:
             parts.append("--" + name.replace("_", "-"))
@@ -794,6 +835,8 @@ def _check_args(args) -> None:
                                       "(or --no-vs-torch)")
     if args.peak_tflops is not None and not args.peak_tflops > 0:
         raise ValueError(f"--peak-tflops must be positive, got {args.peak_tflops}")
+    if args.compile_only and args.profile:
+        raise ValueError("diffemb bench long --compile-only runs nothing: it takes no --profile")
     if args.compile_only and args.tokenizer:
         raise ValueError("diffemb bench long --compile-only compiles the encoder from the model's shape alone: "
                          "it takes no --tokenizer")
@@ -1271,6 +1314,8 @@ def _compare(args, kind: Kind) -> dict:
                 skipped[key] = reason
                 print(f"not running {key}: {reason}", flush=True)
                 continue
+            if args.profile:
+                changes = {**changes, "profile": str(Path(args.profile).absolute() / _folder_name(key))}
             results[key] = _spawn(key, framework, {**job, **changes}, Path(tmp) / f"job{i}.json", worker_env)
     summary, lines = kind.summarize(results)
     lines += [f"{key}: not run, {reason}" for key, reason in skipped.items()]
@@ -1281,6 +1326,8 @@ def _compare(args, kind: Kind) -> dict:
     lines = ([mismatch] if mismatch else []) + lines
     lines += [f"{_label(key)} compiled {result['timed_compiles']} XLA programs in its timed part: its time "
               "includes compilation" for key, result in results.items() if result.get("timed_compiles")]
+    lines += [f"{_label(key)}: profile of one more untimed pass in {result['profile']['profile_dir']}"
+              for key, result in results.items() if result.get("profile")]
     print("\n" + _table(results, kind.columns) + "\n")
     print("\n".join(lines + flops_lines))
     return report

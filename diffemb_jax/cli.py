@@ -346,6 +346,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--vs-torch", action=argparse.BooleanOptionalAction, default=True,
                    help="also run the PyTorch reference (transformers + peft) and compare (default); "
                    "--no-vs-torch runs JAX alone")
+    p.add_argument("--profile", default=None, metavar="DIR",
+                   help="after the timed part, profile one more pass of each run (encode: the texts once more; "
+                   "train: one step; long: the document) into DIR/<run>: an XProf trace for JAX, a Chrome trace "
+                   "and operator table for PyTorch")
     p.add_argument("--json", default=None, help="also write the results to this JSON file")
     p.set_defaults(func=_bench)
     return parser

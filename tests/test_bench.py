@@ -63,7 +63,7 @@ def test_bench_encode_tiny_model(tmp_path):
 def test_bench_train_tiny_model(tmp_path):
     report = _bench_tiny(tmp_path, "train", "--queries", "4", "--query-length", "8",
                          "--doc-length", "24", "--lora-rank", "4", "--warmup-steps", "1", "--steps", "1",
-                         "--peak-tflops", "2.5")
+                         "--peak-tflops", "2.5", "--profile", str(tmp_path / "profile"))
     settings = report["settings"]
     assert list(report["results"]) == ["JAX remat=none", "PyTorch checkpointing=off"]
     computed = settings["computed_tokens"]  # PyTorch pads each side to its longest; JAX packs rows of 24
@@ -84,6 +84,25 @@ def test_bench_train_tiny_model(tmp_path):
     for result in report["results"].values():
         assert result["mfu"] == pytest.approx(result["model_tflops_per_s"] / 2.5)
     _assert_device_fields(report)
+    _assert_profiles(tmp_path / "profile", jax_r, torch_r)
+
+
+def _assert_profiles(root: Path, jax_r: dict, torch_r: dict) -> None:
+    """--profile: each run's folder holds its framework's trace of the profiled train step (the JAX
+    one the XLA program of the step; the PyTorch one its matrix products), apart from the timed
+    figures (the losses are the warm-up and timed steps' only)."""
+    import gzip
+
+    assert jax_r["profile"]["profile_dir"] == str(root / "JAX-remat=none")
+    assert torch_r["profile"]["profile_dir"] == str(root / "PyTorch-checkpointing=off")
+    xplane = [Path(f) for f in jax_r["profile"]["files"] if f.endswith(".xplane.pb")]
+    assert len(xplane) == 1 and xplane[0].stat().st_size > 0
+    perfetto = next(Path(f) for f in jax_r["profile"]["files"] if f.endswith("perfetto_trace.json.gz"))
+    events = json.loads(gzip.decompress(perfetto.read_bytes()))["traceEvents"]
+    assert any("step_fn" in event.get("name", "") for event in events)
+    trace = json.loads((root / "PyTorch-checkpointing=off" / "trace.json").read_text())
+    assert any(event.get("name") in ("aten::mm", "aten::addmm", "aten::linear") for event in trace["traceEvents"])
+    assert "aten::" in (root / "PyTorch-checkpointing=off" / "operators.txt").read_text()
 
 
 def test_bench_train_remat_sweep(tmp_path, capsys):
@@ -461,6 +480,7 @@ def test_bench_long_compile_only_reads_a_models_config_not_its_weights(tmp_path,
     assert report["settings"]["model"] == str(model_dir) and report["settings"]["shape"] is None
     assert list(report["results"]) == ["JAX 64", "JAX 128"]
     assert cli.main([*args, "--tokenizer", "t.json"]) == 2 and "--tokenizer" in capsys.readouterr().err
+    assert cli.main([*args, "--profile", str(tmp_path)]) == 2 and "--profile" in capsys.readouterr().err
 
 
 def test_the_command_echo_keeps_zeros_and_bare_flags():

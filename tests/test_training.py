@@ -499,6 +499,26 @@ def test_the_next_batch_is_packed_while_the_step_runs(tmp_path):
     assert order == ["pack", "step 0", "pack", "wait 0", "step 1", "pack", "wait 1", "step 2", "wait 2"], events
 
 
+def test_the_profile_window_traces_the_steps_asked_for(tmp_path):
+    """train.profile_from=2, profile_steps=2 of 4 steps: WORKDIR/profile holds a trace of steps 2 and
+    3, the step program run twice in it (not the first step, which compiles, nor the last)."""
+    import gzip
+
+    from diffemb_jax.training.trainer import Trainer
+
+    Trainer(_tiny_config(*tiny_setup(tmp_path), steps=4, profile_from=2, profile_steps=2), tmp_path / "run").run(
+        progress=False)
+    (xplane,) = (tmp_path / "run" / "profile").glob("plugins/profile/*/*.xplane.pb")
+    assert xplane.stat().st_size > 0
+    (perfetto,) = xplane.parent.glob("perfetto_trace.json.gz")
+    events = json.loads(gzip.decompress(perfetto.read_bytes()))["traceEvents"]
+    spans = sorted((e["ts"], e["ts"] + e["dur"]) for e in events if e.get("name") == "PjitFunction(step_fn)")
+    calls = [span for i, span in enumerate(spans) if not i or span[0] > spans[i - 1][1]]  # a call nests two spans
+    assert len(calls) == 2, spans
+    with pytest.raises(ValueError, match="profile_from"):
+        Trainer(_tiny_config(*tiny_setup(tmp_path / "bad"), profile_from=-1), tmp_path / "bad-run")
+
+
 def test_a_second_run_loads_the_train_step_from_the_compilation_cache(tmp_path):
     """The same run twice with the persistent compilation cache on: the second loads each program the
     first compiled, and its losses and adapter are the same bits."""

@@ -48,6 +48,8 @@ def base_config() -> ml_collections.ConfigDict:
         checkpoint_every=100,
         keep_checkpoints=3,
         log_every=1,
+        profile_from=0,  # > 0: a jax.profiler trace of steps profile_from ... (+ profile_steps - 1) in WORKDIR/profile
+        profile_steps=3,
     ))
     c.lock()
     return c

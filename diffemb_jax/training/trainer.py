@@ -81,6 +81,9 @@ def check_config(config, *, data: bool = True) -> None:
     if config.train.global_batch_size % (data_shards * fsdp):
         raise ValueError(f"train.global_batch_size={config.train.global_batch_size} is not divisible by the "
                          f"{data_shards * fsdp} batch shards of mesh {dict(config.mesh)}")
+    if config.train.profile_from < 0 or config.train.profile_steps < 1:
+        raise ValueError(f"train.profile_from must be >= 0 (0: no profile) and train.profile_steps >= 1, got "
+                         f"{config.train.profile_from} and {config.train.profile_steps}")
     if not data:
         return
     if not [f for f in config.data.files if f]:
@@ -88,6 +91,34 @@ def check_config(config, *, data: bool = True) -> None:
     for f in config.data.files:
         if not Path(f).is_file():
             raise FileNotFoundError(f"config.data.files: {f} does not exist")
+
+
+class ProfileWindow:
+    """A jax.profiler trace of steps `first` ... `first + count - 1` (numbered from 1, as in
+    metrics.jsonl; 0: none) in `directory`, for XProf (`xprof --logdir WORKDIR/profile`) or TensorBoard's
+    profile plugin; every process traces its own host into a file of its own. Pick steps after the
+    first of each shape, which compile."""
+
+    def __init__(self, directory: Path, first: int, count: int):
+        self.directory, self.first, self.last = directory, first, first + count - 1
+        self.tracing = False
+
+    def before(self, step: int) -> None:
+        """`step` is about to be dispatched."""
+        if self.first and self.first <= step <= self.last and not self.tracing:
+            log.info("profiling steps %d to %d into %s", step, self.last, self.directory)
+            jax.profiler.start_trace(str(self.directory), create_perfetto_trace=True)
+            self.tracing = True
+
+    def after(self, step: int) -> None:
+        """`step`'s metrics are back: the device has run it."""
+        if self.tracing and step >= self.last:
+            self.stop()
+
+    def stop(self) -> None:
+        if self.tracing:
+            self.tracing = False
+            jax.profiler.stop_trace()
 
 
 class MetricsLog:
@@ -214,11 +245,13 @@ class Trainer:
         metrics_log = MetricsLog(self.workdir, self.step, enabled=self.lead)
         history = []
         bar = tqdm(total=c.steps, initial=self.step, desc="training", unit="step", disable=not (progress and self.lead))
+        profile = ProfileWindow(self.workdir / "profile", c.profile_from, c.profile_steps)
         try:
             before = self.batches.get_state()  # the data position before the step's batch
             batch = self.packed(next(self.batches)) if self.step < c.steps else None
             start = time.perf_counter()
             while self.step < c.steps:
+                profile.before(self.step + 1)
                 with jax.set_mesh(self.mesh):  # kernels that need it (splash) find the mesh
                     self.lora, self.opt_state, metrics = self.train_step(
                         self.lora, self.opt_state, self.frozen, self.step, parallel.global_batch(batch, self.mesh))
@@ -232,6 +265,7 @@ class Trainer:
                     except Exception as error:  # raised below, after this step's bookkeeping
                         failed = error
                 metrics = {k: float(v) for k, v in metrics.items()}
+                profile.after(self.step + 1)
                 now = time.perf_counter()
                 seconds, start = now - start, now
                 if not math.isfinite(metrics["loss"]):
@@ -250,6 +284,7 @@ class Trainer:
                     raise failed
                 before, batch = after, upcoming
         finally:
+            profile.stop()
             bar.close()
             metrics_log.close()
             self.checkpoints.wait_until_finished()
