@@ -1212,10 +1212,14 @@ def long_plan(args) -> dict:
                ("temporaries GiB", "{temporaries_gib:.2f}"), ("total GiB", "{total_gib:.2f}"),
                ("fits", "{fits}"), ("compile s", "{compile_seconds:.1f}"))
     print("\n" + _table(results, columns) + "\n")
+    shortest = results[next(iter(results))]
+    # jax < 0.12 on the CPU: float32 copies of bfloat16 weights for the matmuls, temporaries above the weights
+    copies = device == "cpu" and args.dtype == "bfloat16" and shortest["temporaries_gib"] > shortest["arguments_gib"]
     print("XLA's memory analysis of the compiled encoder, one document a length; the device holds "
           + ("an unknown amount" if limit is None else f"{limit / 2**30:.1f} GiB")
-          + (". On the CPU, XLA converts bfloat16 weights to float32 for its matmuls: the temporaries hold "
-             "those copies too" if device == "cpu" and args.dtype == "bfloat16" else "") + ".")
+          + (f". At {shortest['length']} tokens the temporaries exceed the weights: XLA on this CPU holds float32 "
+             "copies of the bfloat16 weights for its matmuls (jax 0.12 does not), which a GPU does not"
+             if copies else "") + ".")
     return report
 
 
