@@ -85,6 +85,8 @@ import time
 from pathlib import Path
 from typing import Callable
 
+from diffemb_jax.memory import available_host_mb, device_capacity
+
 # Modules whose public docstrings make the texts: real prose and code, from a line to pages long.
 DOC_MODULES = ("json", "re", "textwrap", "itertools", "functools", "collections", "inspect", "pathlib",
                "subprocess", "threading", "argparse", "logging", "random", "statistics", "string",
@@ -1087,13 +1089,6 @@ def _long_runs(settings: dict) -> dict:
     return {f"{FRAMEWORKS[f]} {n}": (f, {"length": n}) for f in FRAMEWORKS for n in settings["lengths"]}
 
 
-def _available_memory_mb() -> float:
-    for line in Path("/proc/meminfo").read_text().splitlines():
-        if line.startswith("MemAvailable:"):
-            return int(line.split()[1]) / 1024
-    raise OSError("/proc/meminfo has no MemAvailable")
-
-
 def _quadratic_guess(points: list[tuple[int, float]], length: int) -> float:
     """The last value plus the last increase scaled as length squared: growth is at most quadratic
     in length (attention), so this errs high."""
@@ -1115,7 +1110,7 @@ def _long_skip(framework: str, changes: dict, results: dict, settings: dict) -> 
         return f"would take about {seconds:.0f} s, past --time-limit {settings['time_limit']:g}"
     if done[-1]["device_kind"] == "cpu":
         rss = _quadratic_guess([(r["length"], r["peak_rss_mb"]) for r in done], length)
-        available = _available_memory_mb() * 0.9
+        available = available_host_mb() * 0.9
         if rss > available:
             return f"would need about {rss:.0f} MB of memory; {available:.0f} MB are free"
     return None
@@ -1158,17 +1153,6 @@ def _long_summary(results: dict) -> tuple[dict, list[str]]:
     return {"longest": longest, "tokens_per_s_ratio_by_length": ratios, "max_abs_diff_by_length": diffs}, lines
 
 
-def _device_memory() -> tuple[str, float | None]:
-    """(the device, the bytes it can hold): the accelerator's allocator limit, or on the CPU the memory
-    available now."""
-    import jax
-
-    device = jax.devices()[0]
-    if jax.default_backend() == "cpu":
-        return "cpu", _available_memory_mb() * 2**20
-    return device.device_kind, (device.memory_stats() or {}).get("bytes_limit")
-
-
 def long_plan(args) -> dict:
     """--compile-only: JAX alone compiles the encoder for one document of each length, from the
     shape alone (--shape's, or --model's config: no weights are made or read, nothing runs), and
@@ -1192,7 +1176,7 @@ def long_plan(args) -> dict:
     model.kernel = "auto"  # as `diffemb encode` runs: cuDNN on a GPU, splash on a TPU
     lengths = lengths_of(args.lengths)
     embedder = Embedder(model, None, max_length=lengths[-1], batch_size=1, max_batch_tokens=None, pack_length=0)
-    device, limit = _device_memory()
+    device, limit = device_capacity()
     settings = {"model": args.model, "shape": shape, "dtype": args.dtype, "lengths": lengths, "device": device,
                 "device_bytes": limit}
     print(f"command: {_command(args)}\nsettings: {json.dumps(settings)}", flush=True)

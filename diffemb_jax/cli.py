@@ -202,6 +202,7 @@ def _plan(argv: list[str]) -> None:
     """Per-device memory of the config's train step on its mesh, from XLA's compiled memory analysis
     (from shapes: no weights or data are read)."""
     from diffemb_jax import parallel
+    from diffemb_jax.memory import device_capacity
     from diffemb_jax.training.plan import memory_plan
     from diffemb_jax.training.trainer import check_config
 
@@ -214,6 +215,15 @@ def _plan(argv: list[str]) -> None:
     print("| part | MiB |\n|---|---:|")
     for part, size in plan.items():
         print(f"| {part} | {size / 2**20:.1f} |")
+    device, capacity = device_capacity()
+    if capacity is None:
+        print(f"the device ({device}) gives no memory limit: compare the total with what it holds")
+    elif plan["total"] <= capacity:
+        print(f"fits: {plan['total'] / 2**30:.1f} of the {capacity / 2**30:.1f} GiB the device ({device}) holds")
+    else:
+        print(f"does not fit: {plan['total'] / 2**30:.1f} GiB, the device ({device}) holds "
+              f"{capacity / 2**30:.1f}. Lower data.query_max_length / data.doc_max_length, set "
+              "train.remat=full or train.grad_cache_chunk, or spread the model over more devices (mesh.fsdp)")
 
 
 def _demo(args) -> None:

@@ -421,7 +421,7 @@ def test_bench_long_stops_at_memory_and_predicted_time(monkeypatch):
     runs = {"a": _long_result("jax", 1024, 10.0), "b": _long_result("jax", 2048, 30.0)}
     assert bench._long_skip("jax", {"length": 4096}, runs, settings).startswith("would take about 110 s")
     assert bench._long_skip("jax", {"length": 4096}, runs, {"time_limit": 200.0}) is None
-    monkeypatch.setattr(bench, "_available_memory_mb", lambda: 5000.0)  # 2000 + 1000 x 4 > 0.9 x 5000
+    monkeypatch.setattr(bench, "available_host_mb", lambda: 5000.0)  # 2000 + 1000 x 4 > 0.9 x 5000
     runs = {"a": _long_result("jax", 1024, 1.0, rss=1000.0), "b": _long_result("jax", 2048, 2.0, rss=2000.0)}
     assert "would need about 6000 MB" in bench._long_skip("jax", {"length": 4096}, runs, settings)
     runs = {k: {**r, "device_kind": "NVIDIA H100"} for k, r in runs.items()}  # there out of memory is caught

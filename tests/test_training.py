@@ -570,5 +570,12 @@ def test_plan_reads_neither_weights_nor_data(tmp_path, monkeypatch, capsys):
     table = capsys.readouterr().out
     sizes = {line.split("|")[1].strip(): float(line.split("|")[2]) for line in table.splitlines()
              if line.startswith("| ") and not line.startswith("| part")}
-    assert set(sizes) >= {"frozen_params", "lora_params", "optimizer_state", "arguments", "temporaries"}
+    assert set(sizes) >= {"frozen_params", "lora_params", "optimizer_state", "arguments", "temporaries", "total"}
     assert sizes["frozen_params"] > 0 and sizes["temporaries"] > 0  # MiB, to 0.1: the adapters show 0.0
+    assert "\nfits: " in table  # the tiny step on this machine's memory
+    import diffemb_jax.memory
+
+    monkeypatch.setattr(diffemb_jax.memory, "device_capacity", lambda: ("a small device", 2**20))
+    assert cli(["plan", f"--config={config}", f"--workdir={tmp_path / 'run'}", f"--config.model.path={model}"]) == 0
+    verdict = capsys.readouterr().out.splitlines()[-1]
+    assert verdict.startswith("does not fit:") and "a small device" in verdict and "mesh.fsdp" in verdict

@@ -74,4 +74,7 @@ def memory_plan(config: ml_collections.ConfigDict) -> dict[str, int]:
     return {"frozen_params": per_device(frozen), "lora_params": per_device(lora),
             "optimizer_state": per_device(opt_state), "batch": len(batch) * per_device(rows),
             "arguments": stats.argument_size_in_bytes, "temporaries": stats.temp_size_in_bytes,
-            "outputs": stats.output_size_in_bytes}
+            "outputs": stats.output_size_in_bytes, "aliased": stats.alias_size_in_bytes,
+            # the donated adapters and optimizer state are written in place: their outputs are their arguments
+            "total": stats.argument_size_in_bytes + stats.temp_size_in_bytes + stats.output_size_in_bytes
+            - stats.alias_size_in_bytes}
