@@ -103,6 +103,7 @@ MULTIHOST = textwrap.dedent("""
     c = tiny_cfg.get_config()
     c.model.path, c.data.files, c.train.steps, c.lora.dropout = model, (data,), 3, 0.0
     c.mesh.data, c.mesh.fsdp, c.mesh.tensor = 2, 1, 1
+    c.train.profile_from, c.train.profile_steps = 2, 1
     trainer = Trainer(c, out)
     history = trainer.run(progress=False)
     from jax.experimental import multihost_utils
@@ -121,7 +122,7 @@ def test_two_processes_train_and_encode_as_one_device(trained, tmp_path):
     """Multi-host: two processes of one CPU device each, through JAX's distributed runtime. Each
     reads and packs its half of every step (they agree on row length and count), and they give the
     one-device losses and the same PEFT adapter, which the lead writes; both then encode with it as
-    one device does. Without dropout: its masks follow rows, and each host packs its own rows."""
+    one device does. Each profiles step 2 into its own folder. Without dropout: its masks follow rows, and each host packs its own rows."""
     import socket
 
     from safetensors.numpy import load_file
@@ -146,6 +147,8 @@ def test_two_processes_train_and_encode_as_one_device(trained, tmp_path):
         _, err = p.communicate(timeout=600)
         assert p.returncode == 0, err[-4000:]
     np.testing.assert_allclose(json.loads((out / "losses.json").read_text()), one["losses"], rtol=1e-5)
+    for i in range(2):  # step 2 profiled by each process into a folder of its own (one host name here)
+        assert len(list((out / "profile" / f"process-{i}").glob("plugins/profile/*/*.xplane.pb"))) == 1
     ours = load_file(str(out / "adapter" / "adapter_model.safetensors"))
     alone = load_file(str(tmp_path / "one" / "run-1x1x1" / "adapter" / "adapter_model.safetensors"))
     assert ours.keys() == alone.keys() and len(ours) == 2 * 7 * 2

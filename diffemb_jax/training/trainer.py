@@ -96,8 +96,8 @@ def check_config(config, *, data: bool = True) -> None:
 class ProfileWindow:
     """A jax.profiler trace of steps `first` ... `first + count - 1` (numbered from 1, as in
     metrics.jsonl; 0: none) in `directory`, for XProf (`xprof --logdir WORKDIR/profile`) or TensorBoard's
-    profile plugin; every process traces its own host into a file of its own. Pick steps after the
-    first of each shape, which compile."""
+    profile plugin; on several processes each traces into a folder of its own (process-<i>). Pick
+    steps after the first of each shape, which compile."""
 
     def __init__(self, directory: Path, first: int, count: int):
         self.directory, self.first, self.last = directory, first, first + count - 1
@@ -245,7 +245,9 @@ class Trainer:
         metrics_log = MetricsLog(self.workdir, self.step, enabled=self.lead)
         history = []
         bar = tqdm(total=c.steps, initial=self.step, desc="training", unit="step", disable=not (progress and self.lead))
-        profile = ProfileWindow(self.workdir / "profile", c.profile_from, c.profile_steps)
+        # A folder a process: the trace files are named after the host, which processes may share.
+        profile_dir = self.workdir / "profile" / (f"process-{jax.process_index()}" if jax.process_count() > 1 else "")
+        profile = ProfileWindow(profile_dir, c.profile_from, c.profile_steps)
         try:
             before = self.batches.get_state()  # the data position before the step's batch
             batch = self.packed(next(self.batches)) if self.step < c.steps else None
