@@ -50,6 +50,11 @@ Devices: JAX runs on its default device; the PyTorch side on CUDA where torch se
 bfloat16 loads bf16 weights there), else on the CPU. A summary line warns when one ran on the CPU and
 the other did not.
 
+--mesh DATA,FSDP,TENSOR (encode, train): JAX runs on a mesh of every device, as training and the
+Embedder place things on one (rows over data x fsdp, weights by their logical axes), instead of on
+one device; PyTorch stays on one, so the ratios are also given per device, and MFU counts the
+mesh's devices.
+
 --profile DIR: after its timed part, each run profiles one more pass (encode: the texts; train: one
 step; long: the document) into DIR/<run label>: JAX an XProf trace (`xprof --logdir DIR/<run>`, or
 perfetto_trace.json.gz in ui.perfetto.dev), PyTorch a Chrome trace (trace.json) and its operators'
@@ -170,10 +175,10 @@ def padded(tokenizer, texts: list[str], length: int) -> dict[str, list[list[int]
             "padding_mask": [[1] * len(row) + [0] * (longest - len(row)) for row in rows]}
 
 
-def packed_step(batch: dict, length: int) -> dict[str, list[list[int]]]:
+def packed_step(batch: dict, length: int, shards: int = 1) -> dict[str, list[list[int]]]:
     """The train step's layout of `batch` (training/packing.py), texts of at most `length` tokens:
     packed into rows as long as the bucket of the longest, every token embedded, the row count
-    rounded as the trainer rounds it."""
+    rounded as the trainer rounds it for `shards` batch shards."""
     import numpy as np
 
     from diffemb_jax.training.packing import pack_step, pad_rows, step_rows
@@ -186,7 +191,7 @@ def packed_step(batch: dict, length: int) -> dict[str, list[list[int]]]:
         sides[side] = {"input_ids": ids, "padding_mask": mask, "embed_mask": mask}
     queries = len(batch["query"]["input_ids"])
     rows = pack_step(sides, global_batch_size=queries, num_negatives=len(batch["negative"]["input_ids"]) // queries)
-    rows = pad_rows(rows, step_rows(len(rows["input_ids"]), 1, queries * len(SIDES)))
+    rows = pad_rows(rows, step_rows(len(rows["input_ids"]), shards, queries * len(SIDES)))
     return {key: value.tolist() for key, value in rows.items()}
 
 
@@ -468,8 +473,8 @@ def _torch_device_info(device) -> tuple[str, dict]:
 
     if device.type == "cuda":
         name = torch.cuda.get_device_name(device)
-        return name, {"device_kind": name}
-    return f"cpu, {torch.get_num_threads()} threads", {"device_kind": "cpu"}
+        return name, {"device_kind": name, "devices": 1}
+    return f"cpu, {torch.get_num_threads()} threads", {"device_kind": "cpu", "devices": 1}
 
 
 def _torch_model(source: Path, dtype: str, device):
@@ -500,12 +505,14 @@ def _torch_embed(model, input_ids, padding):
 
 
 def _jax_encoder(job: dict):
+    from diffemb_jax import parallel
     from diffemb_jax.embedding import Embedder
 
-    embedder = Embedder.from_pretrained(job["model"], attention="bidirectional", dtype=job["dtype"],
+    mesh = parallel.make_mesh(**job["mesh"]) if job.get("mesh") else None  # else the default device alone
+    embedder = Embedder.from_pretrained(job["model"], attention="bidirectional", dtype=job["dtype"], mesh=mesh,
                                         max_length=job["max_length"], batch_size=job["batch_size"],
                                         max_batch_tokens=job["max_batch_tokens"], pack_length=job["pack_length"])
-    return lambda texts: embedder.encode(texts, progress=False), _jax_device(), _jax_info(embedder.model)
+    return lambda texts: embedder.encode(texts, progress=False), _jax_device(), _jax_info(embedder.model, mesh)
 
 
 def _jax_device() -> str:
@@ -515,10 +522,11 @@ def _jax_device() -> str:
     return "cpu" if jax.default_backend() == "cpu" else jax.devices()[0].device_kind
 
 
-def _jax_info(model) -> dict:
+def _jax_info(model, mesh=None) -> dict:
     import jax
 
-    return {"model_config": dataclasses.asdict(model.cfg), "device_kind": jax.devices()[0].device_kind}
+    return {"model_config": dataclasses.asdict(model.cfg), "device_kind": jax.devices()[0].device_kind,
+            "devices": 1 if mesh is None else mesh.size}
 
 
 def _torch_encoder(job: dict):
@@ -637,11 +645,14 @@ def _jax_trainer(job: dict):
     import numpy as np
 
     from conversion import load_model
+    from diffemb_jax import parallel
     from diffemb_jax.training.lora import LoraConfig, apply_lora
-    from diffemb_jax.training.step import StepConfig, make_optimizer, make_train_step, split_model
+    from diffemb_jax.training.step import StepConfig, make_optimizer, placed_train_step, split_model
 
     warnings.filterwarnings("ignore", message="Some donated buffers were not usable")  # CPU: no donation
-    model, _ = load_model(job["model"], dtype=job["dtype"], progress=False)
+    # --mesh over every device, or the first device alone
+    mesh = parallel.make_mesh(**job["mesh"]) if job["mesh"] else parallel.make_mesh(1, devices=jax.devices()[:1])
+    model, _ = load_model(job["model"], dtype=job["dtype"], progress=False, sharding_for=parallel.param_sharding(mesh))
     model.attention, model.remat = "bidirectional", job["remat"]
     lora_cfg = job["lora"]
     model = apply_lora(model, LoraConfig(rank=lora_cfg["rank"], alpha=lora_cfg["alpha"],
@@ -652,15 +663,15 @@ def _jax_trainer(job: dict):
                                   grad_clip=opt["grad_clip"], weight_decay=opt["weight_decay"])
     step_cfg = StepConfig(batch_size=len(job["batch"]["query"]["input_ids"]), loss="in_batch", scale=job["scale"],
                           seed=job["seed"])
-    train_step = make_train_step(graphdef, tx, schedule, step_cfg)
-    batch = jax.device_put({key: np.asarray(value, np.int32) for key, value in job["packed"].items()})
-    # Committed to the device, as the step's outputs are (and the Trainer's state): uncommitted inputs
-    # to step 0 would make step 1 compile again.
-    lora, opt_state = jax.device_put((lora, tx.init(lora)), jax.devices()[0])
+    # Placed as the Trainer places them, and kept there by the step: state placed otherwise than the
+    # step's outputs would make step 1 compile again.
+    lora, opt_state, train_step = placed_train_step(graphdef, lora, tx, schedule, step_cfg, mesh)
+    batch = parallel.global_batch({key: np.asarray(value, np.int32) for key, value in job["packed"].items()}, mesh)
     state = {"lora": lora, "opt_state": opt_state}
     start = time.perf_counter()
-    train_step = train_step.lower(lora, opt_state, frozen, 0, batch).compile()
-    info = {**_jax_info(model), "compile_seconds": time.perf_counter() - start}
+    with jax.set_mesh(mesh):  # kernels that need it (splash) find the mesh
+        train_step = train_step.lower(lora, opt_state, frozen, 0, batch).compile()
+    info = {**_jax_info(model, mesh), "compile_seconds": time.perf_counter() - start}
 
     def step(i: int) -> float:
         state["lora"], state["opt_state"], metrics = train_step(state["lora"], state["opt_state"], frozen, i, batch)
@@ -807,6 +818,25 @@ def _installed(name: str) -> bool:
     return True
 
 
+def mesh_of(spec: str | None) -> dict | None:
+    """--mesh DATA,FSDP,TENSOR -> {"data": ..., "fsdp": ..., "tensor": ...}; None: one device."""
+    if spec is None:
+        return None
+    try:
+        sizes = [int(x) for x in spec.split(",")]
+    except ValueError:
+        sizes = []
+    if len(sizes) != 3 or min(sizes) < 1:
+        raise ValueError(f"--mesh takes three positive sizes DATA,FSDP,TENSOR whose product is the device count "
+                         f"(e.g. 1,8,1), got {spec!r}")
+    return dict(zip(("data", "fsdp", "tensor"), sizes))
+
+
+def batch_shards(mesh: dict | None) -> int:
+    """How many ways the mesh splits a batch's rows (data x fsdp), as parallel.batch_shards does."""
+    return 1 if mesh is None else mesh["data"] * mesh["fsdp"]
+
+
 def _check_args(args) -> None:
     from diffemb_jax.cli import build_parser
 
@@ -822,6 +852,13 @@ def _check_args(args) -> None:
             raise ValueError(f"--{name.replace('_', '-')} must be positive, got {getattr(args, name)}")
     if args.what == "long":
         lengths_of(args.lengths)
+    shards = batch_shards(mesh_of(args.mesh)) if args.what != "long" else 1
+    if args.what == "encode" and args.batch_size % shards:
+        raise ValueError(f"--batch-size {args.batch_size} is not divisible by the {shards} batch shards of --mesh "
+                         f"{args.mesh} (data x fsdp)")
+    if args.what == "train" and args.queries % shards:
+        raise ValueError(f"--queries {args.queries} is not divisible by the {shards} batch shards of --mesh "
+                         f"{args.mesh} (data x fsdp), as the global batch must be")
     if args.what == "encode" and args.max_batch_tokens < 0:
         raise ValueError(f"--max-batch-tokens must be >= 0 (0: no limit), got {args.max_batch_tokens}")
     if args.what == "encode" and args.pack_length < 0:
@@ -876,14 +913,15 @@ def _encode_job(args, tokenizer) -> tuple[dict, dict]:
     texts = make_texts(tokenizer, args.texts, args.max_length)
     buckets = bucket_lengths(args.max_length)
     budget = args.max_batch_tokens or None
+    mesh = mesh_of(args.mesh)
     settings = {"texts": len(texts), "tokens": token_count(tokenizer, texts, args.max_length),
                 "batch_size": args.batch_size, "max_batch_tokens": budget, "max_length": args.max_length,
-                "pack_length": args.pack_length, "dtype": args.dtype, "buckets": buckets,
+                "pack_length": args.pack_length, "dtype": args.dtype, "buckets": buckets, "mesh": mesh,
                 "bucket_rows": [rows_per_batch(b, args.batch_size, budget) for b in buckets]}
     lengths = [min(len(enc.ids), args.max_length) for enc in tokenizer.encode_batch(texts)]
-    # Tokens each framework computes, padding included: JAX its Embedder's padded rows; PyTorch the same
-    # batches one text a row, a batch's rows only as many as its texts.
-    jax_plan = plan_batches(lengths, buckets, args.batch_size, budget, pack_length=args.pack_length)
+    # Tokens each framework computes, padding included: JAX its Embedder's padded rows (a multiple of
+    # the mesh's batch shards); PyTorch the same batches one text a row, only as many rows as texts.
+    jax_plan = plan_batches(lengths, buckets, args.batch_size, budget, batch_shards(mesh), args.pack_length)
     torch_plan = plan_batches(lengths, buckets, args.batch_size, budget, pack_length=0)
     settings["computed_tokens"] = {"jax": sum(rows * length for _, length, rows in jax_plan),
                                    "torch": sum(len(texts) * length for texts, length, _ in torch_plan)}
@@ -895,15 +933,26 @@ def _encode_flops(job: dict, cfg: dict, result: dict) -> tuple[int, int, str]:
     return sum(forward_flops(cfg, n) for n in job["lengths"]), job["tokens"], [FORWARD_FORMULA]
 
 
+def _ratio(jax_r: dict, torch_r: dict) -> tuple[dict, str]:
+    """JAX / PyTorch tokens/s, and per device where JAX ran on a mesh of several (PyTorch on one)."""
+    ratio = jax_r["tokens_per_s"] / torch_r["tokens_per_s"]
+    devices = jax_r.get("devices", 1)
+    if devices == 1:
+        return {"tokens_per_s_ratio": ratio}, f"{ratio:.2f}"
+    per_device = ratio / devices
+    return ({"tokens_per_s_ratio": ratio, "tokens_per_s_ratio_per_device": per_device},
+            f"{ratio:.2f} (JAX on {devices} devices, PyTorch on one: {per_device:.2f} per device)")
+
+
 def _encode_summary(results: dict) -> tuple[dict, list[str]]:
     import numpy as np
 
     first = {f: np.asarray(results[f].pop("first_embeddings")) for f in results}
     if "torch" not in results:
         return {}, []
-    summary = {"tokens_per_s_ratio": results["jax"]["tokens_per_s"] / results["torch"]["tokens_per_s"],
-               "max_abs_diff_first": float(np.abs(first["jax"] - first["torch"]).max())}
-    return summary, [f"JAX / PyTorch tokens/s ratio: {summary['tokens_per_s_ratio']:.2f}",
+    ratio, ratio_text = _ratio(results["jax"], results["torch"])
+    summary = {**ratio, "max_abs_diff_first": float(np.abs(first["jax"] - first["torch"]).max())}
+    return summary, [f"JAX / PyTorch tokens/s ratio: {ratio_text}",
                      f"max |jax - torch| on first {len(first['jax'])} embeddings: {summary['max_abs_diff_first']:.2e}"]
 
 
@@ -915,12 +964,13 @@ def _train_job(args, tokenizer) -> tuple[dict, dict]:
     triples = make_triples(args.queries)
     lengths = {"query": args.query_length, "positive": args.doc_length, "negative": args.doc_length}
     batch = {side: padded(tokenizer, [t[i] for t in triples], lengths[side]) for i, side in enumerate(SIDES)}
-    packed = packed_step(batch, max(lengths.values()))
+    mesh = mesh_of(args.mesh)
+    packed = packed_step(batch, max(lengths.values()), batch_shards(mesh))
     computed = {"jax": sum(map(len, packed["input_ids"])),
                 "torch": sum(len(row) for side in SIDES for row in batch[side]["input_ids"])}
     settings = {"queries": args.queries, "query_length": args.query_length, "doc_length": args.doc_length,
                 "tokens_per_step": sum(sum(map(sum, batch[side]["padding_mask"])) for side in SIDES),
-                "computed_tokens": computed, "packed_rows": len(packed["input_ids"]),
+                "computed_tokens": computed, "packed_rows": len(packed["input_ids"]), "mesh": mesh,
                 "warmup_steps": args.warmup_steps, "steps": args.steps, "dtype": args.dtype,
                 "remat": remat_policies(args.remat),
                 "attention": "bidirectional", "pooling": "mean", "loss": "in-batch InfoNCE, cosine x scale",
@@ -987,10 +1037,12 @@ def _flops_summary(kind, job: dict, results: dict, peak: float | None) -> tuple[
         per_token[key] = r["model_flops_per_token"] = flops / tokens
         ran = r.get("seconds") is not None
         r["model_tflops_per_s"] = flops / r["seconds"] / 1e12 if ran else None
-        r["peak_tflops"] = peak_tflops(peak, r["device_kind"], job["dtype"])
-        r["mfu"] = r["model_tflops_per_s"] / r["peak_tflops"] if ran and r["peak_tflops"] else None
+        r["peak_tflops"] = peak_tflops(peak, r["device_kind"], job["dtype"])  # a device's
+        devices = r.get("devices", 1)
+        r["mfu"] = r["model_tflops_per_s"] / (r["peak_tflops"] * devices) if ran and r["peak_tflops"] else None
         if r["mfu"]:
-            lines.append(f"{_label(key)} MFU: {r['mfu']:.2%} of {r['peak_tflops']:g} TFLOP/s")
+            lines.append(f"{_label(key)} MFU: {r['mfu']:.2%} of "
+                         + (f"{devices} x " if devices > 1 else "") + f"{r['peak_tflops']:g} TFLOP/s")
         elif ran:
             unknown.setdefault(r["device_kind"], []).append(_label(key))
     lines += [f"MFU of {', '.join(keys)}: unknown (no peak known for {device_kind} {job['dtype']}: pass --peak-tflops)"
@@ -1028,10 +1080,10 @@ def _train_summary(results: dict) -> tuple[dict, list[str]]:
     for policy, jax_r in runs["jax"].items() if runs["torch"] else ():
         torch_r = runs["torch"][_torch_remat(policy)]
         jax_label, torch_label = _train_label("jax", policy), _train_label("torch", torch_r["remat"])
-        pair = pairs[policy] = {"pytorch": torch_label,
-                                "tokens_per_s_ratio": jax_r["tokens_per_s"] / torch_r["tokens_per_s"],
+        ratio, ratio_text = _ratio(jax_r, torch_r)
+        pair = pairs[policy] = {"pytorch": torch_label, **ratio,
                                 "first_loss_abs_diff": abs(jax_r["first_loss"] - torch_r["first_loss"])}
-        lines += [f"{jax_label} / {torch_label} tokens/s ratio: {pair['tokens_per_s_ratio']:.2f}",
+        lines += [f"{jax_label} / {torch_label} tokens/s ratio: {ratio_text}",
                   f"first-step loss: {jax_label} {jax_r['first_loss']:.6f}, {torch_label} "
                   f"{torch_r['first_loss']:.6f}, |diff| {pair['first_loss_abs_diff']:.2e} "
                   + _agreement(pair["first_loss_abs_diff"], dtype)]
@@ -1224,11 +1276,12 @@ class Kind:
 
 KINDS = {
     "encode": Kind(
-        flags=("texts", "batch_size", "max_batch_tokens", "max_length", "pack_length"),
+        flags=("texts", "batch_size", "max_batch_tokens", "max_length", "pack_length", "mesh"),
         positive=("texts", "batch_size", "max_length"),
         prepare=_encode_job, runs=lambda settings: {f: (f, {}) for f in FRAMEWORKS}, work=_encode_worker,
         summarize=_encode_summary, flops=_encode_flops,
-        columns=(("device", "{device}"), ("tokens/s", "{tokens_per_s:.0f}"), ("texts/s", "{texts_per_s:.1f}"),
+        columns=(("device", "{device}"), ("devices", "{devices}"), ("tokens/s", "{tokens_per_s:.0f}"),
+                 ("texts/s", "{texts_per_s:.1f}"),
                  ("tokens computed", "{computed_tokens}"),
                  ("model TFLOP/s", "{model_tflops_per_s:.3f}"),
                  ("warm-up s", "{warmup_seconds:.2f}"), ("peak RSS MB", "{peak_rss_mb:.0f}"),
@@ -1236,10 +1289,11 @@ KINDS = {
                  ("cores used", "{cores_used:.2f}"), ("load 1 min", "{load_average_1m:.2f}"))),
     "train": Kind(
         flags=("queries", "query_length", "doc_length", "lora_rank", "lora_dropout", "remat", "warmup_steps",
-               "steps"),
+               "steps", "mesh"),
         positive=("queries", "query_length", "doc_length", "lora_rank", "steps"),
         prepare=_train_job, runs=_train_runs, work=_train_worker, summarize=_train_summary, flops=_train_flops,
-        columns=(("device", "{device}"), ("remat", "{remat}"), ("tokens/s", "{tokens_per_s:.0f}"),
+        columns=(("device", "{device}"), ("devices", "{devices}"), ("remat", "{remat}"),
+                 ("tokens/s", "{tokens_per_s:.0f}"),
                  ("tokens computed", "{computed_tokens}"),
                  ("model TFLOP/s", "{model_tflops_per_s:.3f}"), ("step s", "{step_seconds:.2f}"),
                  ("compile s", "{compile_seconds:.2f}"), ("warm-up s", "{warmup_seconds:.2f}"),

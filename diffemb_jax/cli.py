@@ -356,6 +356,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--vs-torch", action=argparse.BooleanOptionalAction, default=True,
                    help="also run the PyTorch reference (transformers + peft) and compare (default); "
                    "--no-vs-torch runs JAX alone")
+    p.add_argument("--mesh", default=None, metavar="DATA,FSDP,TENSOR",
+                   help="encode, train: JAX on a mesh of every device (product = device count; rows split over "
+                   "data x fsdp, weights over fsdp and tensor) instead of one device; ratios then also per device")
     p.add_argument("--profile", default=None, metavar="DIR",
                    help="after the timed part, profile one more pass of each run (encode: the texts once more; "
                    "train: one step; long: the document) into DIR/<run>: an XProf trace for JAX, a Chrome trace "

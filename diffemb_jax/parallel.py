@@ -46,9 +46,10 @@ def mesh_shape(data: int = -1, fsdp: int = 1, tensor: int = 1, device_count: int
     return tuple(sizes)
 
 
-def make_mesh(data: int = -1, fsdp: int = 1, tensor: int = 1) -> Mesh:
-    shape = mesh_shape(data, fsdp, tensor)
-    return jax.make_mesh(shape, MESH_AXES, axis_types=(jax.sharding.AxisType.Auto,) * 3)
+def make_mesh(data: int = -1, fsdp: int = 1, tensor: int = 1, devices=None) -> Mesh:
+    """The (data, fsdp, tensor) mesh over every device, or over `devices` only."""
+    shape = mesh_shape(data, fsdp, tensor, None if devices is None else len(devices))
+    return jax.make_mesh(shape, MESH_AXES, axis_types=(jax.sharding.AxisType.Auto,) * 3, devices=devices)
 
 
 def logical_spec(axes: tuple | None, shape: tuple[int, ...], mesh: Mesh) -> P:

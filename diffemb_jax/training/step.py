@@ -146,6 +146,20 @@ def make_train_step(graphdef, tx: optax.GradientTransformation, schedule, cfg: S
     return jax.jit(step_fn, donate_argnums=(0, 1), out_shardings=out_shardings)
 
 
+def placed_train_step(graphdef, lora, tx: optax.GradientTransformation, schedule, cfg: StepConfig, mesh):
+    """(lora, opt_state, train_step): the adapters and their optimizer state placed on `mesh` (each
+    where qwix put it, beside its base kernel; anything else replicated), and the step compiled to
+    keep them there."""
+    from jax.sharding import NamedSharding, PartitionSpec as P
+
+    opt_state = tx.init(lora)  # eager: zeros_like keeps each parameter's sharding
+    replicated = NamedSharding(mesh, P())
+    placement = jax.tree.map(lambda x: x.sharding if isinstance(x.sharding, NamedSharding) else replicated,
+                             (lora, opt_state))
+    lora, opt_state = jax.device_put((lora, opt_state), placement)
+    return lora, opt_state, make_train_step(graphdef, tx, schedule, cfg, out_shardings=(*placement, replicated))
+
+
 def batch_tokens(batch: dict[str, Any]) -> int:
     """The real tokens of a packed batch."""
     return int((batch["segments"] > 0).sum())

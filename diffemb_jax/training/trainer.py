@@ -24,14 +24,13 @@ import jax
 import ml_collections
 import orbax.checkpoint as ocp
 from flax import nnx
-from jax.sharding import NamedSharding, PartitionSpec as P
 from tqdm.auto import tqdm
 
 from diffemb_jax import parallel
 from diffemb_jax.training.data import TrainBatches, build_dataset
 from diffemb_jax.training.lora import LoraConfig, apply_lora
 from diffemb_jax.training.packing import pack_step, pad_rows, row_length, step_rows
-from diffemb_jax.training.step import StepConfig, batch_tokens, make_optimizer, make_train_step, split_model
+from diffemb_jax.training.step import StepConfig, batch_tokens, make_optimizer, placed_train_step, split_model
 
 log = logging.getLogger(__name__)
 ADAPTER_DIR = "adapter"  # WORKDIR/adapter: the trained LoRA as a PEFT adapter, written after the last step
@@ -64,13 +63,7 @@ def optimizer_and_step(config, graphdef, lora, mesh):
     the step compiled to keep them there."""
     tx, schedule = make_optimizer(config.train.lr, config.train.warmup_steps, config.train.steps,
                                   config.train.grad_clip, config.train.weight_decay)
-    opt_state = tx.init(lora)  # eager: zeros_like keeps each parameter's sharding
-    replicated = NamedSharding(mesh, P())
-    placement = jax.tree.map(lambda x: x.sharding if isinstance(x.sharding, NamedSharding) else replicated,
-                             (lora, opt_state))
-    lora, opt_state = jax.device_put((lora, opt_state), placement)
-    train_step = make_train_step(graphdef, tx, schedule, step_config(config), out_shardings=(*placement, replicated))
-    return lora, opt_state, train_step
+    return placed_train_step(graphdef, lora, tx, schedule, step_config(config), mesh)
 
 
 def check_config(config, *, data: bool = True) -> None:
