@@ -568,11 +568,18 @@ def _encode_worker(framework: str, job: dict) -> dict:
     figures, _, vectors = _measure(framework, lambda: encode(job["texts"]), lambda: encode(job["texts"]))
     if job.get("profile"):
         figures["profile"] = _profiled(framework, lambda: encode(job["texts"]), job["profile"])
-    return {"device": device, **info, "tokens": job["tokens"], "texts": len(job["texts"]),
+    return {"device": device, **info, "compile_seconds": _compile_seconds(framework, figures),
+            "tokens": job["tokens"], "texts": len(job["texts"]),
             "computed_tokens": job["computed_tokens"][framework], **figures,
             "tokens_per_s": job["tokens"] / figures["seconds"],
             "texts_per_s": len(job["texts"]) / figures["seconds"],
             "first_embeddings": vectors[:COMPARED].tolist()}
+
+
+def _compile_seconds(framework: str, figures: dict) -> float:
+    """XLA's compilation seconds before the timed part (the warm-up's every batch shape); PyTorch
+    compiles nothing."""
+    return sum(_jax_compilations()[: figures["warmup_compiles"]]) if framework == "jax" else 0.0
 
 
 def _profiled(framework: str, work: Callable, out_dir: str) -> dict:
@@ -625,11 +632,12 @@ def _long_worker(framework: str, job: dict) -> dict:
             raise
         first_line = next(iter(str(error).strip().splitlines()), type(error).__name__)
         return {**result, "status": "out of memory", "error": first_line[:500],
-                **dict.fromkeys(("seconds", "warmup_seconds", "tokens_per_s", "peak_rss_mb", "timed_peak_rss_mb",
-                                 "rss_increase_mb", "peak_device_mb", "timed_peak_device_mb"))}
+                **dict.fromkeys(("seconds", "warmup_seconds", "compile_seconds", "tokens_per_s", "peak_rss_mb",
+                                 "timed_peak_rss_mb", "rss_increase_mb", "peak_device_mb", "timed_peak_device_mb"))}
     if job.get("profile"):
         figures["profile"] = _profiled(framework, lambda: encode([text]), job["profile"])
-    return {**result, "status": "ok", **figures, "tokens_per_s": result["tokens"] / figures["seconds"],
+    return {**result, "status": "ok", **figures, "compile_seconds": _compile_seconds(framework, figures),
+            "tokens_per_s": result["tokens"] / figures["seconds"],
             "embedding": vectors[0].tolist()}
 
 
@@ -736,6 +744,7 @@ def _train_worker(framework: str, job: dict) -> dict:
             "tokens_per_step": job["tokens_per_step"], **figures,
             "step_seconds": figures["seconds"] / steps,
             "tokens_per_s": job["tokens_per_step"] * steps / figures["seconds"],
+            "texts_per_s": len(SIDES) * len(job["batch"]["query"]["input_ids"]) * steps / figures["seconds"],
             "losses": losses, "first_loss": losses[0], "last_loss": losses[-1]}
 
 
@@ -1283,7 +1292,7 @@ KINDS = {
         columns=(("device", "{device}"), ("devices", "{devices}"), ("tokens/s", "{tokens_per_s:.0f}"),
                  ("texts/s", "{texts_per_s:.1f}"),
                  ("tokens computed", "{computed_tokens}"),
-                 ("model TFLOP/s", "{model_tflops_per_s:.3f}"),
+                 ("model TFLOP/s", "{model_tflops_per_s:.3f}"), ("compile s", "{compile_seconds:.2f}"),
                  ("warm-up s", "{warmup_seconds:.2f}"), ("peak RSS MB", "{peak_rss_mb:.0f}"),
                  ("RSS increase MB", "{rss_increase_mb:.0f}"), ("peak device MB", "{peak_device_mb:.0f}"),
                  ("cores used", "{cores_used:.2f}"), ("load 1 min", "{load_average_1m:.2f}"))),
@@ -1293,7 +1302,7 @@ KINDS = {
         positive=("queries", "query_length", "doc_length", "lora_rank", "steps"),
         prepare=_train_job, runs=_train_runs, work=_train_worker, summarize=_train_summary, flops=_train_flops,
         columns=(("device", "{device}"), ("devices", "{devices}"), ("remat", "{remat}"),
-                 ("tokens/s", "{tokens_per_s:.0f}"),
+                 ("tokens/s", "{tokens_per_s:.0f}"), ("texts/s", "{texts_per_s:.1f}"),
                  ("tokens computed", "{computed_tokens}"),
                  ("model TFLOP/s", "{model_tflops_per_s:.3f}"), ("step s", "{step_seconds:.2f}"),
                  ("compile s", "{compile_seconds:.2f}"), ("warm-up s", "{warmup_seconds:.2f}"),
@@ -1307,7 +1316,8 @@ KINDS = {
         skip=_long_skip,
         columns=(("device", "{device}"), ("length", "{length}"), ("tokens", "{tokens}"), ("status", "{status}"),
                  ("seconds", "{seconds:.2f}"), ("tokens/s", "{tokens_per_s:.0f}"),
-                 ("model TFLOP/s", "{model_tflops_per_s:.3f}"), ("warm-up s", "{warmup_seconds:.2f}"),
+                 ("model TFLOP/s", "{model_tflops_per_s:.3f}"), ("compile s", "{compile_seconds:.2f}"),
+                 ("warm-up s", "{warmup_seconds:.2f}"),
                  ("peak device MB", "{peak_device_mb:.0f}"), ("peak RSS MB", "{peak_rss_mb:.0f}"),
                  ("RSS increase MB", "{rss_increase_mb:.0f}"), ("load 1 min", "{load_average_1m:.2f}")))
 }

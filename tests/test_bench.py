@@ -51,6 +51,7 @@ def test_bench_encode_tiny_model(tmp_path):
     assert report["max_abs_diff_first"] < 1e-3
     jax_r, torch_r = report["results"]["jax"], report["results"]["torch"]
     assert jax_r["warmup_compiles"] > 0 == jax_r["timed_compiles"]  # warming up met every batch shape
+    assert jax_r["compile_seconds"] > 0 == torch_r["compile_seconds"]
     # one bucket (32): PyTorch computes each text in a 32-token row; JAX packs what it can
     assert torch_r["computed_tokens"] == 8 * 32 and report["settings"]["tokens"] <= jax_r["computed_tokens"] <= 8 * 32
     assert torch_r["warmup_compiles"] is None is torch_r["timed_compiles"]
@@ -74,6 +75,7 @@ def test_bench_train_tiny_model(tmp_path):
         assert result["computed_tokens"] == computed[result["framework"]]
         assert result["tokens_per_s"] > 0 and result["step_seconds"] > 0 and result["peak_rss_mb"] > 0
         assert len(result["losses"]) == 2 and result["remat"] == "none"
+        assert result["texts_per_s"] == pytest.approx(4 * 3 / result["step_seconds"])  # 4 x (query, pos, neg)
     # LoRA B starts at zero: the first step is the base model's loss on the same ids in both frameworks
     assert report["first_loss_abs_diff"] < 1e-3
     jax_r, torch_r = report["results"]["JAX remat=none"], report["results"]["PyTorch checkpointing=off"]
@@ -426,6 +428,7 @@ def test_bench_long_tiny_model(tmp_path):
     for result in report["results"].values():
         assert result["status"] == "ok" and result["length"] - 8 <= result["tokens"] <= result["length"]
         assert result["seconds"] > 0 and result["model_tflops_per_s"] > 0 and "embedding" not in result
+        assert (result["compile_seconds"] > 0) == (result["framework"] == "jax")
     assert report["longest"] == {"jax": 2048, "torch": 2048}
     assert set(report["tokens_per_s_ratio_by_length"]) == {"256", "2048"}
     assert max(report["max_abs_diff_by_length"].values()) < 1e-4
