@@ -374,16 +374,17 @@ def _reset_peak_rss() -> None:
 
 def device_peak_mb(framework: str) -> float | None:
     """This process's peak accelerator memory so far, in MB: what the allocator handed out (not the
-    pool JAX preallocates, nor torch's cache). None on the CPU, where the RSS figures cover it."""
+    pool JAX preallocates, nor torch's cache), on its fullest device (a mesh has several). None on
+    the CPU, where the RSS figures cover it."""
     if framework == "torch":
         import torch
 
         return torch.cuda.max_memory_allocated() / 2**20 if torch.cuda.is_available() else None
     import jax
 
-    device = jax.local_devices()[0]
-    stats = (device.memory_stats() or {}) if device.platform != "cpu" else {}
-    return stats["peak_bytes_in_use"] / 2**20 if "peak_bytes_in_use" in stats else None
+    stats = [(device.memory_stats() or {}) if device.platform != "cpu" else {} for device in jax.local_devices()]
+    peaks = [s["peak_bytes_in_use"] for s in stats if "peak_bytes_in_use" in s]
+    return max(peaks) / 2**20 if peaks else None
 
 
 def _reset_device_peak(framework: str) -> bool:
