@@ -21,6 +21,10 @@ are timed apart from the --steps timed ones. LoRA B starts at zero, so the first
 base model's in every run and must agree; after that the two frameworks draw different LoRA A
 initialisations and dropout masks, so losses only stay close.
 
+--grad-cache-chunk N runs JAX's GradCache step (training/step.py) with N packed rows a chunk: the
+plain step's loss and gradients for one more forward pass, with one chunk's activations live at a
+time; PyTorch runs its plain step.
+
 --remat picks what JAX keeps for the backward pass (the decoder's REMAT_POLICIES: none, full =
 nothing saved, dots = projection outputs saved, dots_all = attention's matmuls too), or compares a
 comma-separated list of them (all: every one): one JAX run per policy. PyTorch runs once per
@@ -671,7 +675,7 @@ def _jax_trainer(job: dict):
     tx, schedule = make_optimizer(opt["lr"], warmup_steps=0, total_steps=job["warmup_steps"] + job["steps"],
                                   grad_clip=opt["grad_clip"], weight_decay=opt["weight_decay"])
     step_cfg = StepConfig(batch_size=len(job["batch"]["query"]["input_ids"]), loss="in_batch", scale=job["scale"],
-                          seed=job["seed"])
+                          seed=job["seed"], grad_cache_chunk=job["grad_cache_chunk"])
     # Placed as the Trainer places them, and kept there by the step: state placed otherwise than the
     # step's outputs would make step 1 compile again.
     lora, opt_state, train_step = placed_train_step(graphdef, lora, tx, schedule, step_cfg, mesh)
@@ -742,6 +746,7 @@ def _train_worker(framework: str, job: dict) -> dict:
     if job.get("profile"):  # one step more, its loss not among the timed ones
         figures["profile"] = _profiled(framework, lambda: step(warmup + steps), job["profile"])
     return {"device": device, **info, "remat": job["remat"], "dtype": job["dtype"],
+            "grad_cache_chunk": job["grad_cache_chunk"] if framework == "jax" else 0,
             "tokens_per_step": job["tokens_per_step"], **figures,
             "step_seconds": figures["seconds"] / steps,
             "tokens_per_s": job["tokens_per_step"] * steps / figures["seconds"],
@@ -879,6 +884,8 @@ def _check_args(args) -> None:
             raise ValueError(f"--lora-dropout must be in [0, 1), got {args.lora_dropout}")
         if args.warmup_steps < 0:
             raise ValueError(f"--warmup-steps must be >= 0, got {args.warmup_steps}")
+        if args.grad_cache_chunk < 0:
+            raise ValueError(f"--grad-cache-chunk must be >= 0 (0: the plain step), got {args.grad_cache_chunk}")
         if args.vs_torch and not _installed("peft"):
             raise ModuleNotFoundError("diffemb bench train: the PyTorch side needs peft: pip install peft "
                                       "(or --no-vs-torch)")
@@ -982,7 +989,7 @@ def _train_job(args, tokenizer) -> tuple[dict, dict]:
                 "tokens_per_step": sum(sum(map(sum, batch[side]["padding_mask"])) for side in SIDES),
                 "computed_tokens": computed, "packed_rows": len(packed["input_ids"]), "mesh": mesh,
                 "warmup_steps": args.warmup_steps, "steps": args.steps, "dtype": args.dtype,
-                "remat": remat_policies(args.remat),
+                "remat": remat_policies(args.remat), "grad_cache_chunk": args.grad_cache_chunk,
                 "attention": "bidirectional", "pooling": "mean", "loss": "in-batch InfoNCE, cosine x scale",
                 "scale": SCALE, "seed": SEED,
                 "lora": {"rank": args.lora_rank, "alpha": 2.0 * args.lora_rank, "dropout": args.lora_dropout,
@@ -1097,6 +1104,10 @@ def _train_summary(results: dict) -> tuple[dict, list[str]]:
                   f"first-step loss: {jax_label} {jax_r['first_loss']:.6f}, {torch_label} "
                   f"{torch_r['first_loss']:.6f}, |diff| {pair['first_loss_abs_diff']:.2e} "
                   + _agreement(pair["first_loss_abs_diff"], dtype)]
+    chunk = next(iter(runs["jax"].values()))["grad_cache_chunk"] if runs["jax"] else 0
+    if chunk:
+        lines.append(f"JAX runs GradCache, {chunk} packed rows a chunk (the plain step's loss and gradients, one "
+                     "chunk's activations live at a time); PyTorch its plain step")
     first = [r["first_loss"] for r in results.values()]
     summary = {"pairs": pairs, "first_loss_abs_diff": max(first) - min(first), "best_remat": _best_remat(runs["jax"])}
     if len(results) > (2 if pairs else 1):
@@ -1298,8 +1309,8 @@ KINDS = {
                  ("RSS increase MB", "{rss_increase_mb:.0f}"), ("peak device MB", "{peak_device_mb:.0f}"),
                  ("cores used", "{cores_used:.2f}"), ("load 1 min", "{load_average_1m:.2f}"))),
     "train": Kind(
-        flags=("queries", "query_length", "doc_length", "lora_rank", "lora_dropout", "remat", "warmup_steps",
-               "steps", "mesh"),
+        flags=("queries", "query_length", "doc_length", "lora_rank", "lora_dropout", "remat", "grad_cache_chunk",
+               "warmup_steps", "steps", "mesh"),
         positive=("queries", "query_length", "doc_length", "lora_rank", "steps"),
         prepare=_train_job, runs=_train_runs, work=_train_worker, summarize=_train_summary, flops=_train_flops,
         columns=(("device", "{device}"), ("devices", "{devices}"), ("remat", "{remat}"),

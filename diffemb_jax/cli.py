@@ -327,6 +327,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--remat", default="none", metavar="POLICY[,POLICY...]|all",
                    help=f"train: JAX gradient checkpointing ({', '.join(REMAT_POLICIES)}); a list compares them, "
                    "one JAX run each; PyTorch runs with checkpointing off for none, on for the others, once a setting")
+    p.add_argument("--grad-cache-chunk", type=int, default=0, metavar="ROWS",
+                   help="train: JAX runs GradCache with this many packed rows a chunk (0: the plain step); PyTorch "
+                   "runs its plain step")
     p.add_argument("--warmup-steps", type=int, default=1, help="train: untimed steps first (JAX: compilation)")
     p.add_argument("--steps", type=int, default=5, help="train: timed steps")
     p.add_argument("--lengths", default="1024,2048,4096,8192,16384,32768",

@@ -91,15 +91,18 @@ def test_bench_train_tiny_model(tmp_path):
 
 def test_bench_on_a_mesh(tmp_path, monkeypatch):
     """--mesh: the JAX workers run on a mesh of four (simulated CPU) devices, rows split over data x
-    fsdp; the step and the embeddings still agree with PyTorch's on one, the packed rows are a
-    multiple of the batch shards, and ratio and MFU are also given per device."""
+    fsdp; the step (here GradCache's, in chunks of 4 rows) and the embeddings still agree with
+    PyTorch's on one, the packed rows are a multiple of the batch shards, and ratio and MFU are also
+    given per device."""
     monkeypatch.setenv("XLA_FLAGS", "--xla_force_host_platform_device_count=4")  # the workers' JAX
     report = _bench_tiny(tmp_path, "train", "--queries", "4", "--query-length", "8", "--doc-length", "24",
                          "--lora-rank", "4", "--warmup-steps", "1", "--steps", "1", "--peak-tflops", "2.5",
-                         "--mesh", "2,2,1")
+                         "--mesh", "2,2,1", "--grad-cache-chunk", "4")
     settings = report["settings"]
     assert settings["mesh"] == {"data": 2, "fsdp": 2, "tensor": 1} and settings["packed_rows"] % 4 == 0
+    assert settings["packed_rows"] > 4  # so GradCache runs several chunks
     jax_r, torch_r = report["results"]["JAX remat=none"], report["results"]["PyTorch checkpointing=off"]
+    assert (jax_r["grad_cache_chunk"], torch_r["grad_cache_chunk"]) == (4, 0)
     assert (jax_r["devices"], torch_r["devices"]) == (4, 1)
     assert abs(jax_r["first_loss"] - torch_r["first_loss"]) < 1e-3
     pair = report["pairs"]["none"]
@@ -108,7 +111,8 @@ def test_bench_on_a_mesh(tmp_path, monkeypatch):
     encoded = _bench_tiny(tmp_path / "encode", "encode", "--texts", "8", "--batch-size", "4", "--max-length", "32",
                           "--mesh", "4,1,1")
     assert encoded["results"]["jax"]["devices"] == 4 and encoded["max_abs_diff_first"] < 1e-3
-    for argv, message in ((["--mesh", "2,2"], "three positive sizes"), (["--mesh", "3,1,1"], "not divisible")):
+    for argv, message in ((["--mesh", "2,2"], "three positive sizes"), (["--mesh", "3,1,1"], "not divisible"),
+                          (["--grad-cache-chunk", "-1"], "grad-cache-chunk")):
         with pytest.raises(ValueError, match=message):
             from diffemb_jax import bench
 

@@ -139,7 +139,7 @@ def test_packed_step_loss_and_gradients_equal_peft(tmp_path):
         np.testing.assert_allclose(expected[name], grad, atol=1e-5 * scale, rtol=0, err_msg=name)
 
 
-@pytest.mark.parametrize("chunk", [3, 8])
+@pytest.mark.parametrize("chunk", [3, 8, 32])  # 16 rows: 5 chunks and a row; 2 chunks; one short chunk
 def test_grad_cache_equals_plain_step(chunk):
     loss, grads = _grads()
     cached_loss, cached = _grads(chunk=chunk)

@@ -9,7 +9,8 @@ carry gradients and optimizer state. LoRA dropout masks come from a key derived 
 no RNG state to carry, and a resumed run draws the very masks the uninterrupted one drew. With
 `grad_cache_chunk` set, the step follows GradCache (Gao et al., 2021): embed every chunk without
 gradients, take the loss and its gradient with respect to the embeddings over the whole batch, then
-re-embed each chunk with that cached gradient as the cotangent. Chunks are runs of rows; a chunk's
+re-embed each chunk with that cached gradient as the cotangent. A chunk takes every n-th row (each
+batch shard gives it its share) and the chunks run as a lax.scan (compiled once); a chunk's
 embeddings are [texts, D] with zeros for the texts it does not hold, so they add up to the batch's.
 Activations of one chunk are live at a time, and loss and gradients equal the plain step's.
 """
@@ -88,26 +89,42 @@ def loss_and_grads(graphdef, lora, frozen, batch: dict, cfg: StepConfig, key: ja
     return metrics, grads
 
 
-def _chunks(rows: dict, size: int) -> list[dict]:
-    count = rows["input_ids"].shape[0]
-    return [{k: v[i : i + size] for k, v in rows.items()} for i in range(0, count, size)]
-
-
 def _grad_cache(graphdef, lora, frozen, batch, cfg, key):
-    chunks = _chunks(batch, cfg.grad_cache_chunk)
-    keys = [jax.random.fold_in(key, i) for i in range(len(chunks))]
-    vectors = sum(jax.lax.stop_gradient(_embed(graphdef, jax.lax.stop_gradient(lora), frozen, chunk, cfg, k))
-                  for chunk, k in zip(chunks, keys))  # 1. embed every chunk without gradients
+    """GradCache in chunks of cfg.grad_cache_chunk rows. Chunk i holds rows i, i + n, i + 2n, ... (n
+    chunks of that size; the rows past them, if any, make one more), so that every batch shard gives
+    each chunk its share of rows. The n chunks run as a lax.scan: one chunk's program, compiled once
+    however many chunks there are."""
+    size = cfg.grad_cache_chunk
+    rows = batch["input_ids"].shape[0]
+    n = rows // size
+    strided = jax.tree.map(lambda v: v[: n * size].reshape(size, n, *v.shape[1:]).swapaxes(0, 1), batch)
+    tail = jax.tree.map(lambda v: v[n * size :], batch) if rows % size else None
+    still = jax.lax.stop_gradient(lora)
+
+    def embed(lora, chunk, i):
+        return _embed(graphdef, lora, frozen, chunk, cfg, jax.random.fold_in(key, i))
+
+    def forward(total, chunk_and_index):  # 1. embed every chunk without gradients
+        return total + jax.lax.stop_gradient(embed(still, *chunk_and_index)), None
+
+    shape = jax.eval_shape(embed, still, tail if n == 0 else jax.tree.map(lambda v: v[0], strided), 0)
+    vectors, _ = jax.lax.scan(forward, jnp.zeros(shape.shape, shape.dtype), (strided, jnp.arange(n)))
+    if tail is not None:
+        vectors, _ = forward(vectors, (tail, n))
 
     def objective(vectors):  # 2. loss and its gradient with respect to the embeddings
         metrics = contrastive_loss(vectors, cfg)
         return metrics["loss"], metrics
 
     (_, metrics), cached = jax.value_and_grad(objective, has_aux=True)(vectors)
-    grads = jax.tree.map(jnp.zeros_like, lora)
-    for chunk, k in zip(chunks, keys):  # 3. re-embed each chunk, same dropout masks
-        _, vjp = jax.vjp(lambda l: _embed(graphdef, l, frozen, chunk, cfg, k), lora)
-        grads = jax.tree.map(jnp.add, grads, vjp(cached)[0])
+
+    def backward(grads, chunk_and_index):  # 3. re-embed each chunk (the same dropout masks), cached cotangent
+        _, vjp = jax.vjp(lambda lora: embed(lora, *chunk_and_index), lora)
+        return jax.tree.map(jnp.add, grads, vjp(cached)[0]), None
+
+    grads, _ = jax.lax.scan(backward, jax.tree.map(jnp.zeros_like, lora), (strided, jnp.arange(n)))
+    if tail is not None:
+        grads, _ = backward(grads, (tail, n))
     return metrics, grads
 
 
