@@ -17,6 +17,7 @@ from training_fixtures import tiny_setup
 
 ROOT = Path(__file__).parent.parent
 MESHES = [(8, 1, 1), (2, 4, 1), (2, 2, 2), (1, 4, 2)]
+GRAD_CACHE = (2, 2, 2, 4)  # GradCache, 4 rows a chunk: each of the 4 batch shards gives a chunk one
 
 TRAIN = textwrap.dedent("""
     import json, sys
@@ -29,11 +30,12 @@ TRAIN = textwrap.dedent("""
     model, data, out = sys.argv[1:4]
     meshes, dropout = json.loads(sys.argv[4]), float(sys.argv[5])
     results = {}
-    for shape in meshes:
+    for shape in meshes:  # (data, fsdp, tensor[, GradCache rows a chunk])
         c = tiny_cfg.get_config()
         c.model.path, c.data.files, c.train.steps = model, (data,), 3
         c.lora.dropout = dropout  # the masks must not depend on the mesh either
-        c.mesh.data, c.mesh.fsdp, c.mesh.tensor = shape
+        c.mesh.data, c.mesh.fsdp, c.mesh.tensor = shape[:3]
+        c.train.grad_cache_chunk = shape[3] if len(shape) > 3 else 0
         trainer = Trainer(c, f"{out}/run-{'x'.join(map(str, shape))}")
         history = trainer.run(progress=False)
         kernel = trainer.frozen["layers"][0]["mlp"]["up_proj"]["kernel"][...]
@@ -61,10 +63,12 @@ def _run(code, *args, devices):
 def trained(tmp_path_factory):
     root = tmp_path_factory.mktemp("parallel")
     model, data = tiny_setup(root)
-    _run(TRAIN, model, data, root / "one", json.dumps([(1, 1, 1)]), 0.1, devices=1)
-    _run(TRAIN, model, data, root / "eight", json.dumps(MESHES), 0.1, devices=8)
-    one = json.loads((root / "one" / "results.json").read_text())["1x1x1"]
-    return one, json.loads((root / "eight" / "results.json").read_text()), root
+    _run(TRAIN, model, data, root / "one", json.dumps([(1, 1, 1), (1, 1, 1, 4)]), 0.1, devices=1)
+    _run(TRAIN, model, data, root / "eight", json.dumps([*MESHES, GRAD_CACHE]), 0.1, devices=8)
+    ones = json.loads((root / "one" / "results.json").read_text())
+    eight = json.loads((root / "eight" / "results.json").read_text())
+    eight["grad cache, one device"] = ones["1x1x1x4"]
+    return ones["1x1x1"], eight, root
 
 
 @pytest.mark.parametrize("shape", MESHES)
@@ -74,6 +78,17 @@ def test_mesh_step_equals_one_device(trained, shape):
     np.testing.assert_allclose(got["losses"], one["losses"], rtol=1e-5)
     # Three Adam steps: Adam divides by sqrt(v), so float32 reordering in a near-zero gradient entry can move
     # that entry by ~lr * 1e-2; 1.1e-5 was measured on (2, 4, 1). Parameters are ~0.1 in size.
+    for a, b in zip(got["lora"], one["lora"]):
+        np.testing.assert_allclose(np.asarray(a), np.asarray(b), atol=5e-5, rtol=0)
+
+
+def test_grad_cache_on_a_mesh_equals_one_device(trained):
+    """GradCache's chunks take every n-th row, so that each batch shard gives each chunk its share:
+    on a mesh, with dropout, the losses and adapters are the one-device GradCache run's."""
+    plain, eight, _ = trained
+    got, one = eight["x".join(map(str, GRAD_CACHE))], eight["grad cache, one device"]
+    np.testing.assert_allclose(got["losses"], one["losses"], rtol=1e-5)
+    assert np.abs(np.subtract(got["losses"], plain["losses"])).max() > 1e-4  # its chunks draw their own masks
     for a, b in zip(got["lora"], one["lora"]):
         np.testing.assert_allclose(np.asarray(a), np.asarray(b), atol=5e-5, rtol=0)
 
