@@ -82,6 +82,7 @@ import importlib.metadata
 import inspect
 import itertools
 import json
+import math
 import os
 import platform
 import re
@@ -94,7 +95,7 @@ import time
 from pathlib import Path
 from typing import Callable
 
-from diffemb_jax.memory import available_host_mb, device_capacity
+from diffemb_jax.memory import available_host_mb, compiled_bytes, device_capacity
 
 # Modules whose public docstrings make the texts: real prose and code, from a line to pages long.
 DOC_MODULES = ("json", "re", "textwrap", "itertools", "functools", "collections", "inspect", "pathlib",
@@ -835,6 +836,8 @@ def _installed(name: str) -> bool:
 
 def mesh_of(spec: str | None) -> dict | None:
     """--mesh DATA,FSDP,TENSOR -> {"data": ..., "fsdp": ..., "tensor": ...}; None: one device."""
+    from diffemb_jax.parallel import MESH_AXES
+
     if spec is None:
         return None
     try:
@@ -844,12 +847,14 @@ def mesh_of(spec: str | None) -> dict | None:
     if len(sizes) != 3 or min(sizes) < 1:
         raise ValueError(f"--mesh takes three positive sizes DATA,FSDP,TENSOR whose product is the device count "
                          f"(e.g. 1,8,1), got {spec!r}")
-    return dict(zip(("data", "fsdp", "tensor"), sizes))
+    return dict(zip(MESH_AXES, sizes))
 
 
 def batch_shards(mesh: dict | None) -> int:
-    """How many ways the mesh splits a batch's rows (data x fsdp), as parallel.batch_shards does."""
-    return 1 if mesh is None else mesh["data"] * mesh["fsdp"]
+    """How many ways --mesh splits a batch's rows: parallel.batch_shards of its sizes."""
+    from diffemb_jax.parallel import BATCH_AXES
+
+    return 1 if mesh is None else math.prod(mesh[axis] for axis in BATCH_AXES)
 
 
 def _check_args(args) -> None:
@@ -1257,7 +1262,7 @@ def long_plan(args) -> dict:
     for length in lengths:
         start = time.perf_counter()
         stats = embedder.compiled_for(length).memory_analysis()
-        total = stats.argument_size_in_bytes + stats.temp_size_in_bytes + stats.output_size_in_bytes
+        total = compiled_bytes(stats)
         results[f"JAX {length}"] = {
             "device": device, "length": length, "compile_seconds": time.perf_counter() - start,
             "arguments_gib": stats.argument_size_in_bytes / 2**30, "temporaries_gib": stats.temp_size_in_bytes / 2**30,

@@ -14,6 +14,13 @@ def available_host_mb() -> float:
     raise OSError("/proc/meminfo has no MemAvailable")
 
 
+def compiled_bytes(stats) -> int:
+    """What a compiled program holds at its peak, from its memory_analysis(): arguments, temporaries
+    and outputs, less the outputs written in place of donated arguments."""
+    return (stats.argument_size_in_bytes + stats.temp_size_in_bytes + stats.output_size_in_bytes
+            - stats.alias_size_in_bytes)
+
+
 def device_capacity() -> tuple[str, float | None]:
     """(the device, the bytes it can hold): an accelerator's allocator limit (None where it gives
     none), or on the CPU the host memory available now."""

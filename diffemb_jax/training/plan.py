@@ -20,6 +20,7 @@ from flax import nnx
 from jax.sharding import NamedSharding, PartitionSpec as P
 
 from diffemb_jax import parallel
+from diffemb_jax.memory import compiled_bytes
 from diffemb_jax.model import Decoder
 from diffemb_jax.training.lora import apply_lora
 from diffemb_jax.training.packing import STEP_KEYS, step_rows
@@ -75,6 +76,4 @@ def memory_plan(config: ml_collections.ConfigDict) -> dict[str, int]:
             "optimizer_state": per_device(opt_state), "batch": len(batch) * per_device(rows),
             "arguments": stats.argument_size_in_bytes, "temporaries": stats.temp_size_in_bytes,
             "outputs": stats.output_size_in_bytes, "aliased": stats.alias_size_in_bytes,
-            # the donated adapters and optimizer state are written in place: their outputs are their arguments
-            "total": stats.argument_size_in_bytes + stats.temp_size_in_bytes + stats.output_size_in_bytes
-            - stats.alias_size_in_bytes}
+            "total": compiled_bytes(stats)}  # the donated adapters and optimizer state are written in place

@@ -24,6 +24,7 @@ import jax
 import jax.numpy as jnp
 import optax
 from flax import nnx
+from jax.sharding import NamedSharding, PartitionSpec as P
 
 from diffemb_jax.embedding.pooling import pool_texts
 from diffemb_jax.training.lora import set_dropout_key
@@ -167,8 +168,6 @@ def placed_train_step(graphdef, lora, tx: optax.GradientTransformation, schedule
     """(lora, opt_state, train_step): the adapters and their optimizer state placed on `mesh` (each
     where qwix put it, beside its base kernel; anything else replicated), and the step compiled to
     keep them there."""
-    from jax.sharding import NamedSharding, PartitionSpec as P
-
     opt_state = tx.init(lora)  # eager: zeros_like keeps each parameter's sharding
     replicated = NamedSharding(mesh, P())
     placement = jax.tree.map(lambda x: x.sharding if isinstance(x.sharding, NamedSharding) else replicated,
