@@ -205,15 +205,15 @@ def packed_step(batch: dict, length: int, shards: int = 1) -> dict[str, list[lis
 
 def tokenizer_for(model: Path):
     """The tokenizer that load_model gives the Embedder, without reading any weights."""
-    from conversion.checkpoint import hf_tokenizer
+    from diffemb_jax.checkpoints.checkpoint import hf_tokenizer
 
     return hf_tokenizer(model.parent, model.name) if model.suffix == ".gguf" else hf_tokenizer(model)
 
 
 def torch_source(model: Path) -> Path:
     """The weights transformers can load: the model itself, or what a converted directory came from."""
-    from conversion import is_converted
-    from conversion.checkpoint import CONVERTED_MARKER
+    from diffemb_jax.checkpoints import is_converted
+    from diffemb_jax.checkpoints.checkpoint import CONVERTED_MARKER
 
     if not is_converted(model):
         return model
@@ -658,9 +658,9 @@ def _jax_trainer(job: dict):
     import jax
     import numpy as np
 
-    from conversion import load_model
+    from diffemb_jax.checkpoints import load_model
     from diffemb_jax import parallel
-    from diffemb_jax.training.lora import LoraConfig, apply_lora
+    from diffemb_jax.model.lora import LoraConfig, apply_lora
     from diffemb_jax.training.step import StepConfig, make_optimizer, placed_train_step, split_model
 
     warnings.filterwarnings("ignore", message="Some donated buffers were not usable")  # CPU: no donation
@@ -1238,7 +1238,7 @@ def long_plan(args) -> dict:
     import jax.numpy as jnp
     from flax import nnx
 
-    from conversion import model_config
+    from diffemb_jax.checkpoints import model_config
     from diffemb_jax.embedding import Embedder
     from diffemb_jax.model import Decoder
     from diffemb_jax.model.config import config_from_hf

@@ -9,14 +9,14 @@ from pathlib import Path
 
 
 def _convert(args) -> None:
-    from conversion import convert
+    from diffemb_jax.checkpoints import convert
 
     out = convert(args.src, args.out, dtype=args.dtype)
     print(f"converted {args.src} -> {out}")
 
 
 def _export(args) -> None:
-    from conversion import export_model
+    from diffemb_jax.checkpoints import export_model
 
     out = export_model(args.model, args.out, adapter=args.adapter, dtype=args.dtype)
     merged = f" with the adapter {args.adapter} merged" if args.adapter else ""

@@ -61,7 +61,7 @@ DEFAULT_SETTINGS = Settings()
 
 def converted_smollm2() -> Path:
     """The converted SmolLM2 directory, converting it on first use."""
-    from conversion import convert
+    from diffemb_jax.checkpoints import convert
 
     out = cache_dir() / "smollm2-135m-instruct"
     if not out.exists():
@@ -155,7 +155,7 @@ def _bar(settings: Settings, label: str) -> bool:
 def train_and_evaluate(config, workdir: Path, test, settings: Settings) -> dict:
     from flax import nnx
 
-    from diffemb_jax.training.lora import merge_lora
+    from diffemb_jax.model.lora import merge_lora
     from diffemb_jax.training.trainer import Trainer, lora_config
 
     attention = config.model.attention

@@ -32,7 +32,7 @@ def padded_batch(lengths, length, side, seed=0, vocab=97):
 @pytest.fixture(scope="session")
 def smollm2_converted(tmp_path_factory):
     """The real SmolLM2-135M converted once per test session."""
-    from conversion import convert
+    from diffemb_jax.checkpoints import convert
     from diffemb_jax import assets
 
     return convert(assets.smollm2_gguf(), tmp_path_factory.mktemp("smollm2") / "converted", progress=False)

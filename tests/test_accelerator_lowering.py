@@ -15,7 +15,7 @@ from flax import nnx
 from diffemb_jax.embedding.pooling import pool, pool_packed
 from diffemb_jax.model import Decoder
 from diffemb_jax.model.config import ModelConfig
-from diffemb_jax.training.lora import LoraConfig, apply_lora
+from diffemb_jax.model.lora import LoraConfig, apply_lora
 from diffemb_jax.training.step import StepConfig, make_optimizer, make_train_step, split_model
 
 LAYERS = 2

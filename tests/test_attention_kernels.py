@@ -12,7 +12,7 @@ import pytest
 from conftest import padded_batch
 
 import tiny
-from conversion import load_model
+from diffemb_jax.checkpoints import load_model
 from diffemb_jax.model import attention as kernels
 from diffemb_jax.model.attention import attend, resolve_kernel
 

@@ -501,12 +501,12 @@ def test_bench_long_compile_only_plans_from_the_shape_alone(tmp_path, monkeypatc
 
 
 def test_bench_long_compile_only_reads_a_models_config_not_its_weights(tmp_path, monkeypatch, capsys):
-    import conversion.checkpoint
+    import diffemb_jax.checkpoints.checkpoint as checkpoint_module
 
     from diffemb_jax import bench
 
     for name in ("load_decoder", "load_converted"):
-        monkeypatch.setattr(conversion.checkpoint, name, lambda *a, **k: pytest.fail("read weights"))
+        monkeypatch.setattr(checkpoint_module, name, lambda *a, **k: pytest.fail("read weights"))
     model_dir = tiny.write_checkpoint("llama", tmp_path / "llama")
     args = ["bench", "long", "--compile-only", "--lengths", "64,128"]
     report = bench.main(cli.build_parser().parse_args([*args, "--model", str(model_dir)]))

@@ -13,7 +13,7 @@ import pyarrow.parquet as pq
 import pytest
 
 import tiny
-from conversion import convert
+from diffemb_jax.checkpoints import convert
 from diffemb_jax.cli import main as cli
 from diffemb_jax.embedding.files import InputError
 from diffemb_jax.evaluation import bright, followir, hub_data, longembed

@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 
 import tiny
-from conversion import convert
+from diffemb_jax.checkpoints import convert
 from diffemb_jax.cli import main as cli
 from diffemb_jax.embedding import Embedder
 

@@ -11,7 +11,7 @@ from conftest import padded_batch
 from safetensors.torch import load_file, save_file
 
 import tiny
-from conversion import CheckpointError, convert, load_model
+from diffemb_jax.checkpoints import CheckpointError, convert, load_model
 from diffemb_jax.cli import main as cli
 from diffemb_jax.model import UnsupportedConfigError
 
@@ -65,7 +65,7 @@ def test_safetensors_reads_equal_the_safetensors_package(tmp_path):
     whole tensors and the slices the loader asks for; the file's metadata skipped."""
     from safetensors import safe_open
 
-    from conversion.sources import SafetensorsSource
+    from diffemb_jax.checkpoints.sources import SafetensorsSource
 
     g = torch.Generator().manual_seed(0)
     tensors = {f"t.{dtype}".replace("torch.", ""): (torch.randn(5, 7, generator=g) * 4).to(dtype)
@@ -89,7 +89,7 @@ def test_safetensors_reads_equal_the_safetensors_package(tmp_path):
 
 
 def test_broken_safetensors_are_explained(tmp_path):
-    from conversion.sources import SafetensorsSource
+    from diffemb_jax.checkpoints.sources import SafetensorsSource
 
     save_file({"w": torch.ones(64, 64)}, tmp_path / "model.safetensors")
     whole = (tmp_path / "model.safetensors").read_bytes()

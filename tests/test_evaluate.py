@@ -9,7 +9,7 @@ import pytest
 from scipy import stats
 
 import tiny
-from conversion import convert
+from diffemb_jax.checkpoints import convert
 from diffemb_jax.cli import main as cli
 from diffemb_jax.embedding import Embedder
 from diffemb_jax.embedding.files import InputError

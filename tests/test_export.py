@@ -20,13 +20,13 @@ from flax import nnx
 from safetensors.numpy import load_file, save_file
 
 import tiny
-from conversion import CheckpointError, convert, load_model
-from conversion.export import export_hf
-from conversion.peft_adapters import load_peft_adapter, merged_from_peft, save_peft_adapter
+from diffemb_jax.checkpoints import CheckpointError, convert, load_model
+from diffemb_jax.checkpoints.export import export_hf
+from diffemb_jax.checkpoints.peft_adapters import load_peft_adapter, merged_from_peft, save_peft_adapter
 from diffemb_jax.cli import main as cli
 from diffemb_jax.embedding.pooling import pool
 from diffemb_jax.model.attention import attend
-from diffemb_jax.training.lora import LoraConfig, apply_lora, merge_lora
+from diffemb_jax.model.lora import LoraConfig, apply_lora, merge_lora
 
 LENGTHS = [9, 5, 2]
 ALL_LINEAR = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]

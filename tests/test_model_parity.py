@@ -9,7 +9,7 @@ import torch
 from conftest import padded_batch
 
 import tiny
-from conversion import load_model
+from diffemb_jax.checkpoints import load_model
 
 LENGTHS = [9, 5, 2]
 

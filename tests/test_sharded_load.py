@@ -12,7 +12,7 @@ SCRIPT = textwrap.dedent("""
     import sys
     import jax, jax.numpy as jnp, numpy as np
     from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
-    from conversion import load_model
+    from diffemb_jax.checkpoints import load_model
 
     assert len(jax.devices()) == 4
     mesh = Mesh(np.array(jax.devices()).reshape(2, 2), ("fsdp", "tensor"))

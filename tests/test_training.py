@@ -19,7 +19,7 @@ from flax import nnx
 
 from diffemb_jax.cli import main as cli
 from diffemb_jax.model import Decoder, ModelConfig
-from diffemb_jax.training.lora import LoraConfig, apply_lora, merge_lora
+from diffemb_jax.model.lora import LoraConfig, apply_lora, merge_lora
 from diffemb_jax.training.packing import pack_step, pad_rows, step_rows
 from diffemb_jax.training.step import StepConfig, loss_and_grads, make_optimizer, make_train_step, split_model
 from training_fixtures import tiny_setup, train_args
@@ -95,8 +95,8 @@ def test_packed_step_loss_and_gradients_equal_peft(tmp_path):
     from safetensors.numpy import load_file
 
     import tiny
-    from conversion import load_model
-    from conversion.peft_adapters import save_peft_adapter
+    from diffemb_jax.checkpoints import load_model
+    from diffemb_jax.checkpoints.peft_adapters import save_peft_adapter
 
     oracle = tiny.oracle_model("qwen2")
     model, _ = load_model(tiny.write_checkpoint("qwen2", tmp_path / "model", model=oracle), dtype="float32")
@@ -182,7 +182,7 @@ def test_remat_equals_no_remat(remat, dropout):
 def test_dropout_masks_under_jit_equal_eager_draws(remat):
     """Drawn eagerly, each LoRA's mask comes from the stream's count at that moment. Under jit each
     LoRA must draw the same masks, not one mask reused by all (a bug this guards)."""
-    from diffemb_jax.training.lora import set_dropout_key
+    from diffemb_jax.model.lora import set_dropout_key
 
     model = apply_lora(Decoder(CFG, rngs=nnx.Rngs(0), remat=remat), LoraConfig(rank=4, alpha=8, dropout=0.5))
     nnx.update(model, jax.tree.map(lambda x: x + 0.3, nnx.state(model, nnx.LoRAParam)))  # B is zero at init
@@ -210,7 +210,7 @@ def test_dropout_mask_is_jax_threefry_of_its_counters():
     columns j, j + q, j + 2q and j + 3q (q = ceil(width / 4))."""
     from jax.extend.random import threefry_2x32
 
-    from diffemb_jax.training.lora import dropout_keep_mask
+    from diffemb_jax.model.lora import dropout_keep_mask
 
     key, index, keep = jax.random.key(7), 5, 0.9
     for shape in [(3, 5, 8), (4, 7), (2, 1)]:
@@ -233,7 +233,7 @@ def test_dropout_masks_keep_the_rate_and_are_independent():
     the other draws of one block and neighbouring rows are independent (chi-squared, scipy)."""
     from scipy.stats import chi2_contingency
 
-    from diffemb_jax.training.lora import dropout_keep_mask
+    from diffemb_jax.model.lora import dropout_keep_mask
 
     keep = 0.95
     mask = np.asarray(dropout_keep_mask(jax.random.key(0), 0, (1000, 1000), keep))
@@ -258,7 +258,7 @@ def test_dropout_masks_keep_the_rate_and_are_independent():
 
 
 def test_dropout_mask_past_its_counters_is_an_error():
-    from diffemb_jax.training.lora import dropout_keep_mask
+    from diffemb_jax.model.lora import dropout_keep_mask
 
     with pytest.raises(ValueError, match="counters' range"):
         dropout_keep_mask(jax.random.key(0), 0, (2, 4 * 65536 + 4), 0.9)
@@ -560,11 +560,11 @@ def test_an_error_reading_the_next_batch_comes_after_the_step_is_logged_and_save
 
 def test_plan_reads_neither_weights_nor_data(tmp_path, monkeypatch, capsys):
     """`diffemb plan` builds the step from the model's config: no weight is loaded, no data file is needed."""
-    import conversion.checkpoint
+    import diffemb_jax.checkpoints.checkpoint as checkpoint_module
 
     model, _ = tiny_setup(tmp_path)
     for name in ("load_decoder", "load_converted"):
-        monkeypatch.setattr(conversion.checkpoint, name, lambda *a, **k: pytest.fail("plan read weights"))
+        monkeypatch.setattr(checkpoint_module, name, lambda *a, **k: pytest.fail("plan read weights"))
     config = Path(__file__).parent.parent / "configs" / "tiny.py"
     assert cli(["plan", f"--config={config}", f"--workdir={tmp_path / 'run'}", f"--config.model.path={model}"]) == 0
     table = capsys.readouterr().out

@@ -138,14 +138,14 @@ class Embedder:
                         dtype: str = "float32", kernel: str = "auto", mesh: jax.sharding.Mesh | None = None,
                         **kwargs) -> "Embedder":
         """A model directory or .gguf, with a PEFT LoRA `adapter` directory merged into its weights if given."""
-        from conversion import load_model  # conversion knows the model; the model knows nothing of it
+        from diffemb_jax.checkpoints import load_model  # conversion knows the model; the model knows nothing of it
 
         if mesh is None:
             model, tokenizer = load_model(path, dtype=dtype)
         else:
             model, tokenizer = load_model(path, dtype=dtype, sharding_for=parallel.param_sharding(mesh))
         if adapter is not None:
-            from conversion.peft_adapters import merged_from_peft
+            from diffemb_jax.checkpoints.peft_adapters import merged_from_peft
 
             model = merged_from_peft(model, adapter)
         model.attention, model.kernel = attention, kernel

@@ -22,7 +22,7 @@ from jax.sharding import NamedSharding, PartitionSpec as P
 from diffemb_jax import parallel
 from diffemb_jax.memory import compiled_bytes
 from diffemb_jax.model import Decoder
-from diffemb_jax.training.lora import apply_lora
+from diffemb_jax.model.lora import apply_lora
 from diffemb_jax.training.packing import STEP_KEYS, step_rows
 from diffemb_jax.training.step import split_model
 from diffemb_jax.training.trainer import lora_config, optimizer_and_step, row_bounds
@@ -30,8 +30,8 @@ from diffemb_jax.training.trainer import lora_config, optimizer_and_step, row_bo
 
 def step_state(config: ml_collections.ConfigDict, mesh: jax.sharding.Mesh):
     """(graphdef, lora, frozen): the train step's model as ShapeDtypeStructs, placed as in training."""
-    from conversion import model_config
-    from conversion.loader import placed_shapes
+    from diffemb_jax.checkpoints import model_config
+    from diffemb_jax.checkpoints.loader import placed_shapes
 
     cfg, dtype = model_config(config.model.path), jnp.dtype(config.model.dtype)
 

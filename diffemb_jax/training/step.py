@@ -27,7 +27,7 @@ from flax import nnx
 from jax.sharding import NamedSharding, PartitionSpec as P
 
 from diffemb_jax.embedding.pooling import pool_texts
-from diffemb_jax.training.lora import set_dropout_key
+from diffemb_jax.model.lora import set_dropout_key
 from diffemb_jax.training.loss import in_batch_info_nce, per_query_negatives_loss
 
 LOSSES = ("in_batch", "per_query")

@@ -28,7 +28,7 @@ from tqdm.auto import tqdm
 
 from diffemb_jax import parallel
 from diffemb_jax.training.data import TrainBatches, build_dataset
-from diffemb_jax.training.lora import LoraConfig, apply_lora
+from diffemb_jax.model.lora import LoraConfig, apply_lora
 from diffemb_jax.training.packing import pack_step, pad_rows, row_length, step_rows
 from diffemb_jax.training.step import StepConfig, batch_tokens, make_optimizer, placed_train_step, split_model
 
@@ -152,7 +152,7 @@ class MetricsLog:
 
 class Trainer:
     def __init__(self, config: ml_collections.ConfigDict, workdir: str | Path):
-        from conversion import load_model
+        from diffemb_jax.checkpoints import load_model
 
         check_config(config)
         self.config, self.workdir = config, Path(workdir)
@@ -291,7 +291,7 @@ class Trainer:
         """The trained LoRA as a PEFT adapter directory, WORKDIR/adapter, for the HF export of the base
         model: transformers + peft load it, and so do `diffemb encode|evaluate|export --adapter`.
         Every process takes part (the adapters may be spread over hosts); the lead writes."""
-        from conversion.peft_adapters import save_peft_adapter
+        from diffemb_jax.checkpoints.peft_adapters import save_peft_adapter
 
         lora = self.lora
         if jax.process_count() > 1:

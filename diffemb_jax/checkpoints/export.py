@@ -21,7 +21,7 @@ import numpy as np
 from flax import nnx
 from tqdm.auto import tqdm
 
-from conversion.keymaps import KeyMap, is_transposed
+from diffemb_jax.checkpoints.keymaps import KeyMap, is_transposed
 from diffemb_jax.model import Decoder, ModelConfig
 
 EXPORT_DTYPES = {"float32": np.dtype(np.float32), "bfloat16": np.dtype(ml_dtypes.bfloat16)}
@@ -101,8 +101,8 @@ def base_params(model: Decoder) -> list[tuple[tuple, nnx.Variable]]:
     lora = [".".join(map(str, p)) for p, v in flat if isinstance(v, nnx.LoRAParam)]
     if lora:
         raise ValueError(f"the model carries LoRA adapters ({lora[0]}, ...): merge them first "
-                         "(diffemb_jax.training.lora.merge_lora) or write them with "
-                         "conversion.peft_adapters.save_peft_adapter")
+                         "(diffemb_jax.model.lora.merge_lora) or write them with "
+                         "diffemb_jax.checkpoints.peft_adapters.save_peft_adapter")
     return flat
 
 
@@ -241,9 +241,9 @@ def export(src: str | Path, out: str | Path, *, adapter: str | Path | None = Non
            max_shard_bytes: int = DEFAULT_MAX_SHARD_BYTES, progress: bool = True) -> Path:
     """Converted directory, HF directory or .gguf -> HF directory at `out`; with `adapter` (a PEFT LoRA
     directory) the adapter is applied and merged into the weights first."""
-    from conversion.checkpoint import load_model
-    from conversion.peft_adapters import load_peft_adapter
-    from diffemb_jax.training.lora import merge_lora
+    from diffemb_jax.checkpoints.checkpoint import load_model
+    from diffemb_jax.checkpoints.peft_adapters import load_peft_adapter
+    from diffemb_jax.model.lora import merge_lora
 
     if dtype not in EXPORT_DTYPES:
         raise ValueError(f"dtype must be one of {tuple(EXPORT_DTYPES)}, got {dtype!r}")

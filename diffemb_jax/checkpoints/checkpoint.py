@@ -19,8 +19,8 @@ import orbax.checkpoint as ocp
 import tokenizers
 from flax import nnx
 
-from conversion.loader import ShardingFn, abstract_decoder, load_decoder, placed_shapes, single_device
-from conversion.sources import CheckpointError, GGUFSource, open_weights
+from diffemb_jax.checkpoints.loader import ShardingFn, abstract_decoder, load_decoder, placed_shapes, single_device
+from diffemb_jax.checkpoints.sources import CheckpointError, GGUFSource, open_weights
 from diffemb_jax.model import Decoder, ModelConfig, config_from_hf, config_from_hf_file
 
 CONVERTED_MARKER = "diffemb.json"

@@ -15,8 +15,8 @@ import jax.numpy as jnp
 from flax import nnx
 from tqdm.auto import tqdm
 
-from conversion.keymaps import KeyMap, is_transposed
-from conversion.sources import CheckpointError, TensorSource
+from diffemb_jax.checkpoints.keymaps import KeyMap, is_transposed
+from diffemb_jax.checkpoints.sources import CheckpointError, TensorSource
 from diffemb_jax.model import Decoder, ModelConfig
 
 # (param path, logical axis names, shape) -> where the parameter lives

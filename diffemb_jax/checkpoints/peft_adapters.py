@@ -19,11 +19,11 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from conversion.export import write_atomically
-from conversion.keymaps import KeyMap
-from conversion.sources import CheckpointError
+from diffemb_jax.checkpoints.export import write_atomically
+from diffemb_jax.checkpoints.keymaps import KeyMap
+from diffemb_jax.checkpoints.sources import CheckpointError
 from diffemb_jax.model import Decoder
-from diffemb_jax.training.lora import LoraConfig, apply_lora
+from diffemb_jax.model.lora import LoraConfig, apply_lora
 
 PEFT_PREFIX = "base_model.model."
 _LEAVES = {"kernel_lora_a": "lora_A", "kernel_lora_b": "lora_B"}
@@ -141,7 +141,7 @@ def _read_adapter(directory: Path) -> tuple[dict, dict[str, np.ndarray]]:
     if (directory / "adapter_model.bin").exists():
         import torch
 
-        from conversion.sources import _torch_to_numpy
+        from diffemb_jax.checkpoints.sources import _torch_to_numpy
 
         try:
             state = torch.load(directory / "adapter_model.bin", map_location="cpu", weights_only=True)
@@ -253,7 +253,7 @@ def load_peft_adapter(model: Decoder, adapter_dir: str | Path, *, seed: int = 0)
 
 def merged_from_peft(model: Decoder, adapter_dir: str | Path) -> Decoder:
     """A plain decoder with a PEFT adapter folded into its kernels (for inference or export_hf)."""
-    from diffemb_jax.training.lora import merge_lora
+    from diffemb_jax.model.lora import merge_lora
 
     adapted, lora = load_peft_adapter(model, adapter_dir)
     return merge_lora(adapted, lora)
