@@ -1241,7 +1241,7 @@ def long_plan(args) -> dict:
     from diffemb_jax.checkpoints import model_config
     from diffemb_jax.embedding import Embedder
     from diffemb_jax.model import Decoder
-    from diffemb_jax.model.config import config_from_hf
+    from diffemb_jax.checkpoints.families import config_from_hf
 
     shape = None if args.model else args.shape or DEFAULT_SHAPE
     if shape is None:

@@ -258,7 +258,7 @@ def test_model_flops_formulas_match_torch_flop_counter():
     from torch.utils.flop_counter import FlopCounterMode
 
     from diffemb_jax import bench
-    from diffemb_jax.model.config import config_from_hf
+    from diffemb_jax.checkpoints.families import config_from_hf
 
     hf = tiny.oracle_model("llama")
     base = hf.model

@@ -21,7 +21,8 @@ from flax import nnx
 
 from diffemb_jax.checkpoints.loader import ShardingFn, abstract_decoder, load_decoder, placed_shapes, single_device
 from diffemb_jax.checkpoints.sources import CheckpointError, GGUFSource, open_weights
-from diffemb_jax.model import Decoder, ModelConfig, config_from_hf, config_from_hf_file
+from diffemb_jax.checkpoints.families import config_from_hf, config_from_hf_file
+from diffemb_jax.model import Decoder, ModelConfig
 
 CONVERTED_MARKER = "diffemb.json"
 FORMAT_VERSION = 1

@@ -21,76 +21,13 @@ import numpy as np
 from flax import nnx
 from tqdm.auto import tqdm
 
+from diffemb_jax.checkpoints.families import SPECIAL_TOKENS, hf_config
 from diffemb_jax.checkpoints.keymaps import KeyMap, is_transposed
-from diffemb_jax.model import Decoder, ModelConfig
+from diffemb_jax.model import Decoder
 
 EXPORT_DTYPES = {"float32": np.dtype(np.float32), "bfloat16": np.dtype(ml_dtypes.bfloat16)}
 _SAFETENSORS_DTYPES = {np.dtype(np.float32): "F32", np.dtype(ml_dtypes.bfloat16): "BF16"}
-ARCHITECTURES = {"qwen2": "Qwen2ForCausalLM", "llama": "LlamaForCausalLM", "mistral": "MistralForCausalLM",
-                 "Dream": "DreamModel", "llada": "LLaDAModelLM"}
-# Token ids a ModelConfig does not keep; carried over from the source config.json when there is one.
-SPECIAL_TOKENS = ("bos_token_id", "eos_token_id", "pad_token_id")
 DEFAULT_MAX_SHARD_BYTES = 5 * 2**30
-
-
-# ----------------------------------------------------------------------------------------- config.json
-
-def _transformers_config(cfg: ModelConfig, tokens: dict) -> dict:
-    """qwen2 / llama / mistral / Dream through transformers' own config classes, so the file says
-    exactly what transformers reads back (rope_parameters in transformers 5)."""
-    import transformers
-
-    family = "qwen2" if cfg.model_type == "Dream" else cfg.model_type
-    has_bias = family == "qwen2"
-    if cfg.qkv_bias != has_bias:
-        raise ValueError(f"a {cfg.model_type} model with qkv_bias={cfg.qkv_bias} has no Hugging Face form")
-    kw = dict(vocab_size=cfg.vocab_size, hidden_size=cfg.hidden_size, intermediate_size=cfg.intermediate_size,
-              num_hidden_layers=cfg.num_layers, num_attention_heads=cfg.num_heads,
-              num_key_value_heads=cfg.num_kv_heads, head_dim=cfg.head_dim, rms_norm_eps=cfg.rms_norm_eps,
-              rope_parameters={"rope_type": "default", "rope_theta": float(cfg.rope_theta)},
-              tie_word_embeddings=cfg.tie_word_embeddings, max_position_embeddings=cfg.max_position_embeddings,
-              hidden_act="silu", architectures=[ARCHITECTURES[cfg.model_type]], **tokens)
-    if family == "qwen2":
-        config = transformers.Qwen2Config(use_sliding_window=False, sliding_window=None, **kw)
-    elif family == "llama":
-        config = transformers.LlamaConfig(attention_bias=False, mlp_bias=False, **kw)
-    else:
-        config = transformers.MistralConfig(sliding_window=cfg.sliding_window, **kw)
-    out = config.to_dict()
-    if cfg.mask_token_id is not None:
-        out["mask_token_id"] = cfg.mask_token_id
-    if cfg.model_type == "Dream":  # Dream's own code predates rope_parameters: give it rope_theta too
-        out |= {"model_type": "Dream", "rope_theta": float(cfg.rope_theta), "rope_scaling": None}
-    return out
-
-
-def _llada_config(cfg: ModelConfig, tokens: dict) -> dict:
-    """LLaDA's own field names (its config class is remote code we never run)."""
-    if cfg.head_dim * cfg.num_heads != cfg.hidden_size:
-        raise ValueError(f"LLaDA derives head_dim from d_model / n_heads; this model has head_dim {cfg.head_dim}")
-    return {"model_type": "llada", "architectures": [ARCHITECTURES["llada"]], "d_model": cfg.hidden_size,
-            "n_layers": cfg.num_layers, "n_heads": cfg.num_heads, "n_kv_heads": cfg.num_kv_heads,
-            "mlp_hidden_size": cfg.intermediate_size, "vocab_size": cfg.vocab_size,
-            "embedding_size": cfg.vocab_size, "max_sequence_length": cfg.max_position_embeddings,
-            "rms_norm_eps": cfg.rms_norm_eps, "rope_theta": float(cfg.rope_theta), "rope": True, "alibi": False,
-            "mask_token_id": cfg.mask_token_id, "weight_tying": cfg.tie_word_embeddings, "include_bias": False,
-            "include_qkv_bias": cfg.qkv_bias, "block_type": "llama", "activation_type": "silu",
-            "layer_norm_type": "rms", "rope_full_precision": True, "attention_layer_norm": False,
-            "scale_logits": False, **tokens}
-
-
-def hf_config(cfg: ModelConfig, *, dtype: str = "float32", extra: dict | None = None) -> dict:
-    """The config.json of `cfg` in its family's field names; `extra` (e.g. token ids) is added last."""
-    extra = dict(extra or {})
-    tokens = {key: extra.pop(key, None) for key in SPECIAL_TOKENS}
-    if cfg.model_type == "llada":
-        out = _llada_config(cfg, tokens)
-    else:
-        out = _transformers_config(cfg, tokens)
-    out |= {"dtype": dtype}
-    if cfg.model_type in ("Dream", "llada"):
-        out["torch_dtype"] = dtype  # what their (transformers 4 era) code reads
-    return out | extra
 
 
 # ------------------------------------------------------------------------------------------- tensors

@@ -20,6 +20,7 @@ import numpy as np
 from flax import nnx
 
 from diffemb_jax.checkpoints.export import write_atomically
+from diffemb_jax.checkpoints.families import HEADLESS_FAMILIES
 from diffemb_jax.checkpoints.keymaps import KeyMap
 from diffemb_jax.checkpoints.sources import CheckpointError
 from diffemb_jax.model import Decoder
@@ -31,7 +32,6 @@ _LEAVES = {"kernel_lora_a": "lora_A", "kernel_lora_b": "lora_B"}
 _UNSUPPORTED = {"use_dora": False, "lora_bias": False, "fan_in_fan_out": False, "bias": "none",
                 "modules_to_save": None, "rank_pattern": {}, "alpha_pattern": {}, "layer_replication": None,
                 "trainable_token_indices": None, "target_parameters": None, "use_qalora": False}
-HEADLESS_FAMILIES = ("qwen2", "llama", "mistral")  # whose AutoModel is the bare decoder
 
 
 def _keymap(model: Decoder) -> KeyMap:
