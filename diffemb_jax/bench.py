@@ -86,7 +86,6 @@ import math
 import os
 import platform
 import re
-import shutil
 import string
 import subprocess
 import sys
@@ -95,6 +94,7 @@ import time
 from pathlib import Path
 from typing import Callable
 
+from diffemb_jax import atomic
 from diffemb_jax.memory import available_host_mb, compiled_bytes, device_capacity
 
 # Modules whose public docstrings make the texts: real prose and code, from a line to pages long.
@@ -333,19 +333,13 @@ def random_weights(shape: str, dtype: str) -> Path:
         return out
     out.parent.mkdir(parents=True, exist_ok=True)
     print(f"writing random weights of shape {shape} ({dtype}) to {out}", flush=True)
-    partial = Path(tempfile.mkdtemp(prefix=f".{out.name}-", dir=out.parent))
-    try:
+
+    def fill(partial: Path) -> None:
         torch.manual_seed(SEED)
         config = AutoConfig.for_model(model_type, max_position_embeddings=LONGEST, **fields)
         AutoModelForCausalLM.from_config(config, dtype=getattr(torch, dtype)).save_pretrained(partial)
-        try:
-            partial.rename(out)
-        except OSError:
-            if not out.is_dir():  # else another process cached it first
-                raise
-    finally:
-        shutil.rmtree(partial, ignore_errors=True)  # already gone after the rename
-    return out
+
+    return atomic.write_directory(out, fill, another_may_win=True)  # another process may cache it first
 
 
 def random_checkpoint(shape: str, directory: Path, dtype: str, tokenizer) -> Path:

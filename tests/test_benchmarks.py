@@ -351,7 +351,7 @@ def test_followir_errors(tmp_path):
     with pytest.raises(InputError, match="no such folder"):
         followir.load_followir(tmp_path / "nothing", ["Core17"])
     write_jsonl(root / "core17" / "top_ranked" / "test.jsonl", [{"query-id": "c0-og", "corpus-ids": ["zzz"]}])
-    with pytest.raises(InputError, match="top_ranked document 'zzz' of query 'c0-og' is not in the corpus"):
+    with pytest.raises(InputError, match="document 'zzz' top_ranked for query 'c0-og' is not in the corpus"):
         followir.load_followir(root, ["Core17"])
     (root / "core17" / "qrels" / "test.jsonl").unlink()
     with pytest.raises(InputError, match="config 'qrels', split 'test'"):

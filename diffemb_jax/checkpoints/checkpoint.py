@@ -8,9 +8,6 @@ so a reader never sees half of one.
 from __future__ import annotations
 
 import json
-import os
-import shutil
-import tempfile
 from pathlib import Path
 
 import jax
@@ -19,6 +16,7 @@ import orbax.checkpoint as ocp
 import tokenizers
 from flax import nnx
 
+from diffemb_jax import atomic
 from diffemb_jax.checkpoints.loader import ShardingFn, abstract_decoder, load_decoder, placed_shapes, single_device
 from diffemb_jax.checkpoints.sources import CheckpointError, GGUFSource, open_weights
 from diffemb_jax.checkpoints.families import config_from_hf, config_from_hf_file
@@ -80,9 +78,7 @@ def convert(src: str | Path, out: str | Path, *, dtype: str = "float32", progres
 
 
 def save_converted(model: Decoder, tok: tokenizers.Tokenizer, out: Path, *, source: str = "") -> Path:
-    out = Path(out)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.tmp-", dir=out.parent))
-    try:
+    def fill(tmp: Path) -> None:
         _, state = nnx.split(model)
         checkpointer = ocp.StandardCheckpointer()
         checkpointer.save(tmp / "params", state.to_pure_dict())
@@ -92,11 +88,8 @@ def save_converted(model: Decoder, tok: tokenizers.Tokenizer, out: Path, *, sour
         meta = {"format_version": FORMAT_VERSION, "source": source, "param_dtype": str(jnp.dtype(dtype)),
                 "config": json.loads(model.cfg.to_json())}
         (tmp / CONVERTED_MARKER).write_text(json.dumps(meta, indent=2))
-        os.replace(tmp, out)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
-    return out
+
+    return atomic.write_directory(out, fill)
 
 
 def _converted_config(path: Path) -> ModelConfig:

@@ -10,9 +10,6 @@ key maps give, and `tokenizer.json`. Everything is written into a temporary dire
 from __future__ import annotations
 
 import json
-import os
-import shutil
-import tempfile
 from pathlib import Path
 
 import jax
@@ -21,6 +18,7 @@ import numpy as np
 from flax import nnx
 from tqdm.auto import tqdm
 
+from diffemb_jax import atomic
 from diffemb_jax.checkpoints.families import SPECIAL_TOKENS, hf_config
 from diffemb_jax.checkpoints.keymaps import KeyMap, is_transposed
 from diffemb_jax.model import Decoder
@@ -127,15 +125,7 @@ def check_output_dir(out_dir: str | Path) -> Path:
 
 def write_atomically(out_dir: Path, fill) -> Path:
     """fill(tmp) writes the directory's files into a temporary sibling, which is then renamed to out_dir."""
-    out = check_output_dir(out_dir)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.tmp-", dir=out.parent))
-    try:
-        fill(tmp)
-        os.replace(tmp, out)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
-    return out
+    return atomic.write_directory(check_output_dir(out_dir), fill)
 
 
 def export_hf(model: Decoder, tokenizer, out_dir: str | Path, *, dtype: str = "float32",

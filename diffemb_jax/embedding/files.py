@@ -3,12 +3,12 @@
 from __future__ import annotations
 
 import json
-import os
-import tempfile
 from collections.abc import Iterator
 from pathlib import Path
 
 import numpy as np
+
+from diffemb_jax import atomic
 
 
 class InputError(ValueError):
@@ -61,13 +61,13 @@ def check_output_path(path: str | Path, suffix: str = ".npy") -> Path:
 
 def save_npy_atomic(path: str | Path, array: np.ndarray) -> None:
     """Write to a temporary file in the same folder, then rename: readers see all or nothing."""
-    _write_atomic(Path(path), lambda f: np.save(f, array))
+    atomic.write_file(path, lambda f: np.save(f, array))
 
 
 def write_json_atomic(path: str | Path, record) -> None:
     """JSON (indented, NaN as null) written all or nothing, as save_npy_atomic."""
     text = json.dumps(_nan_to_none(record), indent=2) + "\n"
-    _write_atomic(Path(path), lambda f: f.write(text.encode("utf-8")))
+    atomic.write_file(path, lambda f: f.write(text), text=True)
 
 
 def _nan_to_none(value):
@@ -78,17 +78,6 @@ def _nan_to_none(value):
     if isinstance(value, (list, tuple)):
         return [_nan_to_none(v) for v in value]
     return value
-
-
-def _write_atomic(path: Path, write) -> None:
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    try:
-        with os.fdopen(fd, "wb") as f:
-            write(f)
-        os.replace(tmp, path)
-    except BaseException:
-        os.unlink(tmp)
-        raise
 
 
 def nonblank_lines(path: Path) -> Iterator[tuple[int, str]]:

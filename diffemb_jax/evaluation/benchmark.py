@@ -13,7 +13,7 @@ from typing import Protocol
 import numpy as np
 
 from diffemb_jax.embedding.files import InputError
-from diffemb_jax.evaluation.retrieval import (Qrels, RetrievalSet, Run, encode_checked, run_from_search,
+from diffemb_jax.evaluation.retrieval import (Qrels, RetrievalSet, Run, check_ids, encode_checked, run_from_search,
                                               search_corpus)
 
 
@@ -24,16 +24,9 @@ class Embeds(Protocol):
 def checked_set(where: str, queries: dict[str, str], corpus: dict[str, str], qrels: Qrels) -> RetrievalSet:
     """A RetrievalSet whose judgments all point at existing queries and documents, or an InputError
     naming `where` (the benchmark, task and folder) and the first offending id."""
-    if not corpus:
-        raise InputError(f"{where}: the corpus is empty; it needs at least one document")
+    check_ids(where, queries, corpus, qrels)
     if not qrels:
         raise InputError(f"{where}: there are no relevance judgments (qrels)")
-    for qid, judged in qrels.items():
-        if qid not in queries:
-            raise InputError(f"{where}: judged query id {qid!r} is not among the {len(queries)} queries")
-        missing = next((d for d in judged if d not in corpus), None)
-        if missing is not None:
-            raise InputError(f"{where}: document {missing!r} judged for query {qid!r} is not in the corpus")
     return RetrievalSet(queries=queries, corpus=corpus, qrels=qrels)
 
 

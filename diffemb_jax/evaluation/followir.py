@@ -24,7 +24,7 @@ from diffemb_jax.embedding.files import InputError
 from diffemb_jax.evaluation import hub_data
 from diffemb_jax.evaluation.beir import document_text
 from diffemb_jax.evaluation.benchmark import Embeds, checked_set, markdown_table, mean, rerank
-from diffemb_jax.evaluation.retrieval import Qrels, Run, evaluate_run
+from diffemb_jax.evaluation.retrieval import Qrels, Run, check_ids, evaluate_run
 
 # Table order of the paper: task -> (dataset repository, base measure, its public name).
 TASKS = {"Robust04": ("mteb/Robust04InstructionRetrieval", "map_cut_1000", "MAP@1000"),
@@ -108,12 +108,7 @@ def _id(row: dict, where: str) -> str:
 
 
 def _check(where, queries, corpus, candidates, changed) -> None:
-    for qid, docs in candidates.items():
-        if qid not in queries:
-            raise InputError(f"{where}: top_ranked query id {qid!r} is not among the queries")
-        missing = next((d for d in docs if d not in corpus), None)
-        if missing is not None:
-            raise InputError(f"{where}: top_ranked document {missing!r} of query {qid!r} is not in the corpus")
+    check_ids(where, queries, corpus, candidates, what="top_ranked")
     for qid in changed:
         for kind in (OG, CHANGED):
             if qid + kind not in candidates:

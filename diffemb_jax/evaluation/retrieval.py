@@ -18,6 +18,8 @@ from dataclasses import dataclass
 import numpy as np
 import pytrec_eval
 
+from diffemb_jax.embedding.files import InputError
+
 DEFAULT_MEASURES = ("ndcg_cut_10", "map_cut_100", "recall_100", "recip_rank")
 MRR_CUTOFF = 10
 CORPUS_CHUNK = 16384  # documents embedded at a time while searching
@@ -138,22 +140,26 @@ def _public_name(measure: str) -> str:
 def evaluate_embedder(encode_queries: Encoder, encode_docs: Encoder, queries: dict[str, str], corpus: dict[str, str],
                       qrels: Qrels, top_k: int = 100) -> dict[str, float]:
     """Encode the judged queries and the corpus, search, score; encoders return L2-normalised [n, D]."""
-    _check_judgments(queries, corpus, qrels)
+    check_ids("qrels", queries, corpus, qrels)
     qids, docids = list(qrels), list(corpus)
     scores, indices = search_corpus(encode_queries, encode_docs, [queries[q] for q in qids],
                                     [corpus[d] for d in docids], top_k)
     return evaluate_run(qrels, run_from_search(qids, docids, scores, indices))
 
 
-def _check_judgments(queries: dict[str, str], corpus: dict[str, str], qrels: Qrels) -> None:
+def check_ids(where: str, queries: dict[str, str], corpus: dict[str, str], documents_of: dict, *,
+              what: str = "judged") -> None:
+    """Every query id of `documents_of` among the queries and every document id it lists in a
+    non-empty corpus, or an InputError naming `where` and the first offending id. `what` names the
+    lists: "judged" (qrels) or, say, "top_ranked" (a reranking's candidates)."""
     if not corpus:
-        raise ValueError("the corpus is empty")
-    for qid, judged in qrels.items():
+        raise InputError(f"{where}: the corpus is empty; it needs at least one document")
+    for qid, docids in documents_of.items():
         if qid not in queries:
-            raise ValueError(f"qrels query id {qid!r} is not among the queries")
-        for docid in judged:
-            if docid not in corpus:
-                raise ValueError(f"qrels doc id {docid!r} (query {qid!r}) is not in the corpus")
+            raise InputError(f"{where}: {what} query id {qid!r} is not among the {len(queries)} queries")
+        missing = next((d for d in docids if d not in corpus), None)
+        if missing is not None:
+            raise InputError(f"{where}: document {missing!r} {what} for query {qid!r} is not in the corpus")
 
 
 def encode_checked(encode: Encoder, texts: list[str], name: str) -> np.ndarray:

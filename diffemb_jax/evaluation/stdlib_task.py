@@ -17,16 +17,15 @@ from __future__ import annotations
 
 import ast
 import json
-import os
 import random
 import re
 import sysconfig
-import tempfile
 import tokenize
 from collections import Counter, defaultdict
 from dataclasses import dataclass
 from pathlib import Path
 
+from diffemb_jax import atomic
 from diffemb_jax.evaluation.retrieval import RetrievalSet
 
 INSTRUCTION = "Given a description of a Python function, retrieve its code"
@@ -69,16 +68,8 @@ class StdlibTask:
 
     def write_train_jsonl(self, path: str | Path) -> None:
         """Write the train records one JSON object a line, atomically (temp file, then rename)."""
-        path = Path(path)
-        fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.absolute().parent)
-        try:
-            with os.fdopen(fd, "w", encoding="utf-8") as f:
-                for record in self.train:
-                    f.write(json.dumps(record, ensure_ascii=False) + "\n")
-            os.replace(tmp, path)
-        except BaseException:
-            os.unlink(tmp)
-            raise
+        atomic.write_file(path, lambda f: f.writelines(json.dumps(r, ensure_ascii=False) + "\n" for r in self.train),
+                          text=True)
 
 
 def build_stdlib_task(seed: int = 0, max_doc_chars: int = 1500, test_fraction: float = 0.25) -> StdlibTask:

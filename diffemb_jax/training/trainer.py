@@ -15,7 +15,6 @@ from __future__ import annotations
 import json
 import logging
 import math
-import os
 import shutil
 import time
 from pathlib import Path
@@ -26,6 +25,7 @@ import orbax.checkpoint as ocp
 from flax import nnx
 from tqdm.auto import tqdm
 
+from diffemb_jax import atomic
 from diffemb_jax import parallel
 from diffemb_jax.training.data import TrainBatches, build_dataset
 from diffemb_jax.model.lora import LoraConfig, apply_lora
@@ -128,9 +128,7 @@ class MetricsLog:
         if self.path.exists():
             kept = [line for line in self.path.read_text().splitlines()
                     if line.strip() and json.loads(line)["step"] <= resume_step]
-            tmp = self.path.with_suffix(".jsonl.tmp")
-            tmp.write_text("".join(line + "\n" for line in kept))
-            os.replace(tmp, self.path)
+            atomic.write_file(self.path, lambda f: f.writelines(line + "\n" for line in kept), text=True)
         self._file = open(self.path, "a")
         self._tb = SummaryWriter(str(workdir / "tensorboard"))
 
