@@ -312,7 +312,9 @@ def build_parser() -> argparse.ArgumentParser:
     _benchmark_parsers(tasks, common)
     p.set_defaults(func=_evaluate)
 
-    p = sub.add_parser("demo", help="convert the bundled SmolLM2-135M and embed a few sentences")
+    p = sub.add_parser("demo", help="the method end to end on the bundled SmolLM2-135M: a LoRA embedder trained "
+                       "with bidirectional and with causal attention on docstring -> code search over the "
+                       "standard library, nDCG@10 on held-out modules before and after")
     p.set_defaults(func=_demo)
 
     p = sub.add_parser("bench", help="speed and memory against the PyTorch reference")

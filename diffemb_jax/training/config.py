@@ -5,6 +5,8 @@ from __future__ import annotations
 
 import ml_collections
 
+from diffemb_jax.training.loss import SCALE
+
 
 def base_config() -> ml_collections.ConfigDict:
     c = ml_collections.ConfigDict()
@@ -32,7 +34,7 @@ def base_config() -> ml_collections.ConfigDict:
     ))
     c.loss = ml_collections.ConfigDict(dict(
         kind="in_batch",  # in_batch: cos * scale over all documents | per_query: dot / sqrt(d), own negatives
-        scale=50.0,
+        scale=SCALE,
     ))
     c.mesh = ml_collections.ConfigDict(dict(data=-1, fsdp=1, tensor=1))  # -1: the rest of the devices
     c.train = ml_collections.ConfigDict(dict(

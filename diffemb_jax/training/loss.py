@@ -16,6 +16,8 @@ import jax
 import jax.numpy as jnp
 import optax
 
+SCALE = 50.0  # the recipe's cosine scale: temperature 0.02
+
 
 def _normalize(x: jax.Array) -> jax.Array:
     return x / jnp.maximum(jnp.linalg.norm(x, axis=-1, keepdims=True), 1e-8)
@@ -28,7 +30,7 @@ def _mean_ce(logits: jax.Array, labels: jax.Array) -> dict[str, jax.Array]:
 
 
 def in_batch_info_nce(q: jax.Array, pos: jax.Array, neg: jax.Array | None = None, *,
-                      scale: float = 50.0) -> dict[str, jax.Array]:
+                      scale: float = SCALE) -> dict[str, jax.Array]:
     """q, pos [B, D]; neg [B*, D] or None -> {'loss', 'accuracy'} (float32)."""
     q, pos = q.astype(jnp.float32), pos.astype(jnp.float32)
     docs = pos if neg is None else jnp.concatenate([pos, neg.astype(jnp.float32)], axis=0)
