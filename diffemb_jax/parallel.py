@@ -1,4 +1,4 @@
-"""Meshes, the one table of logical-axis rules, multi-host start-up and global batches.
+"""Meshes, the one table of logical-axis rules, placement, multi-host start-up and global batches.
 
 Parameters name their axes (vocab, embed, q_heads, kv_heads, mlp, norm); LOGICAL_RULES maps those
 names to the mesh axes data, fsdp and tensor. The mesh uses Auto axis types on purpose: GSPMD
@@ -11,9 +11,11 @@ from __future__ import annotations
 
 import logging
 import math
+from typing import Callable
 
 import jax
 import numpy as np
+from flax import nnx
 from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
 log = logging.getLogger(__name__)
@@ -65,6 +67,33 @@ def logical_spec(axes: tuple | None, shape: tuple[int, ...], mesh: Mesh) -> P:
             mesh_axis = None
         spec.append(mesh_axis)
     return P(*spec)
+
+
+# (param path, logical axis names, shape) -> where the parameter lives
+ShardingFn = Callable[[tuple, tuple | None, tuple], jax.sharding.Sharding]
+
+
+def single_device(path, axes, shape) -> jax.sharding.Sharding:
+    """The default sharding function: everything on the first device."""
+    return jax.sharding.SingleDeviceSharding(jax.devices()[0])
+
+
+def logical_axes(variable) -> tuple | None:
+    """The logical axis names a parameter was declared with (nnx.with_partitioning)."""
+    meta = variable.get_metadata()
+    return meta.get("out_sharding") or meta.get("sharding") or meta.get("sharding_names")
+
+
+def placed_shapes(state: nnx.State, sharding_for: ShardingFn) -> dict:
+    """The pure dict of `state` with each leaf a ShapeDtypeStruct where sharding_for puts it."""
+    values = state.to_pure_dict()
+    for path, variable in nnx.to_flat_state(state):
+        node = values
+        for key in path[:-1]:
+            node = node[key]
+        node[path[-1]] = jax.ShapeDtypeStruct(variable.shape, variable.dtype,
+                                              sharding=sharding_for(path, logical_axes(variable), variable.shape))
+    return values
 
 
 def param_sharding(mesh: Mesh):

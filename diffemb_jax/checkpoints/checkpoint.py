@@ -17,7 +17,8 @@ import tokenizers
 from flax import nnx
 
 from diffemb_jax import atomic
-from diffemb_jax.checkpoints.loader import ShardingFn, abstract_decoder, load_decoder, placed_shapes, single_device
+from diffemb_jax.checkpoints.loader import abstract_decoder, load_decoder
+from diffemb_jax.parallel import ShardingFn, placed_shapes, single_device
 from diffemb_jax.checkpoints.sources import CheckpointError, GGUFSource, open_weights
 from diffemb_jax.checkpoints.families import config_from_hf, config_from_hf_file
 from diffemb_jax.model import Decoder, ModelConfig

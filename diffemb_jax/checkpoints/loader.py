@@ -8,41 +8,15 @@ twice.
 
 from __future__ import annotations
 
-from typing import Callable
-
 import jax
 import jax.numpy as jnp
 from flax import nnx
 from tqdm.auto import tqdm
 
 from diffemb_jax.checkpoints.keymaps import KeyMap, is_transposed
+from diffemb_jax.parallel import ShardingFn, logical_axes, single_device
 from diffemb_jax.checkpoints.sources import CheckpointError, TensorSource
 from diffemb_jax.model import Decoder, ModelConfig
-
-# (param path, logical axis names, shape) -> where the parameter lives
-ShardingFn = Callable[[tuple, tuple | None, tuple], jax.sharding.Sharding]
-
-
-def single_device(path, axes, shape) -> jax.sharding.Sharding:
-    return jax.sharding.SingleDeviceSharding(jax.devices()[0])
-
-
-def logical_axes(variable) -> tuple | None:
-    meta = variable.get_metadata()
-    return meta.get("out_sharding") or meta.get("sharding") or meta.get("sharding_names")
-
-
-def placed_shapes(state: nnx.State, sharding_for: ShardingFn) -> dict:
-    """The pure dict of `state` with each leaf a ShapeDtypeStruct where sharding_for puts it."""
-    values = state.to_pure_dict()
-    for path, variable in nnx.to_flat_state(state):
-        node = values
-        for key in path[:-1]:
-            node = node[key]
-        node[path[-1]] = jax.ShapeDtypeStruct(variable.shape, variable.dtype,
-                                              sharding=sharding_for(path, logical_axes(variable), variable.shape))
-    return values
-
 
 def abstract_decoder(cfg: ModelConfig, *, dtype, param_dtype):
     return nnx.eval_shape(lambda: Decoder(cfg, rngs=nnx.Rngs(0), dtype=dtype, param_dtype=param_dtype))

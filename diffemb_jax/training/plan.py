@@ -31,7 +31,7 @@ from diffemb_jax.training.trainer import lora_config, optimizer_and_step, row_bo
 def step_state(config: ml_collections.ConfigDict, mesh: jax.sharding.Mesh):
     """(graphdef, lora, frozen): the train step's model as ShapeDtypeStructs, placed as in training."""
     from diffemb_jax.checkpoints import model_config
-    from diffemb_jax.checkpoints.loader import placed_shapes
+    from diffemb_jax.parallel import placed_shapes
 
     cfg, dtype = model_config(config.model.path), jnp.dtype(config.model.dtype)
 
