@@ -2,7 +2,9 @@
 
 Every output of the project (vectors, reports, converted models, exports, adapters, training files,
 cached bench weights) goes through one of these two, so none is ever left half-written where a
-reader (or a resumed run) would take it for complete.
+reader (or a resumed run) would take it for complete. What is renamed into place has been fsync'd
+(a crash right after the rename finds the data, not an empty file) and has the modes a plain
+`open` / `mkdir` would give under the user's umask, not mkstemp's private 0600 / 0700.
 """
 
 from __future__ import annotations
@@ -11,7 +13,42 @@ import os
 import shutil
 import tempfile
 from pathlib import Path
-from typing import Callable, IO
+from typing import IO, Callable
+
+
+def _umask() -> int:
+    """The process's umask, read without changing it (os.umask can only be read by setting it, which
+    would briefly give files that other threads create, orbax's say, the wrong modes)."""
+    try:
+        with open("/proc/self/status") as status:
+            for line in status:
+                if line.startswith("Umask:"):
+                    return int(line.split()[1], 8)
+    except OSError:
+        pass
+    mask = os.umask(0o022)
+    os.umask(mask)
+    return mask
+
+
+def _fsync_tree(root: Path) -> None:
+    """Every file below `root`, then every folder (so their entries are on disk too)."""
+    folders = []
+    for folder, _, files in os.walk(root):
+        folders.append(folder)
+        for name in files:
+            with open(os.path.join(folder, name), "rb") as f:
+                os.fsync(f.fileno())
+    for folder in reversed(folders):
+        _fsync_folder(folder)
+
+
+def _fsync_folder(folder: str | Path) -> None:
+    fd = os.open(folder, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
 
 
 def write_file(path: str | Path, write: Callable[[IO], None], *, text: bool = False) -> Path:
@@ -21,10 +58,14 @@ def write_file(path: str | Path, write: Callable[[IO], None], *, text: bool = Fa
     try:
         with os.fdopen(fd, "w", encoding="utf-8") if text else os.fdopen(fd, "wb") as f:
             write(f)
+            f.flush()
+            os.fchmod(f.fileno(), 0o666 & ~_umask())
+            os.fsync(f.fileno())
         os.replace(tmp, path)
     except BaseException:
         os.unlink(tmp)
         raise
+    _fsync_folder(path.absolute().parent)
     return path
 
 
@@ -35,6 +76,8 @@ def write_directory(out: str | Path, fill: Callable[[Path], None], *, another_ma
     tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.tmp-", dir=out.parent))
     try:
         fill(tmp)
+        os.chmod(tmp, 0o777 & ~_umask())
+        _fsync_tree(tmp)
         try:
             os.replace(tmp, out)
         except OSError:
@@ -42,4 +85,5 @@ def write_directory(out: str | Path, fill: Callable[[Path], None], *, another_ma
                 raise
     finally:
         shutil.rmtree(tmp, ignore_errors=True)  # already gone after the rename
+    _fsync_folder(out.absolute().parent)
     return out
