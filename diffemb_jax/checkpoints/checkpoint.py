@@ -7,6 +7,7 @@ so a reader never sees half of one.
 
 from __future__ import annotations
 
+import dataclasses
 import json
 from pathlib import Path
 
@@ -19,11 +20,12 @@ from flax import nnx
 from diffemb_jax import atomic
 from diffemb_jax.checkpoints.loader import abstract_decoder, load_decoder
 from diffemb_jax.parallel import ShardingFn, placed_shapes, single_device
-from diffemb_jax.checkpoints.sources import CheckpointError, GGUFSource, open_weights
+from diffemb_jax.checkpoints.sources import CheckpointError, GGUFSource, gguf_config, open_weights
 from diffemb_jax.checkpoints.families import config_from_hf, config_from_hf_file
 from diffemb_jax.model import Decoder, ModelConfig
 
 CONVERTED_MARKER = "diffemb.json"
+CONVERTED_KEYS = ("format_version", "source", "param_dtype", "config")  # what CONVERTED_MARKER holds
 FORMAT_VERSION = 1
 DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}
 
@@ -94,11 +96,31 @@ def save_converted(model: Decoder, tok: tokenizers.Tokenizer, out: Path, *, sour
 
 
 def _converted_config(path: Path) -> ModelConfig:
-    meta = json.loads((path / CONVERTED_MARKER).read_text())
-    if meta.get("format_version") != FORMAT_VERSION:
-        raise CheckpointError(f"{path}: converted with format {meta.get('format_version')}, "
+    """The ModelConfig of a converted directory, with its files checked before any weight is read."""
+    marker = path / CONVERTED_MARKER
+    try:
+        meta = json.loads(marker.read_text())
+    except (ValueError, UnicodeDecodeError) as e:
+        raise CheckpointError(f"{marker} is not valid JSON ({e}); convert the model again") from None
+    if not isinstance(meta, dict) or meta.get("format_version") != FORMAT_VERSION:
+        version = meta.get("format_version") if isinstance(meta, dict) else None
+        raise CheckpointError(f"{path}: converted with format {version}, "
                               f"this version reads {FORMAT_VERSION}; convert the model again")
-    return ModelConfig(**meta["config"])
+    unknown = sorted(set(meta) - set(CONVERTED_KEYS))
+    config = meta.get("config")
+    fields = {f.name for f in dataclasses.fields(ModelConfig)}
+    if not unknown and isinstance(config, dict):
+        unknown = [f"config.{key}" for key in sorted(set(config) - fields)]
+    if unknown or not isinstance(config, dict):
+        raise CheckpointError(f"{marker}: unknown keys {unknown or ['config']} (it holds "
+                              f"{', '.join(CONVERTED_KEYS)}; config holds ModelConfig's fields)")
+    for needed in ("tokenizer.json", "params"):
+        if not (path / needed).exists():
+            raise CheckpointError(f"{path} is a converted directory without its {needed}: convert the model again")
+    try:
+        return ModelConfig(**config)
+    except TypeError as e:  # a field missing
+        raise CheckpointError(f"{marker}: {e}") from None
 
 
 def load_converted(path: Path, *, dtype=jnp.float32, param_dtype=jnp.float32,
@@ -118,7 +140,9 @@ def model_config(path: str | Path) -> ModelConfig:
         return _converted_config(path)
     if path.is_dir() and (path / "config.json").exists():
         return config_from_hf_file(path / "config.json")
-    return open_source(path)[0]  # a .gguf's header, or open_source's error
+    if path.is_file() and path.suffix == ".gguf":
+        return config_from_hf(gguf_config(path).to_dict())  # the header alone: nothing dequantised
+    return open_source(path)[0]  # open_source's error
 
 
 def load_model(path: str | Path, *, dtype: str = "float32", sharding_for: ShardingFn = single_device,

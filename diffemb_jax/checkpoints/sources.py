@@ -28,7 +28,13 @@ def _shard_files(directory: Path, single: str, index_name: str) -> dict[str, Pat
     """tensor name -> file, from an index json (sharded) or a single file."""
     index = directory / index_name
     if index.exists():
-        weight_map = json.loads(index.read_text())["weight_map"]
+        try:
+            weight_map = json.loads(index.read_text())["weight_map"]
+        except (ValueError, UnicodeDecodeError, KeyError, TypeError) as e:
+            raise CheckpointError(f"{index} is not a shard index: expected JSON with a \"weight_map\" of tensor "
+                                  f"name -> shard file ({type(e).__name__}: {e})") from None
+        if not isinstance(weight_map, dict) or not all(isinstance(f, str) for f in weight_map.values()):
+            raise CheckpointError(f"{index}: \"weight_map\" must map each tensor name to a shard file name")
         files = {name: directory / f for name, f in weight_map.items()}
         for f in set(files.values()):
             if not f.exists():
@@ -70,15 +76,15 @@ class SafetensorsSource:
                 header = json.loads(bytes(mapped[8 : 8 + size]))
             except (ValueError, UnicodeDecodeError):
                 raise CheckpointError(f"{path} is not a safetensors file (its header does not parse)") from None
+            if not isinstance(header, dict):
+                raise CheckpointError(f"{path} is not a safetensors file (its header is not a JSON object)")
             header.pop("__metadata__", None)
             for name, info in header.items():
-                if info["dtype"] not in dtypes:
-                    raise CheckpointError(f"{path}: tensor {name} has dtype {info['dtype']}, which this reader "
-                                          f"does not know ({', '.join(dtypes)})")
-                begin, end = (8 + size + offset for offset in info["data_offsets"])
+                begin, end, shape = _entry(path, name, info, dtypes)
+                begin, end = 8 + size + begin, 8 + size + end
                 if end > len(mapped):
                     raise CheckpointError(f"{path} is truncated: tensor {name} ends past the end of the file")
-                self._tensors[name] = mapped[begin:end].view(dtypes[info["dtype"]]).reshape(info["shape"])
+                self._tensors[name] = mapped[begin:end].view(dtypes[info["dtype"]]).reshape(shape)
 
     def names(self) -> list[str]:
         return list(self._tensors)
@@ -88,6 +94,33 @@ class SafetensorsSource:
 
     def read(self, name, index):
         return np.array(self._tensors[name][index])
+
+
+def _entry(path: Path, name: str, info, dtypes: dict) -> tuple[int, int, tuple[int, ...]]:
+    """(begin, end, shape) of one header entry, checked: a malformed entry names the file and tensor."""
+    if not isinstance(info, dict) or not {"dtype", "shape", "data_offsets"} <= set(info):
+        raise CheckpointError(f"{path}: the header entry of tensor {name} lacks dtype, shape or data_offsets")
+    if info["dtype"] not in dtypes:
+        raise CheckpointError(f"{path}: tensor {name} has dtype {info['dtype']}, which this reader "
+                              f"does not know ({', '.join(dtypes)})")
+    shape, offsets = info["shape"], info["data_offsets"]
+    ints = lambda xs: isinstance(xs, list) and all(isinstance(x, int) and x >= 0 for x in xs)  # noqa: E731
+    if not ints(shape) or not ints(offsets) or len(offsets) != 2 or offsets[0] > offsets[1]:
+        raise CheckpointError(f"{path}: tensor {name} has a malformed shape {shape!r} or data_offsets {offsets!r}")
+    if offsets[1] - offsets[0] != int(np.prod(shape)) * dtypes[info["dtype"]].itemsize:
+        raise CheckpointError(f"{path}: tensor {name}'s data_offsets span {offsets[1] - offsets[0]} bytes, but its "
+                              f"shape {shape} of {info['dtype']} needs {int(np.prod(shape)) * dtypes[info['dtype']].itemsize}")
+    return offsets[0], offsets[1], tuple(shape)
+
+
+def _torch():
+    """torch, which .bin and GGUF checkpoints need (safetensors do not)."""
+    try:
+        import torch
+    except ImportError:
+        raise CheckpointError("reading .bin and .gguf checkpoints needs PyTorch: pip install 'diffemb-jax[torch]' "
+                              "(or convert the checkpoint to safetensors)") from None
+    return torch
 
 
 def _torch_to_numpy(tensor) -> np.ndarray:
@@ -118,8 +151,7 @@ class TorchBinSource(_TorchTensors):
     """PyTorch .bin checkpoints, read with weights_only=True (never the file's own code) and mmap."""
 
     def __init__(self, directory: Path):
-        import torch
-
+        torch = _torch()
         files = _shard_files(directory, "pytorch_model.bin", "pytorch_model.bin.index.json")
         paths = sorted(set(files.values())) or [directory / "pytorch_model.bin"]
         self._tensors = {}
@@ -139,18 +171,26 @@ class GGUFSource(_TorchTensors):
     """
 
     def __init__(self, path: Path):
-        import torch
-        from transformers import AutoConfig, AutoModelForCausalLM
+        torch = _torch()
+        from transformers import AutoModelForCausalLM
         from transformers.modeling_gguf_pytorch_utils import load_gguf_checkpoint
 
-        try:
-            self.hf_config = AutoConfig.from_pretrained(str(path.parent), gguf_file=path.name)
-        except Exception as e:
-            raise CheckpointError(f"{path}: not a GGUF file transformers can read ({e})") from e
+        self.hf_config = gguf_config(path)
         with torch.device("meta"):  # the key map only; no memory
             skeleton = AutoModelForCausalLM.from_config(self.hf_config)
         loaded = load_gguf_checkpoint(str(path), return_tensors=True, model_to_load=skeleton)
         self._tensors = loaded["tensors"]
+
+
+def gguf_config(path: Path):
+    """The transformers config of a .gguf file, from its header alone (no tensor is dequantised)."""
+    _torch()  # transformers' GGUF reader needs it
+    from transformers import AutoConfig
+
+    try:
+        return AutoConfig.from_pretrained(str(path.parent), gguf_file=path.name)
+    except Exception as e:
+        raise CheckpointError(f"{path}: not a GGUF file transformers can read ({e})") from e
 
 
 def open_weights(directory: Path) -> TensorSource:
