@@ -91,12 +91,30 @@ def _require(hf: dict[str, Any], key: str, expected: Any, why: str) -> None:
         raise UnsupportedConfigError(f"config field {key}={value!r} is not supported ({why}); expected {expected!r}")
 
 
+# LLaDA's (OLMo-derived) config fields that change the computation, with the one value this decoder
+# computes; any other value is refused rather than silently ignored.
+_LLADA_FIXED = {
+    "block_type": ("llama", "LLaDA blocks are LLaMA-shaped here"),
+    "activation_type": ("silu", "the MLP is SwiGLU"),
+    "layer_norm_type": ("rms", "norms are RMSNorm"),
+    "include_bias": (False, "only q/k/v may carry a bias"),
+    "clip_qkv": (None, "q/k/v clipping is not implemented"),
+    "alibi": (False, "ALiBi is not implemented; positions are RoPE"),
+    "rope": (True, "positions are RoPE"),
+    "attention_layer_norm": (False, "q/k layer norms are not implemented"),
+    "input_emb_norm": (False, "a norm of the input embeddings is not implemented"),
+    "scale_logits": (False, "the LM head's logits are not scaled"),
+    "layer_norm_with_affine": (True, "norms have a learned scale"),
+    "bias_for_layer_norm": (None, "norms have no bias"),
+    "multi_query_attention": (None, "key/value heads are given by n_kv_heads"),
+}
+
+
 def _read_llada(hf: dict[str, Any], family: Family) -> ModelConfig:
-    _require(hf, "block_type", "llama", "LLaDA blocks are LLaMA-shaped here")
-    _require(hf, "activation_type", "silu", "the MLP is SwiGLU")
-    _require(hf, "layer_norm_type", "rms", "norms are RMSNorm")
-    _require(hf, "include_bias", False, "only q/k/v may carry a bias")
-    _require(hf, "clip_qkv", None, "q/k/v clipping is not implemented")
+    for key, (expected, why) in _LLADA_FIXED.items():
+        if key == "bias_for_layer_norm" and hf.get(key) is False:
+            continue  # the same as None
+        _require(hf, key, expected, why)
     heads = hf["n_heads"]
     return ModelConfig(
         model_type=family.model_type,
@@ -165,10 +183,13 @@ def _write_transformers(cfg: ModelConfig, tokens: dict, family: Family) -> dict:
     else:
         kw |= dict(attention_bias=False, mlp_bias=False)
     out = getattr(transformers, family.transformers_config)(**kw).to_dict()
+    # transformers 4 (which llm2vec and Dream's own code need) reads rope_theta, not rope_parameters:
+    # without it they would take the default theta, a silently different model.
+    out |= {"rope_theta": float(cfg.rope_theta), "rope_scaling": None}
     if cfg.mask_token_id is not None:
         out["mask_token_id"] = cfg.mask_token_id
-    if family.remote_code:  # Dream's own code predates rope_parameters: give it rope_theta too
-        out |= {"model_type": family.model_type, "rope_theta": float(cfg.rope_theta), "rope_scaling": None}
+    if family.remote_code:
+        out["model_type"] = family.model_type
     return out
 
 
