@@ -78,7 +78,7 @@ def test_round_trip_through_transformers(family_dir, tmp_path):
     family, oracle, hf_dir = family_dir
     model, tok = load_model(hf_dir, progress=False)
     out = export_hf(model, tok, tmp_path / "export", progress=False)
-    assert sorted(p.name for p in out.iterdir()) == ["config.json", "model.safetensors", "tokenizer.json"]
+    assert sorted(p.name for p in out.iterdir()) == ["README.md", "config.json", "model.safetensors", "tokenizer.json"]
     written, original = _weights(out), _weights(hf_dir)  # same names, same bits as the source checkpoint
     assert sorted(written) == sorted(original)
     for name, value in original.items():

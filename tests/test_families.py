@@ -50,3 +50,23 @@ def test_the_families_records():
         family_of("gpt2")
     headless = {name for name, family in FAMILIES.items() if family.headless}
     assert headless == {"qwen2", "llama", "mistral"}  # Dream's and LLaDA's AutoModel is their LM class
+
+
+@pytest.mark.parametrize("family", ["Dream", "llada"])
+def test_a_remote_code_export_keeps_auto_map_and_says_which_files_to_place(family, tmp_path):
+    src = tiny.write_checkpoint(family, tmp_path / "hf")
+    source_map = json.loads((src / "config.json").read_text()).get("auto_map")
+    out = export_model(src, tmp_path / "out", progress=False)
+    config = json.loads((out / "config.json").read_text())
+    assert config["auto_map"] == (source_map or FAMILIES[family].auto_map)  # tiny Dream has its own, LLaDA none
+    readme = (out / "README.md").read_text()
+    for name in FAMILIES[family].code_files + (FAMILIES[family].code_repo, "trust_remote_code=True"):
+        assert name in readme
+    converted = export_model(out, tmp_path / "again", progress=False)  # a re-export of the export keeps it too
+    assert json.loads((converted / "config.json").read_text())["auto_map"] == config["auto_map"]
+
+
+def test_a_transformers_export_names_no_remote_code(tmp_path):
+    out = export_model(tiny.write_checkpoint("qwen2", tmp_path / "hf"), tmp_path / "out", progress=False)
+    assert "auto_map" not in json.loads((out / "config.json").read_text())
+    assert "AutoModelForCausalLM.from_pretrained" in (out / "README.md").read_text()

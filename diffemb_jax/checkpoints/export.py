@@ -19,7 +19,7 @@ from flax import nnx
 from tqdm.auto import tqdm
 
 from diffemb_jax import atomic
-from diffemb_jax.checkpoints.families import SPECIAL_TOKENS, hf_config
+from diffemb_jax.checkpoints.families import CARRIED_FIELDS, FAMILIES, hf_config
 from diffemb_jax.checkpoints.keymaps import KeyMap, is_transposed
 from diffemb_jax.model import Decoder
 
@@ -146,14 +146,35 @@ def export_hf(model: Decoder, tokenizer, out_dir: str | Path, *, dtype: str = "f
 
     def fill(tmp: Path) -> None:
         (tmp / "config.json").write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")
+        (tmp / "README.md").write_text(model_card(model.cfg.model_type, dtype))
         tokenizer.save(str(tmp / "tokenizer.json"))
         _write_weights(tmp, tensors, max_shard_bytes, progress)
 
     return write_atomically(Path(out_dir), fill)
 
 
-def _source_tokens(src: Path) -> dict:
-    """bos/eos/pad token ids from an HF source's config.json (a ModelConfig does not keep them)."""
+def model_card(model_type: str, dtype: str) -> str:
+    """The export's README.md: what it holds and how to load it, with the remote code it needs."""
+    family = FAMILIES[model_type]
+    lines = [f"# {family.architecture} exported by diffemb-jax", "",
+             f"A Hugging Face directory ({model_type}, {dtype}): config.json, safetensors weights, tokenizer.json.", ""]
+    if family.remote_code:
+        files = ", ".join(f"`{f}`" for f in family.code_files)
+        lines += [f"transformers reads {model_type} with the model's own code, which this folder does not "
+                  f"carry: place {files} from the Hugging Face repository `{family.code_repo}` in this "
+                  "folder (config.json's `auto_map` names their classes), then load it with "
+                  "`AutoModel.from_pretrained(THIS_FOLDER, trust_remote_code=True)`.", ""]
+    else:
+        lines += ["Load it with `transformers.AutoModelForCausalLM.from_pretrained(THIS_FOLDER)` (or `AutoModel` "
+                  "for the bare decoder).", ""]
+    lines += ["To embed as diffemb-jax does, pool the final hidden states (mean by default) under the attention "
+              "the model was trained with (bidirectional by default): a plain transformers forward of a decoder "
+              "attends causally.", ""]
+    return "\n".join(lines)
+
+
+def _source_fields(src: Path) -> dict:
+    """bos/eos/pad token ids and auto_map from an HF source's config.json (a ModelConfig keeps neither)."""
     config = src / "config.json"
     if not (src.is_dir() and config.exists()):
         return {}
@@ -161,7 +182,7 @@ def _source_tokens(src: Path) -> dict:
         hf = json.loads(config.read_text())
     except (OSError, json.JSONDecodeError):
         return {}
-    return {key: hf[key] for key in SPECIAL_TOKENS if hf.get(key) is not None}
+    return {key: hf[key] for key in CARRIED_FIELDS if hf.get(key) is not None}
 
 
 def export(src: str | Path, out: str | Path, *, adapter: str | Path | None = None, dtype: str = "float32",
@@ -180,4 +201,4 @@ def export(src: str | Path, out: str | Path, *, adapter: str | Path | None = Non
         adapted, lora = load_peft_adapter(model, adapter)
         model = merge_lora(adapted, lora)
     return export_hf(model, tokenizer, out, dtype=dtype, max_shard_bytes=max_shard_bytes,
-                     extra_config=_source_tokens(Path(src)), progress=progress)
+                     extra_config=_source_fields(Path(src)), progress=progress)

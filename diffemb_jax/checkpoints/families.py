@@ -67,7 +67,15 @@ class Family:
     sliding_window: bool = False  # config.json's sliding_window is honoured (causal mode)
     transformers_config: str | None = None  # the transformers config class that writes its config.json
     headless: bool = False  # its AutoModel is the bare decoder: PEFT adapters may be named without "model."
-    remote_code: bool = False  # read by the checkpoint's own (transformers 4 era) code, never run here
+    # Read by the checkpoint's own (transformers 4 era) code, never run here: config.json's auto_map
+    # names its classes, and an export says which files of `code_repo` to place beside the weights.
+    auto_map: dict | None = None
+    code_repo: str | None = None
+    code_files: tuple[str, ...] = ()
+
+    @property
+    def remote_code(self) -> bool:
+        return self.auto_map is not None
 
 
 # ------------------------------------------------------------------------------------------ config.json in
@@ -214,17 +222,24 @@ FAMILIES = {family.model_type: family for family in (
     Family("qwen2", _QWEN2_SHAPED_NAMES, "Qwen2ForCausalLM", _read_qwen2_shaped, _write_transformers,
            qkv_bias=True, transformers_config="Qwen2Config", headless=True),
     Family("Dream", _QWEN2_SHAPED_NAMES, "DreamModel", _read_qwen2_shaped, _write_transformers,
-           qkv_bias=True, transformers_config="Qwen2Config", remote_code=True),
+           qkv_bias=True, transformers_config="Qwen2Config",
+           auto_map={"AutoConfig": "configuration_dream.DreamConfig", "AutoModel": "modeling_dream.DreamModel"},
+           code_repo="Dream-org/Dream-v0-Base-7B",
+           code_files=("configuration_dream.py", "modeling_dream.py", "generation_utils.py")),
     Family("llama", _QWEN2_SHAPED_NAMES, "LlamaForCausalLM", _read_qwen2_shaped, _write_transformers,
            transformers_config="LlamaConfig", headless=True),
     Family("mistral", _QWEN2_SHAPED_NAMES, "MistralForCausalLM", _read_qwen2_shaped, _write_transformers,
            sliding_window=True, transformers_config="MistralConfig", headless=True),
-    Family("llada", _LLADA_NAMES, "LLaDAModelLM", _read_llada, _write_llada, remote_code=True),
+    Family("llada", _LLADA_NAMES, "LLaDAModelLM", _read_llada, _write_llada,
+           auto_map={"AutoConfig": "configuration_llada.LLaDAConfig",
+                     "AutoModelForCausalLM": "modeling_llada.LLaDAModelLM", "AutoModel": "modeling_llada.LLaDAModelLM"},
+           code_repo="GSAI-ML/LLaDA-8B-Base", code_files=("configuration_llada.py", "modeling_llada.py")),
 )}
 SUPPORTED_MODEL_TYPES = tuple(sorted(FAMILIES))
 HEADLESS_FAMILIES = tuple(t for t, family in FAMILIES.items() if family.headless)
-# Token ids a ModelConfig does not keep; carried over from the source config.json when there is one.
+# Fields a ModelConfig does not keep; carried over from the source config.json when there is one.
 SPECIAL_TOKENS = ("bos_token_id", "eos_token_id", "pad_token_id")
+CARRIED_FIELDS = SPECIAL_TOKENS + ("auto_map",)
 
 
 def family_of(model_type: str) -> Family:
@@ -264,4 +279,5 @@ def hf_config(cfg: ModelConfig, *, dtype: str = "float32", extra: dict | None = 
     out = family.write(cfg, tokens, family) | {"dtype": dtype}
     if family.remote_code:
         out["torch_dtype"] = dtype  # what their (transformers 4 era) code reads
+        out["auto_map"] = family.auto_map  # the source's own, if any, comes in `extra`
     return out | extra
