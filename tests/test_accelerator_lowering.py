@@ -12,7 +12,7 @@ import jax.numpy as jnp
 import pytest
 from flax import nnx
 
-from diffemb_jax.embedding.pooling import pool, pool_packed
+from diffemb_jax.embedding.pooling import pool
 from diffemb_jax.model import Decoder
 from diffemb_jax.model.config import ModelConfig
 from diffemb_jax.model.lora import LoraConfig, apply_lora
@@ -71,7 +71,7 @@ def test_encode_lowers_to_the_kernel(kernel, packed, on_device):
     def encode(state, ids, segments):
         texts = 4 if packed else 1
         hidden = nnx.merge(graphdef, state)(ids, segments, packed)
-        return pool_packed(hidden, segments, segments, texts) if packed else pool(hidden, segments, segments)
+        return pool(hidden, segments, segments, texts_per_row=texts if packed else None)
 
     on_device(backend)
     exported = jax.export.export(jax.jit(encode), platforms=[platform], disabled_checks=CUDNN_CALLS)(

@@ -9,8 +9,9 @@ import tensorflow_datasets as tfds
 import tokenizers
 
 import tiny
+from diffemb_jax import batching
 from diffemb_jax.embedding.prompts import SEPARATOR
-from diffemb_jax.training import data, packing
+from diffemb_jax.training import data
 
 WORDS = tiny.WORDS[:40]  # row i is recognisable by its first word WORDS[i], token id WORD_ID + i
 WORD_ID = 3
@@ -211,11 +212,11 @@ def test_hosts_packed_steps_number_the_global_batch(tmp_path, tokenizer):
     source = build(tmp_path, [row(i, "msmarco_instructions") for i in range(6)], "msmarco_instructions",
                    num_negatives=k)
     _, [whole] = batches(source, tokenizer, 1, num_negatives=k)
-    one = _texts(packing.pack_step(whole, global_batch_size=g, num_negatives=k, pack=False))
+    one = _texts(batching.pack_step(whole, global_batch_size=g, num_negatives=k, pack=False))
     hosts, rows = {}, []
     for p in (0, 1):
         _, [part] = batches(source, tokenizer, 1, num_negatives=k, process_index=p, process_count=2)
-        packed = packing.pack_step(part, global_batch_size=g, num_negatives=k, process_index=p)
+        packed = batching.pack_step(part, global_batch_size=g, num_negatives=k, process_index=p)
         hosts |= _texts(packed)
         rows.append(len(packed["input_ids"]))
     assert hosts == one and sorted(one) == list(range(1, g * (2 + k) + 1))
@@ -229,18 +230,18 @@ def test_hosts_packed_steps_number_the_global_batch(tmp_path, tokenizer):
 
 
 def test_step_rows_and_lengths_take_few_values():
-    assert [packing.step_rows(n, 1, 100) for n in range(1, 14)] == [1, 2, 3, 4, 6, 6, 8, 8, 12, 12, 12, 12, 16]
-    assert [packing.step_rows(n, 2, 100) for n in (1, 2, 3, 5, 7, 9)] == [2, 2, 4, 6, 8, 12]
-    assert packing.step_rows(13, 2, 13) == 14  # never past one text a row (rounded up to the shards)
+    assert [batching.step_rows(n, 1, 100) for n in range(1, 14)] == [1, 2, 3, 4, 6, 6, 8, 8, 12, 12, 12, 12, 16]
+    assert [batching.step_rows(n, 2, 100) for n in (1, 2, 3, 5, 7, 9)] == [2, 2, 4, 6, 8, 12]
+    assert batching.step_rows(13, 2, 13) == 14  # never past one text a row (rounded up to the shards)
     def sides(longest, width=100):
         mask = np.zeros((2, width), np.int32)
         mask[0, :longest] = mask[1, :5] = 1
-        return {side: {"input_ids": mask, "padding_mask": mask, "embed_mask": mask} for side in packing.SIDES}
+        return {side: {"input_ids": mask, "padding_mask": mask, "embed_mask": mask} for side in batching.SIDES}
 
-    assert [packing.row_length(sides(n)) for n in (5, 32, 33, 64, 65, 100)] == [32, 32, 64, 64, 100, 100]
-    assert packing.row_length(sides(5), pack=False) == 100
-    assert packing.pack_step(sides(40), global_batch_size=2, num_negatives=1)["input_ids"].shape[1] == 64
-    batch = packing.pad_rows({"input_ids": np.ones((3, 4), np.int32)}, 4)
+    assert [batching.row_length(sides(n)) for n in (5, 32, 33, 64, 65, 100)] == [32, 32, 64, 64, 100, 100]
+    assert batching.row_length(sides(5), pack=False) == 100
+    assert batching.pack_step(sides(40), global_batch_size=2, num_negatives=1)["input_ids"].shape[1] == 64
+    batch = batching.pad_rows({"input_ids": np.ones((3, 4), np.int32)}, 4)
     assert batch["input_ids"].shape == (4, 4) and not batch["input_ids"][3].any()
     with pytest.raises(ValueError, match="more than 2"):
-        packing.pad_rows(batch, 2)
+        batching.pad_rows(batch, 2)

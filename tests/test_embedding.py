@@ -9,7 +9,7 @@ import tokenizers
 
 import tiny
 from diffemb_jax.embedding import SEPARATOR, Embedder, tokenize, with_instruction
-from diffemb_jax.embedding.embedder import plan_batches
+from diffemb_jax.batching import plan_batches
 
 TEXTS = ["the cat plays music", "a dog runs", "the big red car was fast and the small blue car was slow",
          "she reads", "we write one two three four five six seven"]

@@ -8,7 +8,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from diffemb_jax.embedding.pooling import pool, pool_texts
+from diffemb_jax.embedding.pooling import pool
 from diffemb_jax.training.loss import in_batch_info_nce, per_query_negatives_loss
 
 GOLDENS = np.load(Path(__file__).parent / "goldens" / "llm2vec.npz")
@@ -44,9 +44,25 @@ def test_pooling_of_packed_texts_equals_llm2vec(mode, skip):
     """The train step's pooling: texts numbered across rows, two to a row (in another order than their
     numbers), and one number (5) that no row holds."""
     hidden, segments, embed_mask = _packed_goldens([[2, 0], [3, 1]], 2 * GOLDENS["pool_reps"].shape[1])
-    got = np.asarray(pool_texts(hidden, segments, embed_mask, 5, mode, skip_instruction=skip))
+    got = np.asarray(pool(hidden, segments, embed_mask, mode, skip_instruction=skip, texts=5))
     np.testing.assert_allclose(got[:4], GOLDENS[f"pool_{mode}_skip{skip}"], atol=1e-6)
     assert not got[4].any()
+
+
+@pytest.mark.parametrize("mode", ["mean", "weighted_mean", "last_token"])
+@pytest.mark.parametrize("skip", [False, True])
+def test_pooling_of_texts_numbered_within_rows_equals_llm2vec(mode, skip):
+    """The Embedder's packed rows: texts numbered 1..k within each row, room for three a row."""
+    rows = [[2, 0], [3, 1]]
+    hidden, numbers, embed_mask = _packed_goldens(rows, 2 * GOLDENS["pool_reps"].shape[1])
+    segment_ids = np.zeros(numbers.shape, np.int32)
+    for r, texts in enumerate(rows):
+        for k, t in enumerate(texts, 1):
+            segment_ids[r][np.asarray(numbers[r]) == t + 1] = k
+    got = np.asarray(pool(hidden, jnp.asarray(segment_ids), embed_mask, mode, skip_instruction=skip, texts_per_row=3))
+    assert got.shape == (2, 3, GOLDENS["pool_reps"].shape[-1])
+    want = GOLDENS[f"pool_{mode}_skip{skip}"]
+    np.testing.assert_allclose(got[:, :2].reshape(4, -1), want[[2, 0, 3, 1]], atol=1e-6)
 
 
 @pytest.mark.parametrize("scale", [50, 20])

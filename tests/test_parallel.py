@@ -191,7 +191,7 @@ PLAN = textwrap.dedent("""
     import jax.numpy as jnp
     from flax import nnx
     from diffemb_jax import parallel
-    from diffemb_jax.training.packing import STEP_KEYS, step_rows
+    from diffemb_jax.batching import STEP_KEYS, step_rows
     from diffemb_jax.training.plan import memory_plan, step_state
     from diffemb_jax.training.trainer import Trainer, row_bounds
     spec = importlib.util.spec_from_file_location("tiny_cfg", "configs/tiny.py")

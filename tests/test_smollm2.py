@@ -8,9 +8,10 @@ import torch
 
 import tiny
 from diffemb_jax import assets
+from diffemb_jax.batching import pad_batch
 from diffemb_jax.cli import main as cli
 from diffemb_jax.embedding import Embedder
-from diffemb_jax.embedding.prompts import pad_batch, tokenize
+from diffemb_jax.embedding.prompts import tokenize
 
 SENTENCES = ["A man is playing a guitar on stage.",
              "Someone performs music with a guitar in front of an audience.",

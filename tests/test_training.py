@@ -17,10 +17,10 @@ import orbax.checkpoint as ocp
 import pytest
 from flax import nnx
 
+from diffemb_jax.batching import pack_step, pad_rows, step_rows
 from diffemb_jax.cli import main as cli
 from diffemb_jax.model import Decoder, ModelConfig
 from diffemb_jax.model.lora import LoraConfig, apply_lora, merge_lora
-from diffemb_jax.training.packing import pack_step, pad_rows, step_rows
 from diffemb_jax.training.step import StepConfig, loss_and_grads, make_optimizer, make_train_step, split_model
 from training_fixtures import tiny_setup, train_args
 

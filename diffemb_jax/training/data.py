@@ -8,7 +8,7 @@ and renames it into place, so a failed build leaves nothing behind.
 
 `TrainBatches` reads that dataset with grain: a global shuffle per epoch (seeded), global batches
 that never straddle two epochs, each host reading and tokenising only its slice of every global batch,
-each side padded to its max length; the trainer packs them into the step's rows (packing.py). It is
+each side padded to its max length; the trainer packs them into the step's rows (batching/step.py). It is
 a grain `DatasetIterator`, so its state is grain's (a small JSON dict) and
 `grain.checkpoint.CheckpointSave(batches)` saves it with orbax.
 """
@@ -27,6 +27,7 @@ import numpy as np
 import tensorflow_datasets as tfds
 import tokenizers
 
+from diffemb_jax.batching import pad_batch
 from diffemb_jax.embedding import prompts
 
 logger = logging.getLogger(__name__)
@@ -201,7 +202,7 @@ def build_dataset(files: Sequence[str | Path], fmt: str, cache_dir: str | Path, 
 
 def _padded(tokenizer: tokenizers.Tokenizer, texts: list[str], max_length: int) -> dict[str, np.ndarray]:
     tokens = prompts.tokenize(tokenizer, texts, max_length)
-    input_ids, padding_mask, embed_mask = prompts.pad_batch(tokens.ids, tokens.embed_lengths, max_length, len(texts))
+    input_ids, padding_mask, embed_mask = pad_batch(tokens.ids, tokens.embed_lengths, max_length, len(texts))
     return {"input_ids": input_ids, "padding_mask": padding_mask, "embed_mask": embed_mask}
 
 

@@ -20,10 +20,10 @@ from flax import nnx
 from jax.sharding import NamedSharding, PartitionSpec as P
 
 from diffemb_jax import parallel
+from diffemb_jax.batching import STEP_KEYS, step_rows
 from diffemb_jax.memory import compiled_bytes
 from diffemb_jax.model import Decoder
 from diffemb_jax.model.lora import apply_lora
-from diffemb_jax.training.packing import STEP_KEYS, step_rows
 from diffemb_jax.training.step import split_model
 from diffemb_jax.training.trainer import lora_config, optimizer_and_step, row_bounds
 

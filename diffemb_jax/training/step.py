@@ -1,6 +1,6 @@
 """One contrastive train step: embeddings -> loss over the global batch -> LoRA gradients -> AdamW.
 
-The batch is the global batch's texts packed into rows (training/packing.py): one pass of the model
+The batch is the global batch's texts packed into rows (batching/step.py): one pass of the model
 over all of them, then each text pooled by its number into [texts, D], where queries, positives and
 negatives lie at fixed places.
 
@@ -26,7 +26,7 @@ import optax
 from flax import nnx
 from jax.sharding import NamedSharding, PartitionSpec as P
 
-from diffemb_jax.embedding.pooling import pool_texts
+from diffemb_jax.embedding.pooling import pool
 from diffemb_jax.model.lora import set_dropout_key
 from diffemb_jax.training.loss import in_batch_info_nce, per_query_negatives_loss
 
@@ -65,7 +65,7 @@ def _embed(graphdef, lora, frozen, rows: dict, cfg: StepConfig, key: jax.Array) 
     set_dropout_key(model, key)
     segments = rows["segments"] if cfg.packed else (rows["segments"] > 0).astype(jnp.int32)  # one text a row
     hidden = model(rows["input_ids"], segments, packed=cfg.packed)
-    return pool_texts(hidden, rows["segments"], rows["embed_mask"], cfg.num_texts, cfg.pooling, cfg.skip_instruction)
+    return pool(hidden, rows["segments"], rows["embed_mask"], cfg.pooling, cfg.skip_instruction, texts=cfg.num_texts)
 
 
 def contrastive_loss(vectors, cfg: StepConfig) -> dict[str, jax.Array]:

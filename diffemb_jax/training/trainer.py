@@ -27,9 +27,9 @@ from tqdm.auto import tqdm
 
 from diffemb_jax import atomic
 from diffemb_jax import parallel
+from diffemb_jax.batching import pack_step, pad_rows, row_length, step_rows
 from diffemb_jax.training.data import TrainBatches, build_dataset
 from diffemb_jax.model.lora import LoraConfig, apply_lora
-from diffemb_jax.training.packing import pack_step, pad_rows, row_length, step_rows
 from diffemb_jax.training.step import StepConfig, batch_tokens, make_optimizer, placed_train_step, split_model
 
 log = logging.getLogger(__name__)
@@ -195,7 +195,7 @@ class Trainer:
 
     def packed(self, sides: dict) -> dict:
         """This host's share of a step, packed into rows as long and as many as every other host's
-        (packing.py)."""
+        (batching/step.py)."""
         c = self.config
         length = parallel.max_over_processes(row_length(sides, c.data.pack))
         batch = pack_step(sides, global_batch_size=c.train.global_batch_size, num_negatives=c.data.num_negatives,

@@ -1,4 +1,4 @@
-"""A step's texts packed into rows: the one layout the train step takes.
+"""A train step's texts packed into rows: the one layout the train step takes.
 
 The data pipeline gives each host its share of the global batch side by side (queries, positives,
 negatives, each right-padded to its max length). `pack_step` lays all of them into rows as long as
@@ -12,17 +12,17 @@ sums by. Numbers run across the global batch, side by side: with G queries and k
 each, query g is g + 1, its positive G + g + 1, its j-th negative 2G + g*k + j + 1, whichever host
 holds them, so the step finds every embedding at a fixed place however the rows were packed.
 
-Row counts vary with the texts; `step_rows` rounds them to (batch shards) x (2^k or 3 x 2^k), so
-the step compiles a few programs at most (one a row count and length met), and every host takes the
-same length and pads to the same count (`pad_rows`).
+Row counts vary with the texts; the caller pads them to step_rows (rows.py) with pad_rows
+(arrays.py), so the step compiles a few programs at most (one a row count and length met), and
+every host takes the same length and pads to the same count.
 """
 
 from __future__ import annotations
 
 import numpy as np
 
-from diffemb_jax.embedding.packing import bucket_lengths, pack_rows
-from diffemb_jax.embedding.prompts import pack_batch
+from diffemb_jax.batching.arrays import pack_batch
+from diffemb_jax.batching.layout import bucket_lengths, pack_rows
 
 SIDES = ("query", "positive", "negative")  # the data pipeline's, in text-number order
 STEP_KEYS = ("input_ids", "segments", "embed_mask")  # the step's batch, each [rows, length] int32
@@ -69,28 +69,3 @@ def pack_step(sides: dict, *, global_batch_size: int, num_negatives: int, proces
     for r, texts in enumerate(rows):
         table[r, 1 : len(texts) + 1] = numbers[texts]
     return dict(zip(STEP_KEYS, (input_ids, np.take_along_axis(table, place, axis=1), embed_mask)))
-
-
-def _sizes():
-    """1, 2, 3, 4, 6, 8, 12, 16, ...: powers of two and half-way between."""
-    yield 1
-    power = 2
-    while True:
-        yield from (power, 3 * power // 2)
-        power *= 2
-
-
-def step_rows(rows: int, multiple: int, most: int) -> int:
-    """The row count a step of `rows` packed rows is padded to: the fewest multiple x size (_sizes)
-    that hold them (a third more at most; two programs an octave); but no more than
-    `most` (one text a row) rounded up to a multiple."""
-    size = next(size for size in _sizes() if size * multiple >= rows)
-    return min(size * multiple, -(-most // multiple) * multiple)
-
-
-def pad_rows(batch: dict[str, np.ndarray], rows: int) -> dict[str, np.ndarray]:
-    """`batch` with empty rows (all pads) appended up to `rows`."""
-    extra = rows - len(batch["input_ids"])
-    if extra < 0:
-        raise ValueError(f"the batch has {len(batch['input_ids'])} rows, more than {rows}")
-    return {key: np.pad(value, ((0, extra), (0, 0))) for key, value in batch.items()}

@@ -1,0 +1,46 @@
+"""The batching floor: texts into rows with numpy and the standard library alone, and the layouts it
+makes (first fit decreasing, the int32 arrays), checked by hand-worked examples."""
+
+import ast
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from diffemb_jax import batching
+
+PACKAGE = Path(batching.__file__).parent
+
+
+def test_batching_imports_numpy_and_the_standard_library_alone():
+    for path in PACKAGE.glob("*.py"):
+        for node in ast.walk(ast.parse(path.read_text())):
+            names = [a.name for a in node.names] if isinstance(node, ast.Import) else (
+                [node.module] if isinstance(node, ast.ImportFrom) and node.level == 0 else [])
+            for name in names:
+                top = name.split(".")[0]
+                assert (top in sys.stdlib_module_names or top == "numpy"
+                        or name.startswith("diffemb_jax.batching")), f"{path.name} imports {name}"
+
+
+def test_first_fit_decreasing_fills_each_row_with_the_longest_that_fit():
+    # 7 opens a row and takes 3; 5 opens the next, takes 4 (no 3 left) and 1; 2 and 2 share the last
+    assert batching.pack_rows([3, 7, 2, 5, 4, 1, 2], 10) == [[1, 0], [3, 4, 5], [2, 6]]
+    with pytest.raises(ValueError, match="does not fit"):
+        batching.pack_rows([11], 10)
+
+
+def test_pack_batch_numbers_each_rows_texts_and_marks_their_embedded_tails():
+    ids, segment_ids, embed_mask = batching.pack_batch([[5, 6, 7], [8], [9, 9]], [2, 1, 1], [[0, 1], [2]], 5, 3)
+    np.testing.assert_array_equal(ids, [[5, 6, 7, 8, 0], [9, 9, 0, 0, 0], [0] * 5])
+    np.testing.assert_array_equal(segment_ids, [[1, 1, 1, 2, 0], [1, 1, 0, 0, 0], [0] * 5])
+    np.testing.assert_array_equal(embed_mask, [[0, 1, 1, 1, 0], [0, 1, 0, 0, 0], [0] * 5])
+    assert ids.dtype == segment_ids.dtype == embed_mask.dtype == np.int32
+    with pytest.raises(ValueError, match="more than its 3"):
+        batching.pack_batch([[1, 2], [3, 4]], [1, 1], [[0, 1]], 3, 1)
+
+
+def test_bucket_lengths_are_powers_of_two_and_the_max_length():
+    assert batching.bucket_lengths(100) == [32, 64, 100]
+    assert batching.bucket_lengths(32) == [32]
