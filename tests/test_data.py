@@ -229,10 +229,10 @@ def test_hosts_packed_steps_number_the_global_batch(tmp_path, tokenizer):
             assert negative[0] == first and negative[1] == WORD_ID + j
 
 
-def test_step_rows_and_lengths_take_few_values():
-    assert [batching.step_rows(n, 1, 100) for n in range(1, 14)] == [1, 2, 3, 4, 6, 6, 8, 8, 12, 12, 12, 12, 16]
-    assert [batching.step_rows(n, 2, 100) for n in (1, 2, 3, 5, 7, 9)] == [2, 2, 4, 6, 8, 12]
-    assert batching.step_rows(13, 2, 13) == 14  # never past one text a row (rounded up to the shards)
+def test_padded_rows_and_lengths_take_few_values():
+    assert [batching.padded_rows(n, 1, 100) for n in range(1, 14)] == [1, 2, 3, 4, 6, 6, 8, 8, 12, 12, 12, 12, 16]
+    assert [batching.padded_rows(n, 2, 100) for n in (1, 2, 3, 5, 7, 9)] == [2, 2, 4, 6, 8, 12]
+    assert batching.padded_rows(13, 2, 13) == 14  # never past one text a row (rounded up to the shards)
     def sides(longest, width=100):
         mask = np.zeros((2, width), np.int32)
         mask[0, :longest] = mask[1, :5] = 1

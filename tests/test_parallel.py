@@ -191,7 +191,7 @@ PLAN = textwrap.dedent("""
     import jax.numpy as jnp
     from flax import nnx
     from diffemb_jax import parallel
-    from diffemb_jax.batching import STEP_KEYS, step_rows
+    from diffemb_jax.batching import STEP_KEYS, padded_rows
     from diffemb_jax.training.plan import memory_plan, step_state
     from diffemb_jax.training.trainer import Trainer, row_bounds
     spec = importlib.util.spec_from_file_location("tiny_cfg", "configs/tiny.py")
@@ -213,7 +213,7 @@ PLAN = textwrap.dedent("""
     def differ(a, b):
         return sorted(str(p) for p in set(a) | set(b) if a.get(p) != b.get(p))
     multiple, most = row_bounds(c, trainer.mesh)
-    rows = jax.ShapeDtypeStruct((step_rows(most, multiple, most), 24), jnp.int32,
+    rows = jax.ShapeDtypeStruct((padded_rows(most, multiple, most), 24), jnp.int32,
                                 sharding=parallel.batch_sharding(trainer.mesh))
     stats = trainer.train_step.lower(trainer.lora, trainer.opt_state, trainer.frozen, 0,
                                      dict.fromkeys(STEP_KEYS, rows)).compile().memory_analysis()

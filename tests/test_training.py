@@ -17,7 +17,7 @@ import orbax.checkpoint as ocp
 import pytest
 from flax import nnx
 
-from diffemb_jax.batching import pack_step, pad_rows, step_rows
+from diffemb_jax.batching import pack_step, pad_rows, padded_rows
 from diffemb_jax.cli import main as cli
 from diffemb_jax.model import Decoder, ModelConfig
 from diffemb_jax.model.lora import LoraConfig, apply_lora, merge_lora
@@ -42,7 +42,7 @@ SIDES = {"query": _side(8, 8, 0), "positive": _side(8, 12, 1), "negative": _side
 def _packed(pack=True, multiple=8):
     """SIDES as the train step takes them, in rows of 12 tokens: several texts a row, or one."""
     batch = pack_step(SIDES, global_batch_size=8, num_negatives=1, pack=pack)
-    return pad_rows(batch, step_rows(len(batch["input_ids"]), multiple, 24))
+    return pad_rows(batch, padded_rows(len(batch["input_ids"]), multiple, 24))
 
 
 BATCH, ONE_A_ROW = _packed(), _packed(pack=False)

@@ -6,13 +6,13 @@ first. The others are packed several to a row (first fit decreasing, layout.py; 
 MAX_TEXTS_PER_ROW a row) into rows as long as the bucket of the batch's longest. A batch has at most
 batch_size rows and, where one text is not already longer, at most max_batch_tokens tokens. A batch
 has its full row count, but for the last packed one and the last one-text-a-row one, padded to
-last_batch_rows (rows.py): a one-query call computes one row, not a batch of padding.
+padded_rows (rows.py): a one-query call computes one row, not a batch of padding.
 """
 
 from __future__ import annotations
 
 from diffemb_jax.batching.layout import TextsByLength
-from diffemb_jax.batching.rows import last_batch_rows
+from diffemb_jax.batching.rows import padded_rows
 
 DEFAULT_MAX_BATCH_TOKENS = 16384
 # Texts up to this many tokens are packed: longer rows would make attention, whose cost per token grows
@@ -63,4 +63,4 @@ def plan_batches(lengths: list[int], buckets: list[int], batch_size: int, max_ba
         start += full
     batches += _packed_batches(order[len(alone):], lengths, bucket,
                                lambda length: rows_per_batch(length, batch_size, max_batch_tokens, multiple))
-    return [(rows, length, last_batch_rows(len(rows), full, multiple)) for rows, length, full in batches]
+    return [(rows, length, padded_rows(len(rows), multiple, full)) for rows, length, full in batches]

@@ -12,7 +12,7 @@ sums by. Numbers run across the global batch, side by side: with G queries and k
 each, query g is g + 1, its positive G + g + 1, its j-th negative 2G + g*k + j + 1, whichever host
 holds them, so the step finds every embedding at a fixed place however the rows were packed.
 
-Row counts vary with the texts; the caller pads them to step_rows (rows.py) with pad_rows
+Row counts vary with the texts; the caller pads them to padded_rows (rows.py) with pad_rows
 (arrays.py), so the step compiles a few programs at most (one a row count and length met), and
 every host takes the same length and pads to the same count.
 """

@@ -5,11 +5,12 @@ whose bucket length (powers of two, and max_length) is past pack_length go one t
 to the bucket that holds the batch's first. The others are packed several to a row (first fit
 decreasing, at most MAX_TEXTS_PER_ROW a row: batching/encode.py plans the batches) into rows as long
 as the bucket of the batch's longest; each text attends only within itself and is pooled apart, so
-short texts compute next to no padding. A batch has at most batch_size rows and, where one text is not already longer,
-at most max_batch_tokens tokens: long documents go a few at a time. A batch has its full row count,
-but for the last packed one and the last one-text-a-row one, which are padded to the fewest rows of
-the form (mesh batch shards) x 2^k that hold their texts: a one-query call computes one row, not a
-batch of padding, and XLA compiles a few programs per bucket at most. Each batch is dispatched
+short texts compute next to no padding. A batch has at most batch_size rows and, where one text is
+not already longer, at most max_batch_tokens tokens: long documents go a few at a time. A batch has
+its full row count, but for the last packed one and the last one-text-a-row one, which are padded by
+the one rule of batching/rows.py (the fewest (mesh batch shards) x (2^k or 3 x 2^k) rows that hold
+their texts): a one-query call computes one row, not a batch of padding, and XLA compiles a few
+programs per bucket at most. Each batch is dispatched
 before the previous one's vectors are fetched, so the host pads and sends the next batch while the
 device computes. Rows come back in input order.
 On a mesh, parameters are sharded by their logical axes and every batch is split over the data

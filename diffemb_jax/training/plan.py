@@ -20,7 +20,7 @@ from flax import nnx
 from jax.sharding import NamedSharding, PartitionSpec as P
 
 from diffemb_jax import parallel
-from diffemb_jax.batching import STEP_KEYS, step_rows
+from diffemb_jax.batching import STEP_KEYS, padded_rows
 from diffemb_jax.memory import compiled_bytes
 from diffemb_jax.model import Decoder
 from diffemb_jax.model.lora import apply_lora
@@ -64,7 +64,7 @@ def memory_plan(config: ml_collections.ConfigDict) -> dict[str, int]:
     lora, opt_state, train_step = optimizer_and_step(c, graphdef, lora, mesh)
     multiple, most = row_bounds(c, mesh)
     length = max(c.data.query_max_length, c.data.doc_max_length)
-    rows = jax.ShapeDtypeStruct((step_rows(most, multiple, most) * jax.process_count(), length), jnp.int32,
+    rows = jax.ShapeDtypeStruct((padded_rows(most, multiple, most) * jax.process_count(), length), jnp.int32,
                                 sharding=parallel.batch_sharding(mesh))
     batch = dict.fromkeys(STEP_KEYS, rows)
     stats = train_step.lower(lora, opt_state, frozen, 0, batch).compile().memory_analysis()

@@ -27,7 +27,7 @@ from tqdm.auto import tqdm
 
 from diffemb_jax import atomic
 from diffemb_jax import parallel
-from diffemb_jax.batching import pack_step, pad_rows, row_length, step_rows
+from diffemb_jax.batching import pack_step, pad_rows, row_length, padded_rows
 from diffemb_jax.training.data import TrainBatches, build_dataset
 from diffemb_jax.model.lora import LoraConfig, apply_lora
 from diffemb_jax.training.step import StepConfig, batch_tokens, make_optimizer, placed_train_step, split_model
@@ -200,7 +200,7 @@ class Trainer:
         length = parallel.max_over_processes(row_length(sides, c.data.pack))
         batch = pack_step(sides, global_batch_size=c.train.global_batch_size, num_negatives=c.data.num_negatives,
                           process_index=jax.process_index(), pack=c.data.pack, length=length)
-        rows = step_rows(parallel.max_over_processes(len(batch["input_ids"])), *row_bounds(c, self.mesh))
+        rows = padded_rows(parallel.max_over_processes(len(batch["input_ids"])), *row_bounds(c, self.mesh))
         if (rows, length) not in self._shapes:
             self._shapes.add((rows, length))
             log.info("a step of %d rows of %d tokens a host: the train step compiles for it (shapes so far: %s)",
