@@ -1355,7 +1355,7 @@ def main(args) -> dict:
 
 def _compare(args, kind: Kind) -> dict:
     """Each run of `kind` in a worker of its own, in turn; the table and summary printed; the report."""
-    from diffemb_jax.demo import converted_smollm2
+    from diffemb_jax.checkpoints.bundled import converted_smollm2
 
     with tempfile.TemporaryDirectory(prefix="diffemb-bench-") as tmp, _parent_preallocation_off() as worker_env:
         if args.shape:
