@@ -20,8 +20,10 @@ RECIPE = base_config()  # the project's training defaults
 
 def add_parser(subparsers) -> argparse.ArgumentParser:
     """`bench` and its kinds, added to `diffemb`'s subcommands; the caller sets what it runs."""
-    bench = subparsers.add_parser("bench", help="speed and memory against the PyTorch reference")
-    kinds = bench.add_subparsers(dest="what", required=True)
+    bench = subparsers.add_parser("bench", help="speed and memory against the PyTorch reference",
+                                  description="JAX against the PyTorch reference, or alone: speed and memory. "
+                                  "diffemb bench KIND --help lists a kind's flags.")
+    kinds = bench.add_subparsers(dest="what", metavar="KIND", required=True)
     for what, (help_text, own_flags) in KIND_FLAGS.items():
         p = kinds.add_parser(what, help=help_text)
         echoed = [*_model_flags(p), *own_flags(p), *_report_flags(p)]
