@@ -233,18 +233,17 @@ def _demo(args) -> None:
 
 
 def _bench(args) -> None:
-    from diffemb_jax import bench
+    from diffemb_jax.bench import compare
 
-    bench.main(args)
+    compare.main(args)
 
 
 def build_parser() -> argparse.ArgumentParser:
-    from diffemb_jax.bench import SHAPES
+    from diffemb_jax.bench import flags as bench_flags
     from diffemb_jax.embedding.embedder import DEFAULT_MAX_BATCH_TOKENS, PACK_LENGTH
     from diffemb_jax.embedding.pooling import POOLING_MODES
     from diffemb_jax.model import ATTENTION_MODES
     from diffemb_jax.model.attention import KERNELS
-    from diffemb_jax.model.decoder import REMAT_POLICIES
 
     parser = argparse.ArgumentParser(prog="diffemb", description=__doc__)
     sub = parser.add_subparsers(dest="command", required=True)
@@ -317,59 +316,7 @@ def build_parser() -> argparse.ArgumentParser:
                        "standard library, nDCG@10 on held-out modules before and after")
     p.set_defaults(func=_demo)
 
-    p = sub.add_parser("bench", help="speed and memory against the PyTorch reference")
-    p.add_argument("what", choices=("encode", "train", "long"),
-                   help="encode: texts; train: the LoRA step; long: one long document per length, how long fits")
-    p.add_argument("--queries", type=int, default=8, help="train: queries per step, each with a positive and a "
-                   "hard negative (--batch-size, --texts and --max-length are encode's)")
-    p.add_argument("--query-length", type=int, default=32, help="train: most tokens per query")
-    p.add_argument("--doc-length", type=int, default=128, help="train: most tokens per document")
-    p.add_argument("--lora-rank", type=int, default=16, help="train: LoRA rank (alpha = 2 x rank)")
-    p.add_argument("--lora-dropout", type=float, default=0.05, help="train: dropout on the adapters' input")
-    p.add_argument("--remat", default="none", metavar="POLICY[,POLICY...]|all",
-                   help=f"train: JAX gradient checkpointing ({', '.join(REMAT_POLICIES)}); a list compares them, "
-                   "one JAX run each; PyTorch runs with checkpointing off for none, on for the others, once a setting")
-    p.add_argument("--grad-cache-chunk", type=int, default=0, metavar="ROWS",
-                   help="train: JAX runs GradCache with this many packed rows a chunk (0: the plain step); PyTorch "
-                   "runs its plain step")
-    p.add_argument("--warmup-steps", type=int, default=1, help="train: untimed steps first (JAX: compilation)")
-    p.add_argument("--steps", type=int, default=5, help="train: timed steps")
-    p.add_argument("--lengths", default="1024,2048,4096,8192,16384,32768",
-                   help="long: document lengths in tokens, ascending")
-    p.add_argument("--time-limit", type=float, default=300.0,
-                   help="long: do not try a length predicted to take more seconds than this")
-    p.add_argument("--compile-only", action="store_true",
-                   help="long: JAX alone compiles the encoder of --shape or --model (its config; default: the bundled "
-                   "model's shape) for each length, with no weights made or read, and reports XLA's memory analysis: "
-                   "what fits, in seconds")
-    p.add_argument("--model", default=None, help="model to bench (default: the bundled SmolLM2-135M)")
-    p.add_argument("--shape", default=None, choices=tuple(SHAPES),
-                   help="bench this model shape at random weights instead, written once to the cache and reused "
-                   "(on CPU only the small ones are practical)")
-    p.add_argument("--tokenizer", default=None, help="--shape: a tokenizer.json, model directory or .gguf to make "
-                   "the token ids with (default: the bundled SmolLM2's), where the bundled model is not installed")
-    p.add_argument("--texts", type=int, default=64, help="number of texts")
-    p.add_argument("--batch-size", type=int, default=16, help=BATCH_SIZE_HELP)
-    p.add_argument("--max-batch-tokens", type=int, default=DEFAULT_MAX_BATCH_TOKENS, help=MAX_BATCH_TOKENS_HELP)
-    p.add_argument("--max-length", type=int, default=128)
-    p.add_argument("--pack-length", type=int, default=PACK_LENGTH,
-                   help="encode: JAX packs texts of at most this many tokens several to a row; 0: one a row, "
-                   "as the PyTorch reference runs")
-    p.add_argument("--dtype", choices=("float32", "bfloat16"), default="float32")
-    p.add_argument("--peak-tflops", type=float, default=None,
-                   help="the device's peak TFLOP/s at --dtype, for MFU (default: known GPUs only)")
-    p.add_argument("--vs-torch", action=argparse.BooleanOptionalAction, default=True,
-                   help="also run the PyTorch reference (transformers + peft) and compare (default); "
-                   "--no-vs-torch runs JAX alone")
-    p.add_argument("--mesh", default=None, metavar="DATA,FSDP,TENSOR",
-                   help="encode, train: JAX on a mesh of every device (product = device count; rows split over "
-                   "data x fsdp, weights over fsdp and tensor) instead of one device; ratios then also per device")
-    p.add_argument("--profile", default=None, metavar="DIR",
-                   help="after the timed part, profile one more pass of each run (encode: the texts once more; "
-                   "train: one step; long: the document) into DIR/<run>: an XProf trace for JAX, a Chrome trace "
-                   "and operator table for PyTorch")
-    p.add_argument("--json", default=None, help="also write the results to this JSON file")
-    p.set_defaults(func=_bench)
+    bench_flags.add_parser(sub).set_defaults(func=_bench)
     return parser
 
 

@@ -26,8 +26,7 @@ import time
 from pathlib import Path
 
 
-from diffemb_jax import assets
-from diffemb_jax.cache import cache_dir
+from diffemb_jax.checkpoints.bundled import converted_smollm2
 
 ATTENTION_MODES = ("bidirectional", "causal")
 
@@ -57,18 +56,6 @@ class Settings:
 
 
 DEFAULT_SETTINGS = Settings()
-
-
-def converted_smollm2() -> Path:
-    """The converted SmolLM2 directory, converting it on first use."""
-    from diffemb_jax.checkpoints import convert
-
-    out = cache_dir() / "smollm2-135m-instruct"
-    if not out.exists():
-        out.parent.mkdir(parents=True, exist_ok=True)
-        print(f"converting {assets.smollm2_gguf()} -> {out}")
-        convert(assets.smollm2_gguf(), out)
-    return out
 
 
 # ---------------------------------------------------------------------------------------------------

@@ -114,9 +114,9 @@ def test_bench_on_a_mesh(tmp_path, monkeypatch):
     for argv, message in ((["--mesh", "2,2"], "three positive sizes"), (["--mesh", "3,1,1"], "not divisible"),
                           (["--grad-cache-chunk", "-1"], "grad-cache-chunk")):
         with pytest.raises(ValueError, match=message):
-            from diffemb_jax import bench
+            from diffemb_jax.bench.compare import main
 
-            bench.main(cli.build_parser().parse_args(["bench", "train", "--queries", "4", *argv]))
+            main(cli.build_parser().parse_args(["bench", "train", "--queries", "4", *argv]))
 
 
 def _assert_profiles(root: Path, jax_r: dict, torch_r: dict) -> None:
@@ -170,12 +170,13 @@ def test_bench_train_remat_sweep(tmp_path, capsys):
 
 
 def test_remat_policies_and_the_torch_runs_they_need():
-    from diffemb_jax import bench
+    from diffemb_jax.bench import train
+    from diffemb_jax.bench.flags import remat_policies
     from diffemb_jax.model.decoder import REMAT_POLICIES
 
-    assert bench.remat_policies("all") == list(REMAT_POLICIES)
-    assert bench.remat_policies("full, dots,full") == ["full", "dots"]
-    runs = bench._train_runs({"remat": ["dots", "none", "full"]})  # dots and full share PyTorch's checkpointing
+    assert remat_policies("all") == list(REMAT_POLICIES)
+    assert remat_policies("full, dots,full") == ["full", "dots"]
+    runs = train.runs({"remat": ["dots", "none", "full"]})  # dots and full share PyTorch's checkpointing
     assert runs == {"JAX remat=dots": ("jax", {"remat": "dots"}), "JAX remat=none": ("jax", {"remat": "none"}),
                     "JAX remat=full": ("jax", {"remat": "full"}),
                     "PyTorch checkpointing=on": ("torch", {"remat": "full"}),
@@ -183,10 +184,10 @@ def test_remat_policies_and_the_torch_runs_they_need():
 
 
 def test_bench_rejects_an_unknown_remat_policy_before_any_worker(monkeypatch, capsys):
-    from diffemb_jax import bench
+    from diffemb_jax.bench import compare
 
     spawned = []
-    monkeypatch.setattr(bench, "_spawn", lambda *args: spawned.append(args))
+    monkeypatch.setattr(compare, "_spawn", lambda *args: spawned.append(args))
 
     assert cli.main(["bench", "train", "--shape", "tiny", "--remat", "none,nothing"]) == 2
     assert "--remat none,nothing: unknown policy 'nothing'; choose from none, full" in capsys.readouterr().err
@@ -207,31 +208,34 @@ def test_device_peak_memory_is_none_without_an_accelerator():
     import jax
     import torch
 
-    from diffemb_jax import bench
+    from diffemb_jax.bench import jax_side, torch_reference
 
-    for framework, accelerated in (("jax", jax.default_backend() != "cpu"), ("torch", torch.cuda.is_available())):
-        peak = bench.device_peak_mb(framework)
+    for side, accelerated in ((jax_side, jax.default_backend() != "cpu"), (torch_reference, torch.cuda.is_available())):
+        peak = side.device_peak_mb()
         assert (peak is None) == (not accelerated) and (peak is None or peak >= 0)
 
 
 def test_table_shows_a_dash_for_missing_figures_and_warns_of_mixed_devices():
-    from diffemb_jax import bench
+    from diffemb_jax.bench import report
 
     results = {"jax": {"device": "NVIDIA H100 80GB HBM3", "device_kind": "NVIDIA H100 80GB HBM3",
                        "peak_device_mb": 1234.4},
                "torch": {"device": "cpu, 16 threads", "device_kind": "cpu", "peak_device_mb": None}}
-    table = bench._table(results, (("device", "{device}"), ("peak device MB", "{peak_device_mb:.0f}")))
+    table = report.table(results, (("device", "{device}"), ("peak device MB", "{peak_device_mb:.0f}")))
     assert table.splitlines()[1:] == ["|---|---|---:|", "| JAX | NVIDIA H100 80GB HBM3 | 1234 |",
                                       "| PyTorch | cpu, 16 threads | – |"]
-    assert "ratio compares different hardware" in bench.device_mismatch(results)
+    assert "ratio compares different hardware" in report.device_mismatch(results)
     results["torch"].update(device="NVIDIA H100 80GB HBM3", device_kind="NVIDIA H100 80GB HBM3")
-    assert bench.device_mismatch(results) is None
+    assert report.device_mismatch(results) is None
 
 
+# Flags of another kind: argparse refuses them (each kind is a subcommand with its own flags).
+FOREIGN_FLAGS = [
+    (["train", "--batch-size", "4", "--steps", "2"], "unrecognized arguments: --batch-size 4"),
+    (["encode", "--queries", "4"], "unrecognized arguments: --queries 4"),
+    (["encode", "--lora-dropout", "0"], "unrecognized arguments: --lora-dropout 0"),
+]
 BAD_FLAGS = [
-    (["train", "--batch-size", "4", "--steps", "2"], "bench train does not use --batch-size"),
-    (["encode", "--queries", "4"], "bench encode does not use --queries"),
-    (["encode", "--lora-dropout", "0"], "bench encode does not use --lora-dropout"),
     (["train", "--lora-dropout", "1"], r"--lora-dropout must be in \[0, 1\)"),
     (["encode", "--max-batch-tokens", "-1"], "--max-batch-tokens must be >= 0"),
     (["encode", "--peak-tflops", "0"], "--peak-tflops must be positive"),
@@ -239,13 +243,17 @@ BAD_FLAGS = [
 ]
 
 
-def test_bench_rejects_the_other_jobs_flags(tmp_path):
-    from diffemb_jax import bench
+def test_bench_rejects_the_other_jobs_flags(tmp_path, capsys):
+    from diffemb_jax.bench.compare import main
 
+    for argv, message in FOREIGN_FLAGS:
+        with pytest.raises(SystemExit) as exit_info:
+            cli.build_parser().parse_args(["bench", *argv])
+        assert exit_info.value.code == 2 and message in capsys.readouterr().err
     for argv, message in BAD_FLAGS:
         args = cli.build_parser().parse_args(["bench", *argv])
         with pytest.raises(ValueError, match=message):
-            bench.main(args)
+            main(args)
 
 
 def test_model_flops_formulas_match_torch_flop_counter():
@@ -257,8 +265,10 @@ def test_model_flops_formulas_match_torch_flop_counter():
     from peft import LoraConfig, get_peft_model
     from torch.utils.flop_counter import FlopCounterMode
 
-    from diffemb_jax import bench
+    from diffemb_jax.bench.flops import forward_flops, train_flops
+    from diffemb_jax.bench.torch_reference import embed
     from diffemb_jax.checkpoints.families import config_from_hf
+    from diffemb_jax.model.lora import DEFAULT_TARGETS
 
     hf = tiny.oracle_model("llama")
     base = hf.model
@@ -273,10 +283,10 @@ def test_model_flops_formulas_match_torch_flop_counter():
         return counter.get_total_flops()
 
     with torch.no_grad():
-        assert counted(lambda: bench._torch_embed(base, ids, padding)) == rows * bench.forward_flops(cfg, n)
-    adapted = get_peft_model(base, LoraConfig(r=rank, lora_alpha=2 * rank, target_modules=list(bench.LORA_TARGETS)))
-    assert counted(lambda: bench._torch_embed(adapted, ids, padding).sum().backward()) \
-        == rows * bench.train_flops(cfg, n, rank)
+        assert counted(lambda: embed(base, ids, padding)) == rows * forward_flops(cfg, n)
+    adapted = get_peft_model(base, LoraConfig(r=rank, lora_alpha=2 * rank, target_modules=DEFAULT_TARGETS))
+    assert counted(lambda: embed(adapted, ids, padding).sum().backward()) \
+        == rows * train_flops(cfg, n, rank)
 
 
 @pytest.mark.parametrize("own_tokenizer", [False, True])
@@ -302,23 +312,23 @@ def test_bench_encode_named_shape_at_random_weights(tmp_path, own_tokenizer):
 def test_shape_tokenizer_must_fit_the_shapes_vocabulary(tmp_path):
     from tokenizers import Tokenizer, models
 
-    from diffemb_jax import bench
+    from diffemb_jax.bench import shapes
 
     _write_tokenizer(tmp_path, vocab_size=97)
-    assert bench.shape_tokenizer(tmp_path / "tokenizer.json", "tiny").get_vocab_size() <= 97
-    assert bench.shape_tokenizer(tmp_path, "tiny").get_vocab_size() <= 97  # a model directory's tokenizer.json
+    assert shapes.shape_tokenizer(tmp_path / "tokenizer.json", "tiny").get_vocab_size() <= 97
+    assert shapes.shape_tokenizer(tmp_path, "tiny").get_vocab_size() <= 97  # a model directory's tokenizer.json
     wide = Tokenizer(models.WordLevel({f"w{i}": i for i in range(50_000)}, unk_token="w0"))
     wide.save(str(tmp_path / "wide.json"))
     with pytest.raises(ValueError, match="50000 ids, more than the 49152 of shape tiny"):
-        bench.shape_tokenizer(tmp_path / "wide.json", "tiny")
+        shapes.shape_tokenizer(tmp_path / "wide.json", "tiny")
     with pytest.raises(FileNotFoundError, match="does not exist"):
-        bench.shape_tokenizer(tmp_path / "absent.json", "tiny")
+        shapes.shape_tokenizer(tmp_path / "absent.json", "tiny")
 
 
 def test_random_weights_are_written_once_and_never_half(tmp_path, monkeypatch):
     import transformers
 
-    from diffemb_jax import bench
+    from diffemb_jax.bench import shapes
 
     monkeypatch.setenv("DIFFEMB_CACHE", str(tmp_path / "cache"))
     save = transformers.PreTrainedModel.save_pretrained
@@ -329,19 +339,19 @@ def test_random_weights_are_written_once_and_never_half(tmp_path, monkeypatch):
 
     monkeypatch.setattr(transformers.PreTrainedModel, "save_pretrained", save_then_fail)
     with pytest.raises(OSError, match="disk full"):
-        bench.random_weights("tiny", "float32")
+        shapes.random_weights("tiny", "float32")
     assert not list((tmp_path / "cache" / "bench").iterdir())  # nothing half-written left behind
     monkeypatch.setattr(transformers.PreTrainedModel, "save_pretrained", save)
 
-    cached = bench.random_weights("tiny", "float32")
+    cached = shapes.random_weights("tiny", "float32")
     monkeypatch.setattr(transformers.AutoModelForCausalLM, "from_config",
                         lambda *args, **kwargs: pytest.fail("the cached weights were written again"))
-    assert bench.random_weights("tiny", "float32") == cached
+    assert shapes.random_weights("tiny", "float32") == cached
     assert list((tmp_path / "cache" / "bench").iterdir()) == [cached]
     _write_tokenizer(tmp_path, vocab_size=97)
-    own = bench.random_checkpoint("tiny", tmp_path / "own", "float32",
-                                  bench.shape_tokenizer(tmp_path / "tokenizer.json", "tiny"))
-    bundled = bench.random_checkpoint("tiny", tmp_path / "bundled", "float32", bench.shape_tokenizer(None, "tiny"))
+    own = shapes.random_checkpoint("tiny", tmp_path / "own", "float32",
+                                   shapes.shape_tokenizer(tmp_path / "tokenizer.json", "tiny"))
+    bundled = shapes.random_checkpoint("tiny", tmp_path / "bundled", "float32", shapes.shape_tokenizer(None, "tiny"))
     for checkpoint in (own, bundled):
         assert (checkpoint / "config.json").resolve() == cached / "config.json"
     assert (own / "tokenizer.json").read_text() != (bundled / "tokenizer.json").read_text()
@@ -367,18 +377,18 @@ def test_bench_without_torch_runs_jax_alone(tmp_path, what, flags):
 
 
 def test_first_losses_agree_within_the_dtypes_rounding():
-    from diffemb_jax import bench
+    from diffemb_jax.bench.train import agreement
 
-    assert bench._agreement(0.06, "bfloat16") == "(agree)"  # JAX 1.683 vs PyTorch 1.743 on SmolLM2 in bf16
-    assert "WARNING" in bench._agreement(0.06, "float32") and "WARNING" in bench._agreement(0.2, "bfloat16")
+    assert agreement(0.06, "bfloat16") == "(agree)"  # JAX 1.683 vs PyTorch 1.743 on SmolLM2 in bf16
+    assert "WARNING" in agreement(0.06, "float32") and "WARNING" in agreement(0.2, "bfloat16")
 
 
 def test_bench_shape_excludes_model():
-    from diffemb_jax import bench
+    from diffemb_jax.bench.compare import main
 
     args = cli.build_parser().parse_args(["bench", "encode", "--shape", "tiny", "--model", "somewhere"])
     with pytest.raises(ValueError, match="--model and --shape exclude each other"):
-        bench.main(args)
+        main(args)
 
 
 @pytest.mark.parametrize("remat, entries", [("none", 1), ("full", 2)])
@@ -387,15 +397,17 @@ def test_torch_reference_recomputes_the_layers_under_remat_full(tmp_path, monkey
     entered again in the backward (counted on entry: recomputation stops before the MLP returns)."""
     from transformers.models.llama.modeling_llama import LlamaMLP
 
-    from diffemb_jax import bench
+    from diffemb_jax.bench.torch_reference import trainer
+    from diffemb_jax.batching import SIDES
+    from diffemb_jax.model.lora import DEFAULT_TARGETS
 
     model_dir = tiny.write_checkpoint("llama", tmp_path / "llama")
     rows = {"input_ids": [[5, 6, 7, 8]] * 2, "padding_mask": [[1, 1, 1, 0]] * 2}
     job = {"torch_source": str(model_dir), "dtype": "float32", "seed": 42, "remat": remat, "scale": 50.0,
-           "lora": {"rank": 4, "alpha": 8.0, "dropout": 0.05}, "warmup_steps": 0, "steps": 1,
-           "optimizer": {"lr": 1e-4, "weight_decay": 0.0, "grad_clip": 1.0},
-           "batch": {side: rows for side in bench.SIDES}}
-    step, _, _ = bench._torch_trainer(job)
+           "lora": {"rank": 4, "alpha": 8.0, "dropout": 0.05, "targets": DEFAULT_TARGETS}, "warmup_steps": 0,
+           "steps": 1, "optimizer": {"lr": 1e-4, "weight_decay": 0.0, "grad_clip": 1.0},
+           "batch": {side: rows for side in SIDES}}
+    step, _, _ = trainer(job)
     calls, forward = [], LlamaMLP.forward
 
     def counted(self, *args, **kwargs):
@@ -405,24 +417,24 @@ def test_torch_reference_recomputes_the_layers_under_remat_full(tmp_path, monkey
     monkeypatch.setattr(LlamaMLP, "forward", counted)
     step(0)
     layers = len({id(mlp) for mlp in calls})
-    assert layers > 0 and len(calls) == entries * layers * len(bench.SIDES)
+    assert layers > 0 and len(calls) == entries * layers * len(SIDES)
 
 
 def test_parent_preallocation_off_gives_workers_the_callers_setting_and_no_compilation_cache(monkeypatch):
     import os
 
-    from diffemb_jax import bench
+    from diffemb_jax.bench import compare
 
     for caller in (None, "true"):
         if caller is None:
-            monkeypatch.delenv(bench.PREALLOCATE, raising=False)
+            monkeypatch.delenv(compare.PREALLOCATE, raising=False)
         else:
-            monkeypatch.setenv(bench.PREALLOCATE, caller)
-        with bench._parent_preallocation_off() as worker_env:
-            assert os.environ[bench.PREALLOCATE] == "false"
-            assert worker_env.get(bench.PREALLOCATE) == caller
+            monkeypatch.setenv(compare.PREALLOCATE, caller)
+        with compare._parent_preallocation_off() as worker_env:
+            assert os.environ[compare.PREALLOCATE] == "false"
+            assert worker_env.get(compare.PREALLOCATE) == caller
             assert worker_env["JAX_ENABLE_COMPILATION_CACHE"] == "false"  # compile times are compilations
-        assert os.environ.get(bench.PREALLOCATE) == caller
+        assert os.environ.get(compare.PREALLOCATE) == caller
 
 
 def test_bench_long_tiny_model(tmp_path):
@@ -444,31 +456,31 @@ def _long_result(framework, length, seconds, status="ok", rss=1000.0, device_kin
 
 
 def test_bench_long_stops_at_memory_and_predicted_time(monkeypatch):
-    from diffemb_jax import bench
+    from diffemb_jax.bench import long
 
     settings = {"time_limit": 100.0}
     oom = {"a": _long_result("jax", 1024, None, status="out of memory")}
-    assert bench._long_skip("jax", {"length": 2048}, oom, settings) == "a shorter length ran out of memory"
-    assert bench._long_skip("torch", {"length": 2048}, oom, settings) is None  # the other framework goes on
+    assert long.skip("jax", {"length": 2048}, oom, settings) == "a shorter length ran out of memory"
+    assert long.skip("torch", {"length": 2048}, oom, settings) is None  # the other framework goes on
     # 10 s then 30 s: the increase, scaled as length squared, makes 30 + 20 x 4 = 110 s at 4096
     runs = {"a": _long_result("jax", 1024, 10.0), "b": _long_result("jax", 2048, 30.0)}
-    assert bench._long_skip("jax", {"length": 4096}, runs, settings).startswith("would take about 110 s")
-    assert bench._long_skip("jax", {"length": 4096}, runs, {"time_limit": 200.0}) is None
-    monkeypatch.setattr(bench, "available_host_mb", lambda: 5000.0)  # 2000 + 1000 x 4 > 0.9 x 5000
+    assert long.skip("jax", {"length": 4096}, runs, settings).startswith("would take about 110 s")
+    assert long.skip("jax", {"length": 4096}, runs, {"time_limit": 200.0}) is None
+    monkeypatch.setattr(long, "available_host_mb", lambda: 5000.0)  # 2000 + 1000 x 4 > 0.9 x 5000
     runs = {"a": _long_result("jax", 1024, 1.0, rss=1000.0), "b": _long_result("jax", 2048, 2.0, rss=2000.0)}
-    assert "would need about 6000 MB" in bench._long_skip("jax", {"length": 4096}, runs, settings)
+    assert "would need about 6000 MB" in long.skip("jax", {"length": 4096}, runs, settings)
     runs = {k: {**r, "device_kind": "NVIDIA H100"} for k, r in runs.items()}  # there out of memory is caught
-    assert bench._long_skip("jax", {"length": 4096}, runs, settings) is None
+    assert long.skip("jax", {"length": 4096}, runs, settings) is None
 
 
 def test_out_of_memory_is_told_from_other_errors():
-    from diffemb_jax import bench
+    from diffemb_jax.bench import workers
 
-    assert bench.out_of_memory(RuntimeError("RESOURCE_EXHAUSTED: Out of memory while trying to allocate 9 GiB"))
-    assert bench.out_of_memory(RuntimeError("CUDA out of memory. Tried to allocate 2.00 GiB"))
-    assert bench.out_of_memory(RuntimeError("[enforce fail at alloc_cpu.cpp:117] DefaultCPUAllocator: "
+    assert workers.out_of_memory(RuntimeError("RESOURCE_EXHAUSTED: Out of memory while trying to allocate 9 GiB"))
+    assert workers.out_of_memory(RuntimeError("CUDA out of memory. Tried to allocate 2.00 GiB"))
+    assert workers.out_of_memory(RuntimeError("[enforce fail at alloc_cpu.cpp:117] DefaultCPUAllocator: "
                                             "can't allocate memory: you tried to allocate 9 bytes"))
-    assert not bench.out_of_memory(ValueError("shapes (3,) and (4,) do not match"))
+    assert not workers.out_of_memory(ValueError("shapes (3,) and (4,) do not match"))
 
 
 @pytest.mark.parametrize("lengths", ["1024,512", "0,8", "8,8", "1k"])
@@ -482,15 +494,15 @@ def test_bench_long_compile_only_plans_from_the_shape_alone(tmp_path, monkeypatc
     and the temporaries grow with the document."""
     import transformers
 
-    from diffemb_jax import bench
+    from diffemb_jax.bench import shapes
 
-    monkeypatch.setattr(bench, "random_weights", lambda *a: pytest.fail("--compile-only wrote weights"))
+    monkeypatch.setattr(shapes, "random_weights", lambda *a: pytest.fail("--compile-only wrote weights"))
     out = tmp_path / "plan.json"
     assert cli.main(["bench", "long", "--compile-only", "--shape", "tiny", "--lengths", "256,4096",
                      "--json", str(out)]) == 0
     report = json.loads(out.read_text())
     small, large = (report["results"][f"JAX {n}"] for n in (256, 4096))
-    model_type, fields = bench.SHAPES["tiny"]
+    model_type, fields = shapes.SHAPES["tiny"]
     config = transformers.AutoConfig.for_model(model_type, **fields)
     weights = transformers.AutoModel.from_config(config).num_parameters()
     for result in (small, large):  # float32 weights, and the [1, length] int32 inputs the program reads
@@ -503,13 +515,13 @@ def test_bench_long_compile_only_plans_from_the_shape_alone(tmp_path, monkeypatc
 def test_bench_long_compile_only_reads_a_models_config_not_its_weights(tmp_path, monkeypatch, capsys):
     import diffemb_jax.checkpoints.checkpoint as checkpoint_module
 
-    from diffemb_jax import bench
+    from diffemb_jax.bench.compare import main
 
     for name in ("load_decoder", "load_converted"):
         monkeypatch.setattr(checkpoint_module, name, lambda *a, **k: pytest.fail("read weights"))
     model_dir = tiny.write_checkpoint("llama", tmp_path / "llama")
     args = ["bench", "long", "--compile-only", "--lengths", "64,128"]
-    report = bench.main(cli.build_parser().parse_args([*args, "--model", str(model_dir)]))
+    report = main(cli.build_parser().parse_args([*args, "--model", str(model_dir)]))
     assert report["settings"]["model"] == str(model_dir) and report["settings"]["shape"] is None
     assert list(report["results"]) == ["JAX 64", "JAX 128"]
     assert cli.main([*args, "--tokenizer", "t.json"]) == 2 and "--tokenizer" in capsys.readouterr().err
@@ -517,9 +529,9 @@ def test_bench_long_compile_only_reads_a_models_config_not_its_weights(tmp_path,
 
 
 def test_the_command_echo_keeps_zeros_and_bare_flags():
-    from diffemb_jax import bench
+    from diffemb_jax.bench.flags import command_line
 
     args = cli.build_parser().parse_args(["bench", "encode", "--pack-length", "0"])
-    assert "--pack-length 0" in bench._command(args) and "--compile-only" not in bench._command(args)
+    assert "--pack-length 0" in command_line(args) and "--compile-only" not in command_line(args)
     args = cli.build_parser().parse_args(["bench", "long", "--compile-only"])
-    assert bench._command(args).split().count("--compile-only") == 1 and "True" not in bench._command(args)
+    assert command_line(args).split().count("--compile-only") == 1 and "True" not in command_line(args)

@@ -103,13 +103,34 @@ def first_sentence(docstring: str, name: str) -> str:
     return match.group(1) if match else paragraph
 
 
-def _extract_all(max_doc_chars: int) -> list[Function]:
+def public_functions(modules: tuple[str, ...] = MODULES):
+    """(module, qualname, node, the module's source lines) of every public function and method of
+    `modules` that the running Python has, in order: the standard library as a corpus, read from
+    source (this task's functions; the bench's texts are their docstrings)."""
     stdlib = Path(sysconfig.get_paths()["stdlib"])
-    functions = []
-    for module in MODULES:
+    for module in modules:
         path = _module_path(stdlib, module)
-        if path is not None:
-            functions.extend(_extract_module(module, path, max_doc_chars))
+        if path is None:
+            continue
+        with tokenize.open(path) as f:
+            source = f.read()
+        lines = source.splitlines()
+        for qualname, node in _public_functions(ast.parse(source)):
+            yield module, qualname, node, lines
+
+
+def _extract_all(max_doc_chars: int) -> list[Function]:
+    functions, seen = [], set()
+    for module, qualname, node, lines in public_functions():
+        code = _code_without_docstring(node, lines)
+        if code is None or (module, qualname) in seen:
+            continue
+        seen.add((module, qualname))
+        docstring = ast.get_docstring(node)
+        query = first_sentence(docstring, node.name) if docstring else None
+        if query is not None and len(query.split()) < MIN_QUERY_WORDS:
+            query = None
+        functions.append(Function(f"{module}:{qualname}", module, query, _cap(code, max_doc_chars)))
     return functions
 
 
@@ -119,24 +140,6 @@ def _module_path(stdlib: Path, module: str) -> Path | None:
         if path.is_file():
             return path
     return None
-
-
-def _extract_module(module: str, path: Path, max_doc_chars: int) -> list[Function]:
-    with tokenize.open(path) as f:
-        source = f.read()
-    lines = source.splitlines()
-    functions, seen = [], set()
-    for qualname, node in _public_functions(ast.parse(source)):
-        code = _code_without_docstring(node, lines)
-        if code is None or qualname in seen:
-            continue
-        seen.add(qualname)
-        docstring = ast.get_docstring(node)
-        query = first_sentence(docstring, node.name) if docstring else None
-        if query is not None and len(query.split()) < MIN_QUERY_WORDS:
-            query = None
-        functions.append(Function(f"{module}:{qualname}", module, query, _cap(code, max_doc_chars)))
-    return functions
 
 
 def _public_functions(tree: ast.Module):
