@@ -10,9 +10,6 @@ key maps give, and `tokenizer.json`. Everything is written into a temporary dire
 from __future__ import annotations
 
 import json
-import os
-import shutil
-import tempfile
 from pathlib import Path
 
 import jax
@@ -21,8 +18,12 @@ import numpy as np
 from flax import nnx
 from tqdm.auto import tqdm
 
+from diffemb_jax.checkpoints.atomic import check_output_dir, write_atomically
+from diffemb_jax.checkpoints.checkpoint import load_model
 from diffemb_jax.checkpoints.keymaps import KeyMap, is_transposed
+from diffemb_jax.checkpoints.peft_adapters import load_peft_adapter
 from diffemb_jax.model import Decoder, ModelConfig
+from diffemb_jax.model.lora import merge_lora
 
 EXPORT_DTYPES = {"float32": np.dtype(np.float32), "bfloat16": np.dtype(ml_dtypes.bfloat16)}
 _SAFETENSORS_DTYPES = {np.dtype(np.float32): "F32", np.dtype(ml_dtypes.bfloat16): "BF16"}
@@ -178,29 +179,6 @@ def _write_weights(directory: Path, tensors: list[_Tensor], max_shard_bytes: int
 
 # ---------------------------------------------------------------------------------------- directories
 
-def check_output_dir(out_dir: str | Path) -> Path:
-    """A new directory's path: refuses one that exists or whose parent folder does not."""
-    out = Path(out_dir)
-    if out.exists():
-        raise FileExistsError(f"{out} already exists; choose a new output directory or remove it")
-    if not out.parent.is_dir():
-        raise FileNotFoundError(f"the folder {out.parent} for {out.name} does not exist")
-    return out
-
-
-def write_atomically(out_dir: Path, fill) -> Path:
-    """fill(tmp) writes the directory's files into a temporary sibling, which is then renamed to out_dir."""
-    out = check_output_dir(out_dir)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.tmp-", dir=out.parent))
-    try:
-        fill(tmp)
-        os.replace(tmp, out)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
-    return out
-
-
 def export_hf(model: Decoder, tokenizer, out_dir: str | Path, *, dtype: str = "float32",
               max_shard_bytes: int = DEFAULT_MAX_SHARD_BYTES, extra_config: dict | None = None,
               progress: bool = True) -> Path:
@@ -241,10 +219,6 @@ def export(src: str | Path, out: str | Path, *, adapter: str | Path | None = Non
            max_shard_bytes: int = DEFAULT_MAX_SHARD_BYTES, progress: bool = True) -> Path:
     """Converted directory, HF directory or .gguf -> HF directory at `out`; with `adapter` (a PEFT LoRA
     directory) the adapter is applied and merged into the weights first."""
-    from diffemb_jax.checkpoints.checkpoint import load_model
-    from diffemb_jax.checkpoints.peft_adapters import load_peft_adapter
-    from diffemb_jax.model.lora import merge_lora
-
     if dtype not in EXPORT_DTYPES:
         raise ValueError(f"dtype must be one of {tuple(EXPORT_DTYPES)}, got {dtype!r}")
     check_output_dir(out)  # before any slow loading

@@ -1,8 +1,9 @@
-"""The decoder shared by every family, and its config."""
+"""The decoder shared by every family, its config, and the options of a forward pass."""
 
 from diffemb_jax.model.config import (SUPPORTED_MODEL_TYPES, ModelConfig, UnsupportedConfigError,
                                       config_from_hf, config_from_hf_file)
-from diffemb_jax.model.decoder import ATTENTION_MODES, Decoder
+from diffemb_jax.model.decoder import Decoder
+from diffemb_jax.model.options import ATTENTION_MODES, REMAT_POLICIES, ForwardOptions
 
-__all__ = ["ATTENTION_MODES", "SUPPORTED_MODEL_TYPES", "Decoder", "ModelConfig", "UnsupportedConfigError",
-           "config_from_hf", "config_from_hf_file"]
+__all__ = ["ATTENTION_MODES", "REMAT_POLICIES", "SUPPORTED_MODEL_TYPES", "Decoder", "ForwardOptions", "ModelConfig",
+           "UnsupportedConfigError", "config_from_hf", "config_from_hf_file"]
