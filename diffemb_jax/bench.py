@@ -660,6 +660,7 @@ def _jax_trainer(job: dict):
 
     from diffemb_jax.checkpoints import load_model
     from diffemb_jax import parallel
+    from diffemb_jax.model import ForwardOptions
     from diffemb_jax.model.lora import LoraConfig, apply_lora
     from diffemb_jax.training.step import StepConfig, make_optimizer, placed_train_step, split_model
 
@@ -667,7 +668,6 @@ def _jax_trainer(job: dict):
     # --mesh over every device, or the first device alone
     mesh = parallel.make_mesh(**job["mesh"]) if job["mesh"] else parallel.make_mesh(1, devices=jax.devices()[:1])
     model, _ = load_model(job["model"], dtype=job["dtype"], progress=False, sharding_for=parallel.param_sharding(mesh))
-    model.attention, model.remat = "bidirectional", job["remat"]
     lora_cfg = job["lora"]
     model = apply_lora(model, LoraConfig(rank=lora_cfg["rank"], alpha=lora_cfg["alpha"],
                                          dropout=lora_cfg["dropout"]), seed=job["seed"])
@@ -676,7 +676,8 @@ def _jax_trainer(job: dict):
     tx, schedule = make_optimizer(opt["lr"], warmup_steps=0, total_steps=job["warmup_steps"] + job["steps"],
                                   grad_clip=opt["grad_clip"], weight_decay=opt["weight_decay"])
     step_cfg = StepConfig(batch_size=len(job["batch"]["query"]["input_ids"]), loss="in_batch", scale=job["scale"],
-                          seed=job["seed"], grad_cache_chunk=job["grad_cache_chunk"])
+                          seed=job["seed"], grad_cache_chunk=job["grad_cache_chunk"],
+                          forward=ForwardOptions(attention="bidirectional", remat=job["remat"]))
     # Placed as the Trainer places them, and kept there by the step: state placed otherwise than the
     # step's outputs would make step 1 compile again.
     lora, opt_state, train_step = placed_train_step(graphdef, lora, tx, schedule, step_cfg, mesh)
@@ -1240,7 +1241,7 @@ def long_plan(args) -> dict:
 
     from diffemb_jax.checkpoints import model_config
     from diffemb_jax.embedding import Embedder
-    from diffemb_jax.model import Decoder
+    from diffemb_jax.model import Decoder, ForwardOptions
     from diffemb_jax.model.config import config_from_hf
 
     shape = None if args.model else args.shape or DEFAULT_SHAPE
@@ -1251,9 +1252,10 @@ def long_plan(args) -> dict:
         cfg = config_from_hf({"model_type": model_type, **fields, "max_position_embeddings": LONGEST})
     dtype = jnp.dtype(args.dtype)
     model = nnx.eval_shape(lambda: Decoder(cfg, rngs=nnx.Rngs(0), dtype=dtype, param_dtype=dtype))
-    model.kernel = "auto"  # as `diffemb encode` runs: cuDNN on a GPU, splash on a TPU
     lengths = lengths_of(args.lengths)
-    embedder = Embedder(model, None, max_length=lengths[-1], batch_size=1, max_batch_tokens=None, pack_length=0)
+    # kernel auto, as `diffemb encode` runs: cuDNN on a GPU, splash on a TPU
+    embedder = Embedder(model, None, max_length=lengths[-1], batch_size=1, max_batch_tokens=None, pack_length=0,
+                        options=ForwardOptions(kernel="auto"))
     device, limit = device_capacity()
     settings = {"model": args.model, "shape": shape, "dtype": args.dtype, "lengths": lengths, "device": device,
                 "device_bytes": limit}
