@@ -69,6 +69,21 @@ def write_file(path: str | Path, write: Callable[[IO], None], *, text: bool = Fa
     return path
 
 
+def new_directory(out: str | Path) -> Path:
+    """The path of a directory to be made: refuses one that exists or whose parent folder does not."""
+    out = Path(out)
+    if out.exists():
+        raise FileExistsError(f"{out} already exists; choose a new output directory or remove it")
+    if not out.parent.is_dir():
+        raise FileNotFoundError(f"the folder {out.parent} for {out.name} does not exist")
+    return out
+
+
+def write_new_directory(out: str | Path, fill: Callable[[Path], None]) -> Path:
+    """write_directory into a directory that must not exist yet (an export, an adapter)."""
+    return write_directory(new_directory(out), fill)
+
+
 def write_directory(out: str | Path, fill: Callable[[Path], None], *, another_may_win: bool = False) -> Path:
     """fill(tmp) writes the directory's files into a temporary sibling, which is then renamed to
     `out`. `another_may_win`: if another process renamed its own copy into place first, keep that."""

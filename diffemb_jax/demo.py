@@ -6,9 +6,9 @@ code, split by module; see evaluation/stdlib_task.py). For bidirectional and for
 LoRA embedder is trained with in-batch InfoNCE on the train modules, and nDCG@10 on the held-out
 modules is printed before and after training. Every run trains afresh in a temporary directory.
 
-Both evaluations go through `merge_lora`: qwix applies LoRA dropout whenever the adapted model
-runs, so only the merged model embeds deterministically. Before training B = 0 and the merged
-model is the base model itself.
+Both evaluations go through `merge_lora`: the merged model embeds without the adapters' extra
+products, in the attention mode (and kernel) it was trained with. Before training B = 0 and the
+merged model is the base model itself.
 
 DEFAULT_SETTINGS is the one place to tune; they are chosen so that the whole demo, cold JIT
 compilation included, finishes in well under ten minutes on a 2-core CPU.
@@ -25,11 +25,16 @@ import tempfile
 import time
 from pathlib import Path
 
+from flax import nnx
 
 from diffemb_jax.checkpoints.bundled import converted_smollm2
-
-ATTENTION_MODES = ("bidirectional", "causal")
-
+from diffemb_jax.embedding import Embedder
+from diffemb_jax.evaluation.retrieval import RetrievalSet, evaluate_embedder
+from diffemb_jax.evaluation.stdlib_task import INSTRUCTION, build_stdlib_task
+from diffemb_jax.model import ATTENTION_MODES, ForwardOptions
+from diffemb_jax.model.lora import merge_lora
+from diffemb_jax.training.config import base_config
+from diffemb_jax.training.trainer import Trainer, lora_config
 
 @dataclasses.dataclass(frozen=True)
 class Settings:
@@ -65,8 +70,6 @@ DEFAULT_SETTINGS = Settings()
 def eval_subset(test, n_queries: int, n_docs: int, seed: int):
     """A seeded RetrievalSet of n_queries judged queries, their relevant documents and distractors
     up to n_docs documents (all of them where the test split has fewer)."""
-    from diffemb_jax.evaluation.retrieval import RetrievalSet
-
     rng = random.Random(f"demo-eval-{seed}")
     qids = sorted(rng.sample(sorted(test.qrels), min(n_queries, len(test.qrels))))
     relevant = {d for q in qids for d in test.qrels[q]}
@@ -79,7 +82,6 @@ def eval_subset(test, n_queries: int, n_docs: int, seed: int):
 
 
 def train_config(settings: Settings, model_path: Path, attention: str, train_file: Path, data_cache: Path):
-    from diffemb_jax.training.config import base_config
 
     c = base_config()
     c.model.update(path=str(model_path), attention=attention, dtype="float32")
@@ -108,14 +110,12 @@ def _quiet_truncation():
         log.setLevel(level)
 
 
-def evaluate(model, tokenizer, test, settings: Settings, label: str) -> dict[str, float]:
-    """nDCG@10 etc. of a plain (merged) Decoder on `test`, queries with the task instruction."""
-    from diffemb_jax.embedding import Embedder
-    from diffemb_jax.evaluation.retrieval import evaluate_embedder
-    from diffemb_jax.evaluation.stdlib_task import INSTRUCTION
-
+def evaluate(model, tokenizer, test, settings: Settings, label: str, options) -> dict[str, float]:
+    """nDCG@10 etc. of a plain (merged) Decoder run with ForwardOptions `options` on `test`, queries
+    with the task instruction."""
     def embedder(max_length: int) -> Embedder:
-        return Embedder(model, tokenizer, max_length=max_length, batch_size=settings.encode_batch_size)
+        return Embedder(model, tokenizer, max_length=max_length, batch_size=settings.encode_batch_size,
+                        options=options)
 
     queries, docs = embedder(settings.query_max_length), embedder(settings.doc_max_length)
 
@@ -140,22 +140,22 @@ def _bar(settings: Settings, label: str) -> bool:
 
 
 def train_and_evaluate(config, workdir: Path, test, settings: Settings) -> dict:
-    from flax import nnx
 
-    from diffemb_jax.model.lora import merge_lora
-    from diffemb_jax.training.trainer import Trainer, lora_config
 
     attention = config.model.attention
+    options = ForwardOptions(attention=attention, kernel=config.model.kernel)  # the trained one, without remat
     # tfds announces "Downloading and preparing" and draws bars while it stores the local JSONL: hide that
     with contextlib.redirect_stdout(io.StringIO()), contextlib.redirect_stderr(io.StringIO()):
         trainer = Trainer(config, workdir)
     lora = lora_config(config)
-    before = evaluate(merge_lora(trainer.model, lora), trainer.tokenizer, test, settings, f"{attention}, before")
+    before = evaluate(merge_lora(trainer.model, lora), trainer.tokenizer, test, settings, f"{attention}, before",
+                      options)
     start = time.perf_counter()
     history = trainer.run(progress=settings.progress)
     seconds = time.perf_counter() - start
     nnx.update(trainer.model, trainer.lora)  # the trained adapters; the train step donated the old ones
-    after = evaluate(merge_lora(trainer.model, lora), trainer.tokenizer, test, settings, f"{attention}, after")
+    after = evaluate(merge_lora(trainer.model, lora), trainer.tokenizer, test, settings, f"{attention}, after",
+                     options)
     return {"before": before, "after": after, "steps": len(history), "train_seconds": seconds,
             "first_loss": history[0]["loss"] if history else float("nan"),
             "last_loss": history[-1]["loss"] if history else float("nan")}
@@ -180,8 +180,6 @@ def table(results: dict[str, dict]) -> str:
 def run(settings: Settings | None = None) -> dict[str, dict]:
     """Train and evaluate each attention mode; prints the task sizes and a results table and returns
     {attention: {"before": metrics, "after": metrics, "steps", "train_seconds", "first_loss", "last_loss"}}."""
-    from diffemb_jax.evaluation.stdlib_task import build_stdlib_task
-
     settings = settings or DEFAULT_SETTINGS
     started = time.perf_counter()
     model_path = Path(settings.model) if settings.model else converted_smollm2()

@@ -13,7 +13,7 @@ import pytest
 from flax import nnx
 
 from diffemb_jax.embedding.pooling import pool
-from diffemb_jax.model import Decoder
+from diffemb_jax.model import Decoder, ForwardOptions
 from diffemb_jax.model.config import ModelConfig
 from diffemb_jax.model.lora import LoraConfig, apply_lora
 from diffemb_jax.training.step import StepConfig, make_optimizer, make_train_step, split_model
@@ -52,9 +52,8 @@ def _tokens():
     return jax.ShapeDtypeStruct((BATCH, LENGTH), jnp.int32)
 
 
-def _model(kernel, remat="none"):
-    return Decoder(CONFIG, rngs=nnx.Rngs(0), dtype=jnp.bfloat16, param_dtype=jnp.bfloat16,
-                   attention="bidirectional", kernel=kernel, remat=remat)
+def _model():
+    return Decoder(CONFIG, rngs=nnx.Rngs(0), dtype=jnp.bfloat16, param_dtype=jnp.bfloat16)
 
 
 def _calls(text: str, names: list[str]) -> list[int]:
@@ -66,11 +65,11 @@ def _calls(text: str, names: list[str]) -> list[int]:
 def test_encode_lowers_to_the_kernel(kernel, packed, on_device):
     """Rows of one text, or packed with several (cuDNN then takes the texts' mask as a bias)."""
     platform, backend, names = KERNEL_CALLS[kernel]
-    graphdef, state = nnx.split(_model(kernel))
+    graphdef, state = nnx.split(_model())
 
     def encode(state, ids, segments):
         texts = 4 if packed else 1
-        hidden = nnx.merge(graphdef, state)(ids, segments, packed)
+        hidden = nnx.merge(graphdef, state)(ids, segments, ForwardOptions(kernel=kernel), packed=packed)
         return pool(hidden, segments, segments, texts_per_row=texts if packed else None)
 
     on_device(backend)
@@ -88,12 +87,12 @@ def test_lora_train_step_lowers_to_the_kernel(kernel, remat, packed, on_device):
     """The whole step: LoRA with dropout (threefry), our custom backward, remat, the loss, optax.
     cuDNN takes packed rows' mask as a bias, forward and backward; one text a row, its lengths."""
     platform, backend, names = KERNEL_CALLS[kernel]
-    model = apply_lora(_model("xla", remat), LoraConfig(rank=4, alpha=8, dropout=0.1))
-    model.kernel = kernel
+    model = apply_lora(_model(), LoraConfig(rank=4, alpha=8, dropout=0.1))
     graphdef, lora, frozen = split_model(model)
     tx, schedule = make_optimizer(1e-4, warmup_steps=0, total_steps=10, grad_clip=1.0, weight_decay=0.0)
     step = make_train_step(graphdef, tx, schedule, StepConfig(batch_size=2, loss="in_batch", scale=50, seed=0,
-                                                           packed=packed))
+                                                           packed=packed,
+                                                           forward=ForwardOptions(kernel=kernel, remat=remat)))
     batch = {key: _tokens() for key in ("input_ids", "segments", "embed_mask")}  # packed rows
 
     on_device(backend)

@@ -13,6 +13,7 @@ from conftest import padded_batch
 
 import tiny
 from diffemb_jax.checkpoints import load_model
+from diffemb_jax.model import ForwardOptions
 from diffemb_jax.model import attention as kernels
 from diffemb_jax.model.attention import attend, resolve_kernel
 
@@ -26,12 +27,10 @@ def model(tmp_path_factory):
 @pytest.mark.parametrize("side", ["right", "left"])
 def test_splash_equals_xla_on_the_decoder(model, attention, side):
     ids, mask = padded_batch([9, 5, 2], 9, side)
-    model.attention = attention
     out = {}
     for kernel in ("xla", "splash"):
-        model.kernel = kernel
-        out[kernel] = np.asarray(model(jnp.asarray(ids), jnp.asarray(mask)))
-    model.kernel = "xla"
+        options = ForwardOptions(attention=attention, kernel=kernel)
+        out[kernel] = np.asarray(model(jnp.asarray(ids), jnp.asarray(mask), options))
     real = mask.astype(bool)
     np.testing.assert_allclose(out["splash"][real], out["xla"][real], atol=1e-5)
 
@@ -49,15 +48,13 @@ def test_packed_rows_equal_one_text_a_row(model, attention):
             n = int(mask[i].sum())
             packed_ids[r, start:start + n], segments[r, start:start + n] = ids[i, :n], k
             start += n
-    model.attention = attention
-    alone = np.asarray(model(jnp.asarray(ids), jnp.asarray(mask)))
+    alone = np.asarray(model(jnp.asarray(ids), jnp.asarray(mask), ForwardOptions(attention=attention)))
     for kernel in ("xla", "splash"):
-        model.kernel = kernel
-        out = np.asarray(model(jnp.asarray(packed_ids), jnp.asarray(segments), packed=True))
+        options = ForwardOptions(attention=attention, kernel=kernel)
+        out = np.asarray(model(jnp.asarray(packed_ids), jnp.asarray(segments), options, packed=True))
         np.testing.assert_allclose(out[0, :5], alone[0, :5], atol=1e-5)
         np.testing.assert_allclose(out[0, 5:8], alone[1, :3], atol=1e-5)
         np.testing.assert_allclose(out[1, :6], alone[2, :6], atol=1e-5)
-    model.kernel = "xla"
 
 
 def test_splash_gradients_equal_xla():

@@ -43,7 +43,7 @@ def test_bench_encode_tiny_model(tmp_path):
     report = _bench_tiny(tmp_path, "encode", "--texts", "8", "--batch-size", "4",
                          "--max-batch-tokens", "64", "--max-length", "32")
     assert report["settings"]["bucket_rows"] == [2]  # 64 tokens a batch: both frameworks send 2 rows
-    assert {"jax", "flax", "qwix", "torch", "transformers"} <= set(report["settings"]["versions"])
+    assert {"jax", "flax", "torch", "transformers"} <= set(report["settings"]["versions"])
     assert set(report["results"]) == {"jax", "torch"}
     for result in report["results"].values():
         assert result["texts"] == 8 and result["tokens"] == report["settings"]["tokens"] > 0

@@ -10,6 +10,7 @@ from conftest import padded_batch
 
 import tiny
 from diffemb_jax.checkpoints import load_model
+from diffemb_jax.model import ForwardOptions
 
 LENGTHS = [9, 5, 2]
 
@@ -27,9 +28,8 @@ def family_pair(request, tmp_path_factory):
 def test_hidden_states_match_transformers(family_pair, side, attention):
     family, oracle, directory = family_pair
     model, _ = load_model(directory, progress=False)
-    model.attention = attention
     ids, mask = padded_batch(LENGTHS, 9, side)
-    ours = np.asarray(model(jnp.asarray(ids), jnp.asarray(mask)))
+    ours = np.asarray(model(jnp.asarray(ids), jnp.asarray(mask), ForwardOptions(attention=attention)))
     theirs = tiny.oracle_hidden(oracle, ids, mask, attention)
     real = mask.astype(bool)
     np.testing.assert_allclose(ours[real], theirs[real], atol=1e-4, rtol=0)
@@ -44,9 +44,8 @@ def test_query_chunked_attention_matches_transformers(family_pair, attention, mo
     family, oracle, directory = family_pair
     monkeypatch.setattr(kernels, "QUERY_CHUNK", 4)
     model, _ = load_model(directory, progress=False)
-    model.attention = attention
     ids, mask = padded_batch(LENGTHS, 9, "left")
-    ours = np.asarray(model(jnp.asarray(ids), jnp.asarray(mask)))
+    ours = np.asarray(model(jnp.asarray(ids), jnp.asarray(mask), ForwardOptions(attention=attention)))
     theirs = tiny.oracle_hidden(oracle, ids, mask, attention)
     np.testing.assert_allclose(ours[mask.astype(bool)], theirs[mask.astype(bool)], atol=1e-4, rtol=0)
 
@@ -55,9 +54,8 @@ def test_lm_head_logits_match_transformers(family_pair):
     """The head (tied for llama, its own matrix elsewhere) that diffusion and MNTP objectives need."""
     _, oracle, directory = family_pair
     model, _ = load_model(directory, progress=False)
-    model.attention = "causal"
     ids, mask = padded_batch(LENGTHS, 9, "right")
-    ours = np.asarray(model.logits(model(jnp.asarray(ids), jnp.asarray(mask))))
+    ours = np.asarray(model.logits(model(jnp.asarray(ids), jnp.asarray(mask), ForwardOptions(attention="causal"))))
     with torch.no_grad():
         theirs = oracle(input_ids=torch.as_tensor(ids), attention_mask=torch.as_tensor(mask)).logits.numpy()
     np.testing.assert_allclose(ours[mask.astype(bool)], theirs[mask.astype(bool)], atol=1e-4)
@@ -68,10 +66,8 @@ def test_modes_really_differ(family_pair):
     _, _, directory = family_pair
     model, _ = load_model(directory, progress=False)
     ids, mask = padded_batch(LENGTHS, 9, "right")
-    model.attention = "bidirectional"
-    bi = np.asarray(model(jnp.asarray(ids), jnp.asarray(mask)))
-    model.attention = "causal"
-    causal = np.asarray(model(jnp.asarray(ids), jnp.asarray(mask)))
+    bi = np.asarray(model(jnp.asarray(ids), jnp.asarray(mask), ForwardOptions(attention="bidirectional")))
+    causal = np.asarray(model(jnp.asarray(ids), jnp.asarray(mask), ForwardOptions(attention="causal")))
     assert np.abs(bi[0, :4] - causal[0, :4]).max() > 1e-2
 
 
@@ -100,9 +96,8 @@ def test_mistral_sliding_window_matches_transformers(tmp_path, query_chunk, monk
     oracle = tiny.oracle_model("mistral", sliding_window=3)
     directory = tiny.write_checkpoint("mistral", tmp_path / "hf", model=oracle)
     model, _ = load_model(directory, progress=False)
-    model.attention = "causal"
     ids, mask = padded_batch([9, 7], 9, "right")
-    ours = np.asarray(model(jnp.asarray(ids), jnp.asarray(mask)))
+    ours = np.asarray(model(jnp.asarray(ids), jnp.asarray(mask), ForwardOptions(attention="causal")))
     theirs = tiny.oracle_hidden(oracle, ids, mask, "causal")
     np.testing.assert_allclose(ours[mask.astype(bool)], theirs[mask.astype(bool)], atol=1e-4)
 

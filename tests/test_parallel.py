@@ -203,7 +203,7 @@ PLAN = textwrap.dedent("""
         c.model.path, c.data.files = model, (data,)
         c.mesh.data, c.mesh.fsdp, c.mesh.tensor = 8 // fsdp, fsdp, 1
         plans[fsdp] = memory_plan(c)
-    # The plan's abstract arrays sit where a real Trainer (weights loaded, qwix's adapters) puts them, and
+    # The plan's abstract arrays sit where a real Trainer (weights loaded, apply_lora's adapters) puts them, and
     # its compiled step is the Trainer's own at the same batch.
     c.mesh.data, c.mesh.fsdp, c.mesh.tensor = 2, 2, 2
     trainer = Trainer(c, f"{out}/run")

@@ -19,7 +19,7 @@ from flax import nnx
 
 from diffemb_jax.batching import pack_step, pad_rows, padded_rows
 from diffemb_jax.cli import main as cli
-from diffemb_jax.model import Decoder, ModelConfig
+from diffemb_jax.model import Decoder, ForwardOptions, ModelConfig
 from diffemb_jax.model.lora import LoraConfig, apply_lora, merge_lora
 from diffemb_jax.training.step import StepConfig, loss_and_grads, make_optimizer, make_train_step, split_model
 from training_fixtures import tiny_setup, train_args
@@ -49,8 +49,8 @@ BATCH, ONE_A_ROW = _packed(), _packed(pack=False)
 STEP = StepConfig(batch_size=8)
 
 
-def _adapted(remat="none", dropout=0.0):
-    model = apply_lora(Decoder(CFG, rngs=nnx.Rngs(0), remat=remat), LoraConfig(rank=4, alpha=8, dropout=dropout))
+def _adapted(dropout=0.0):
+    model = apply_lora(Decoder(CFG, rngs=nnx.Rngs(0)), LoraConfig(rank=4, alpha=8, dropout=dropout))
     graphdef, lora, frozen = split_model(model)
     key = iter(jax.random.split(jax.random.key(1), 64))  # trained-looking adapters: B is zero at init
     lora = jax.tree.map(lambda x: x + 0.02 * jax.random.normal(next(key), x.shape), lora)
@@ -61,8 +61,8 @@ KEY = jax.random.key(7)
 
 
 def _grads(remat="none", chunk=0, batch=BATCH, dropout=0.0, packed=True):
-    _, graphdef, lora, frozen = _adapted(remat, dropout)
-    cfg = StepConfig(batch_size=8, grad_cache_chunk=chunk, packed=packed)
+    _, graphdef, lora, frozen = _adapted(dropout)
+    cfg = StepConfig(batch_size=8, grad_cache_chunk=chunk, packed=packed, forward=ForwardOptions(remat=remat))
     metrics, grads = jax.jit(lambda l, f, b: loss_and_grads(graphdef, l, f, b, cfg, KEY))(lora, frozen, batch)
     return float(metrics["loss"]), grads
 
@@ -100,7 +100,6 @@ def test_packed_step_loss_and_gradients_equal_peft(tmp_path):
 
     oracle = tiny.oracle_model("qwen2")
     model, _ = load_model(tiny.write_checkpoint("qwen2", tmp_path / "model", model=oracle), dtype="float32")
-    model.attention = "bidirectional"
     lora_cfg = LoraConfig(rank=4, alpha=8, dropout=0.0)
     adapted = apply_lora(model, lora_cfg)
     graphdef, lora, frozen = split_model(adapted)
@@ -180,11 +179,9 @@ def test_remat_equals_no_remat(remat, dropout):
 
 @pytest.mark.parametrize("remat", ["none", "full"])
 def test_dropout_masks_under_jit_equal_eager_draws(remat):
-    """Drawn eagerly, each LoRA's mask comes from the stream's count at that moment. Under jit each
+    """Drawn eagerly, each LoRA's mask comes from the key and its own draw index. Under jit each
     LoRA must draw the same masks, not one mask reused by all (a bug this guards)."""
-    from diffemb_jax.model.lora import set_dropout_key
-
-    model = apply_lora(Decoder(CFG, rngs=nnx.Rngs(0), remat=remat), LoraConfig(rank=4, alpha=8, dropout=0.5))
+    model = apply_lora(Decoder(CFG, rngs=nnx.Rngs(0)), LoraConfig(rank=4, alpha=8, dropout=0.5))
     nnx.update(model, jax.tree.map(lambda x: x + 0.3, nnx.state(model, nnx.LoRAParam)))  # B is zero at init
     graphdef, state = nnx.split(model)
     side = SIDES["positive"]
@@ -192,15 +189,13 @@ def test_dropout_masks_under_jit_equal_eager_draws(remat):
     key = jax.random.key(3)
 
     def forward(state, ids, mask, key):
-        m = nnx.merge(graphdef, state)
-        set_dropout_key(m, key)
-        return m(ids, mask)
+        return nnx.merge(graphdef, state)(ids, mask, ForwardOptions(remat=remat), dropout_key=key)
 
     eager = np.asarray(forward(state, ids, mask, key))
     without_dropout = np.asarray(merge_lora(model, LoraConfig(rank=4, alpha=8))(ids, mask))
     assert np.abs(eager - without_dropout).max() > 1e-2  # the masks matter here
     np.testing.assert_allclose(np.asarray(jax.jit(forward)(state, ids, mask, key)), eager, atol=1e-5)
-    unset = nnx.merge(graphdef, state)  # no stream set: inference, no dropout
+    unset = nnx.merge(graphdef, state)  # no dropout key: inference, no dropout
     np.testing.assert_allclose(np.asarray(unset(ids, mask)), without_dropout, atol=1e-5)
 
 
@@ -210,7 +205,7 @@ def test_dropout_mask_is_jax_threefry_of_its_counters():
     columns j, j + q, j + 2q and j + 3q (q = ceil(width / 4))."""
     from jax.extend.random import threefry_2x32
 
-    from diffemb_jax.model.lora import dropout_keep_mask
+    from diffemb_jax.model.lora_linear import dropout_keep_mask
 
     key, index, keep = jax.random.key(7), 5, 0.9
     for shape in [(3, 5, 8), (4, 7), (2, 1)]:
@@ -233,7 +228,7 @@ def test_dropout_masks_keep_the_rate_and_are_independent():
     the other draws of one block and neighbouring rows are independent (chi-squared, scipy)."""
     from scipy.stats import chi2_contingency
 
-    from diffemb_jax.model.lora import dropout_keep_mask
+    from diffemb_jax.model.lora_linear import dropout_keep_mask
 
     keep = 0.95
     mask = np.asarray(dropout_keep_mask(jax.random.key(0), 0, (1000, 1000), keep))
@@ -258,20 +253,29 @@ def test_dropout_masks_keep_the_rate_and_are_independent():
 
 
 def test_dropout_mask_past_its_counters_is_an_error():
-    from diffemb_jax.model.lora import dropout_keep_mask
+    from diffemb_jax.model.lora_linear import dropout_keep_mask
 
     with pytest.raises(ValueError, match="counters' range"):
         dropout_keep_mask(jax.random.key(0), 0, (2, 4 * 65536 + 4), 0.9)
 
 
-@pytest.mark.parametrize("dtype", [jnp.float32, jnp.bfloat16])
-def test_lora_backward_equals_autodiff_of_qwix_delta(monkeypatch, dtype):
-    """Oracle: jax autodiff through qwix's own LoRA delta, on the input dropped out by a plain
-    jnp.where with the same masks; ours orders the products otherwise and keeps only the masks."""
-    from diffemb_jax.training import lora as lora_module
-    from qwix._src.providers import lora as qwix_lora
+def test_each_adapter_draws_its_own_mask_in_forward_order():
+    """Draw indices are fixed when the adapters are made: 0, 1, ... in the order a forward pass runs the
+    projections (so masks do not depend on how often, or under which transform, the model is called)."""
+    from diffemb_jax.model.decoder import BLOCK_PROJECTIONS
 
-    assert qwix_lora._compute_lora_delta is lora_module._lora_delta  # ours is the one in use
+    model, *_ = _adapted()
+    draws = [getattr(getattr(block, path.split("/")[0]), path.split("/")[1]).draw
+             for block in model.layers for path in BLOCK_PROJECTIONS]
+    assert draws == list(range(len(BLOCK_PROJECTIONS) * CFG.num_layers))
+
+
+@pytest.mark.parametrize("dtype", [jnp.float32, jnp.bfloat16])
+def test_lora_backward_equals_autodiff_of_the_plain_product(monkeypatch, dtype):
+    """Oracle: jax autodiff through the plain adapter product (x @ A) @ B, on the input dropped out by a
+    plain jnp.where with the same masks; ours orders the products otherwise and keeps only the masks."""
+    from diffemb_jax.model import lora_linear
+
     model = apply_lora(Decoder(CFG, rngs=nnx.Rngs(0), dtype=dtype, param_dtype=dtype),
                        LoraConfig(rank=4, alpha=8, dropout=0.1))
     graphdef, lora, frozen = split_model(model)
@@ -281,14 +285,12 @@ def test_lora_backward_equals_autodiff_of_qwix_delta(monkeypatch, dtype):
     def run():
         return jax.jit(lambda l, f, b: loss_and_grads(graphdef, l, f, b, STEP, KEY))(lora, frozen, BATCH)
 
-    def reference(lhs, *args, **kwargs):
-        keep, key, index = lora_module._dropout_draw()
-        assert key is not None  # the train step set the stream
-        lhs = jnp.where(lora_module.dropout_keep_mask(key, index, lhs.shape, keep), lhs / keep, 0).astype(lhs.dtype)
-        return lora_module._qwix_lora_delta(lhs, *args, **kwargs)
+    def reference(x, keep_mask, a, b, keep):
+        x = jnp.where(keep_mask, x / keep, 0).astype(x.dtype)
+        return jax.lax.dot_general(jax.lax.dot_general(x, a, lora_linear._ROWS), b, lora_linear._ROWS)
 
     metrics, grads = run()
-    monkeypatch.setattr(qwix_lora, "_compute_lora_delta", reference)
+    monkeypatch.setattr(lora_linear, "_dropped_low_rank", reference)
     ref_metrics, ref_grads = run()
     assert float(metrics["loss"]) == pytest.approx(float(ref_metrics["loss"]), rel=1e-6 if dtype == jnp.float32 else 2e-2)
     _assert_grads_equal(ref_grads, grads, rel=1e-5 if dtype == jnp.float32 else 2e-2)

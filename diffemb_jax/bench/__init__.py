@@ -16,8 +16,8 @@ train step's own layout, every text packed into rows as long as the bucket of th
 in-batch InfoNCE over [positives; negatives] (cosine x 50), LoRA r=--lora-rank, alpha=2r, dropout
 --lora-dropout on q,k,v,o,gate,up,down, AdamW (weight decay 0, the HF linear schedule from lr to 0
 over all the steps run) after clipping gradients to norm 1: the recipe's settings
-(training/config.py) where the bench does not set its own. JAX runs the project's own train step (qwix
-LoRA), compiled ahead of time (compile s); PyTorch runs transformers + peft. --warmup-steps steps
+(training/config.py) where the bench does not set its own. JAX runs the project's own train step (its
+own LoRA layers), compiled ahead of time (compile s); PyTorch runs transformers + peft. --warmup-steps steps
 are timed apart from the --steps timed ones. LoRA B starts at zero, so the first step's loss is the
 base model's in every run and must agree; after that the two frameworks draw different LoRA A
 initialisations and dropout masks, so losses only stay close.

@@ -123,7 +123,7 @@ def _folder_name(key: str) -> str:
 def _versions() -> dict:
     """The installed versions of the software both sides run on."""
     versions = {}
-    for name in ("jax", "jaxlib", "flax", "qwix", "optax", "torch", "transformers", "peft"):
+    for name in ("jax", "jaxlib", "flax", "optax", "torch", "transformers", "peft"):
         with contextlib.suppress(importlib.metadata.PackageNotFoundError):
             versions[name] = importlib.metadata.version(name)
     return versions

@@ -21,6 +21,7 @@ import numpy as np
 from diffemb_jax import parallel
 from diffemb_jax.checkpoints import load_model
 from diffemb_jax.embedding import Embedder
+from diffemb_jax.model import ForwardOptions
 from diffemb_jax.model.lora import LoraConfig, apply_lora
 from diffemb_jax.training.step import StepConfig, make_optimizer, placed_train_step, split_model
 
@@ -43,7 +44,6 @@ def trainer(job: dict):
     # --mesh over every device, or the first device alone
     mesh = parallel.make_mesh(**job["mesh"]) if job["mesh"] else parallel.make_mesh(1, devices=jax.devices()[:1])
     model, _ = load_model(job["model"], dtype=job["dtype"], progress=False, sharding_for=parallel.param_sharding(mesh))
-    model.attention, model.remat = "bidirectional", job["remat"]
     lora_cfg = job["lora"]
     model = apply_lora(model, LoraConfig(rank=lora_cfg["rank"], alpha=lora_cfg["alpha"],
                                          dropout=lora_cfg["dropout"]), seed=job["seed"])
@@ -52,7 +52,8 @@ def trainer(job: dict):
     tx, schedule = make_optimizer(opt["lr"], warmup_steps=0, total_steps=job["warmup_steps"] + job["steps"],
                                   grad_clip=opt["grad_clip"], weight_decay=opt["weight_decay"])
     step_cfg = StepConfig(batch_size=len(job["batch"]["query"]["input_ids"]), loss="in_batch", scale=job["scale"],
-                          seed=job["seed"], grad_cache_chunk=job["grad_cache_chunk"])
+                          seed=job["seed"], grad_cache_chunk=job["grad_cache_chunk"],
+                          forward=ForwardOptions(attention="bidirectional", remat=job["remat"]))
     # Placed as the Trainer places them, and kept there by the step: state placed otherwise than the
     # step's outputs would make step 1 compile again.
     lora, opt_state, train_step = placed_train_step(graphdef, lora, tx, schedule, step_cfg, mesh)

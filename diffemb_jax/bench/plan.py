@@ -16,7 +16,7 @@ from diffemb_jax.bench.shapes import DEFAULT_SHAPE, LONGEST, SHAPES
 from diffemb_jax.checkpoints import model_config
 from diffemb_jax.embedding import Embedder
 from diffemb_jax.memory import compiled_bytes, device_capacity
-from diffemb_jax.model import Decoder
+from diffemb_jax.model import Decoder, ForwardOptions
 from diffemb_jax.checkpoints.families import config_from_hf
 
 
@@ -32,9 +32,10 @@ def long_plan(args) -> dict:
         cfg = config_from_hf({"model_type": model_type, **fields, "max_position_embeddings": LONGEST})
     dtype = jnp.dtype(args.dtype)
     model = nnx.eval_shape(lambda: Decoder(cfg, rngs=nnx.Rngs(0), dtype=dtype, param_dtype=dtype))
-    model.kernel = "auto"  # as `diffemb encode` runs: cuDNN on a GPU, splash on a TPU
     lengths = lengths_of(args.lengths)
-    embedder = Embedder(model, None, max_length=lengths[-1], batch_size=1, max_batch_tokens=None, pack_length=0)
+    # kernel auto, as `diffemb encode` runs: cuDNN on a GPU, splash on a TPU
+    embedder = Embedder(model, None, max_length=lengths[-1], batch_size=1, max_batch_tokens=None, pack_length=0,
+                        options=ForwardOptions(kernel="auto"))
     device, limit = device_capacity()
     settings = {"model": args.model, "shape": shape, "dtype": args.dtype, "lengths": lengths, "device": device,
                 "device_bytes": limit}

@@ -19,9 +19,12 @@ from flax import nnx
 from tqdm.auto import tqdm
 
 from diffemb_jax import atomic
+from diffemb_jax.checkpoints.checkpoint import load_model
 from diffemb_jax.checkpoints.families import CARRIED_FIELDS, FAMILIES, hf_config
 from diffemb_jax.checkpoints.keymaps import KeyMap, is_transposed
+from diffemb_jax.checkpoints.peft_adapters import load_peft_adapter
 from diffemb_jax.model import Decoder
+from diffemb_jax.model.lora import merge_lora
 
 EXPORT_DTYPES = {"float32": np.dtype(np.float32), "bfloat16": np.dtype(ml_dtypes.bfloat16)}
 _SAFETENSORS_DTYPES = {np.dtype(np.float32): "F32", np.dtype(ml_dtypes.bfloat16): "BF16"}
@@ -113,21 +116,6 @@ def _write_weights(directory: Path, tensors: list[_Tensor], max_shard_bytes: int
 
 # ---------------------------------------------------------------------------------------- directories
 
-def check_output_dir(out_dir: str | Path) -> Path:
-    """A new directory's path: refuses one that exists or whose parent folder does not."""
-    out = Path(out_dir)
-    if out.exists():
-        raise FileExistsError(f"{out} already exists; choose a new output directory or remove it")
-    if not out.parent.is_dir():
-        raise FileNotFoundError(f"the folder {out.parent} for {out.name} does not exist")
-    return out
-
-
-def write_atomically(out_dir: Path, fill) -> Path:
-    """fill(tmp) writes the directory's files into a temporary sibling, which is then renamed to out_dir."""
-    return atomic.write_directory(check_output_dir(out_dir), fill)
-
-
 def export_hf(model: Decoder, tokenizer, out_dir: str | Path, *, dtype: str = "float32",
               max_shard_bytes: int = DEFAULT_MAX_SHARD_BYTES, extra_config: dict | None = None,
               progress: bool = True) -> Path:
@@ -140,7 +128,7 @@ def export_hf(model: Decoder, tokenizer, out_dir: str | Path, *, dtype: str = "f
         raise ValueError(f"dtype must be one of {tuple(EXPORT_DTYPES)}, got {dtype!r}")
     if max_shard_bytes < 1:
         raise ValueError(f"max_shard_bytes must be positive, got {max_shard_bytes}")
-    check_output_dir(out_dir)
+    atomic.new_directory(out_dir)
     config = hf_config(model.cfg, dtype=dtype, extra=extra_config)
     tensors = _tensors(model, EXPORT_DTYPES[dtype])
 
@@ -150,7 +138,7 @@ def export_hf(model: Decoder, tokenizer, out_dir: str | Path, *, dtype: str = "f
         tokenizer.save(str(tmp / "tokenizer.json"))
         _write_weights(tmp, tensors, max_shard_bytes, progress)
 
-    return write_atomically(Path(out_dir), fill)
+    return atomic.write_new_directory(out_dir, fill)
 
 
 def model_card(model_type: str, dtype: str) -> str:
@@ -189,13 +177,9 @@ def export(src: str | Path, out: str | Path, *, adapter: str | Path | None = Non
            max_shard_bytes: int = DEFAULT_MAX_SHARD_BYTES, progress: bool = True) -> Path:
     """Converted directory, HF directory or .gguf -> HF directory at `out`; with `adapter` (a PEFT LoRA
     directory) the adapter is applied and merged into the weights first."""
-    from diffemb_jax.checkpoints.checkpoint import load_model
-    from diffemb_jax.checkpoints.peft_adapters import load_peft_adapter
-    from diffemb_jax.model.lora import merge_lora
-
     if dtype not in EXPORT_DTYPES:
         raise ValueError(f"dtype must be one of {tuple(EXPORT_DTYPES)}, got {dtype!r}")
-    check_output_dir(out)  # before any slow loading
+    atomic.new_directory(out)  # before any slow loading
     model, tokenizer = load_model(src, dtype=dtype, progress=progress)
     if adapter is not None:
         adapted, lora = load_peft_adapter(model, adapter)

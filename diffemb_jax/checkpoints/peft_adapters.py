@@ -1,6 +1,6 @@
 """LoRA adapters to and from PEFT, so adapters trained here load in PyTorch and PEFT adapters load here.
 
-Ours (qwix): `kernel_lora_a` [in, r] and `kernel_lora_b` [r, out] beside a kernel, adding
+Ours (model/lora_linear.py): `kernel_lora_a` [in, r] and `kernel_lora_b` [r, out] beside a kernel, adding
 `x @ A @ B * alpha / r`. PEFT: `adapter_config.json` and `adapter_model.safetensors` holding
 `base_model.model.<module>.lora_A.weight` [r, in] and `...lora_B.weight` [out, r], adding the same
 `x A^T B^T * lora_alpha / r`. Module names come from the family's key map (the HF name of the kernel
@@ -19,12 +19,12 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from diffemb_jax.checkpoints.export import write_atomically
+from diffemb_jax import atomic
 from diffemb_jax.checkpoints.families import HEADLESS_FAMILIES
 from diffemb_jax.checkpoints.keymaps import KeyMap
-from diffemb_jax.checkpoints.sources import CheckpointError
+from diffemb_jax.checkpoints.sources import CheckpointError, _torch_to_numpy
 from diffemb_jax.model import Decoder
-from diffemb_jax.model.lora import LoraConfig, apply_lora
+from diffemb_jax.model.lora import LoraConfig, apply_lora, merge_lora
 
 PEFT_PREFIX = "base_model.model."
 _LEAVES = {"kernel_lora_a": "lora_A", "kernel_lora_b": "lora_B"}
@@ -119,7 +119,7 @@ def save_peft_adapter(model, lora: LoraConfig, out_dir: str | Path, *, base_mode
         (tmp / "adapter_config.json").write_text(json.dumps(config, indent=2) + "\n")
         save_file(tensors, str(tmp / "adapter_model.safetensors"), metadata={"format": "pt"})
 
-    return write_atomically(Path(out_dir), fill)
+    return atomic.write_new_directory(out_dir, fill)
 
 
 # ------------------------------------------------------------------------------------------ the way in
@@ -140,8 +140,6 @@ def _read_adapter(directory: Path) -> tuple[dict, dict[str, np.ndarray]]:
         return config, load_file(str(directory / "adapter_model.safetensors"))
     if (directory / "adapter_model.bin").exists():
         import torch
-
-        from diffemb_jax.checkpoints.sources import _torch_to_numpy
 
         try:
             state = torch.load(directory / "adapter_model.bin", map_location="cpu", weights_only=True)
@@ -220,8 +218,9 @@ def load_peft_adapter(model: Decoder, adapter_dir: str | Path, *, seed: int = 0)
     """A PEFT LoRA directory applied onto a plain decoder: (adapted model, LoraConfig).
 
     The adapter's r, lora_alpha and lora_dropout become the LoraConfig, its tensors (either PEFT
-    naming: for the LM class or the bare decoder) the LoRA params. Remember that qwix dropout is
-    always on in an adapted model: merge_lora(adapted, lora) for inference or export."""
+    naming: for the LM class or the bare decoder) the LoRA params. An adapted model draws no dropout
+    unless its forward pass is given a dropout key; merge_lora(adapted, lora) for faster inference or
+    export."""
     where = Path(adapter_dir)
     config, tensors = _read_adapter(where)
     lora = _check_config(config, where)
@@ -236,7 +235,7 @@ def load_peft_adapter(model: Decoder, adapter_dir: str | Path, *, seed: int = 0)
     state = nnx.state(adapted, nnx.LoRAParam)
     made = {path[:-1] + ("kernel",) for path, _ in nnx.to_flat_state(state)}
     left = sorted(".".join(map(str, p[:-1])) for p in set(plan) - made)
-    if left:  # qwix adapts the matmuls the forward pass runs: not the LM head
+    if left:  # apply_lora adapts the blocks' projections, which the forward pass runs: not the LM head
         raise CheckpointError(f"{where}: LoRA on modules the encoder does not run cannot be applied here: "
                               f"{', '.join(left)}")
     values = state.to_pure_dict()
@@ -253,7 +252,5 @@ def load_peft_adapter(model: Decoder, adapter_dir: str | Path, *, seed: int = 0)
 
 def merged_from_peft(model: Decoder, adapter_dir: str | Path) -> Decoder:
     """A plain decoder with a PEFT adapter folded into its kernels (for inference or export_hf)."""
-    from diffemb_jax.model.lora import merge_lora
-
     adapted, lora = load_peft_adapter(model, adapter_dir)
     return merge_lora(adapted, lora)

@@ -32,9 +32,11 @@ from tqdm.auto import tqdm
 from diffemb_jax import parallel
 from diffemb_jax.batching import (DEFAULT_MAX_BATCH_TOKENS, PACK_LENGTH, bucket_lengths, pack_batch, plan_batches,
                                   row_capacity)
+from diffemb_jax.checkpoints import load_model
+from diffemb_jax.checkpoints.peft_adapters import merged_from_peft
 from diffemb_jax.embedding.pooling import POOLING_MODES, l2_normalize, pool
 from diffemb_jax.embedding.prompts import tokenize, with_instruction
-from diffemb_jax.model import ATTENTION_MODES, Decoder
+from diffemb_jax.model import Decoder, ForwardOptions
 
 log = logging.getLogger(__name__)
 
@@ -43,11 +45,9 @@ class Embedder:
     def __init__(self, model: Decoder, tokenizer: tokenizers.Tokenizer, *, pooling: str = "mean",
                  skip_instruction: bool = False, max_length: int = 512, batch_size: int = 16,
                  max_batch_tokens: int | None = DEFAULT_MAX_BATCH_TOKENS, pack_length: int = PACK_LENGTH,
-                 mesh: jax.sharding.Mesh | None = None):
+                 mesh: jax.sharding.Mesh | None = None, options: ForwardOptions = ForwardOptions()):
         if pooling not in POOLING_MODES:
             raise ValueError(f"unknown pooling {pooling!r}; choose one of {POOLING_MODES}")
-        if model.attention not in ATTENTION_MODES:
-            raise ValueError(f"unknown attention {model.attention!r}; choose one of {ATTENTION_MODES}")
         if max_length < 1 or batch_size < 1 or (max_batch_tokens is not None and max_batch_tokens < 1):
             raise ValueError("max_length, batch_size and max_batch_tokens must be positive")
         if pack_length < 0:
@@ -57,17 +57,17 @@ class Embedder:
             raise ValueError(f"batch_size={batch_size} is not divisible by the {shards} batch shards of the mesh")
         self.shards, self.max_batch_tokens, self.pack_length = shards, max_batch_tokens, pack_length
         self.mesh = mesh
-        self.model, self.tokenizer = model, tokenizer
+        self.model, self.tokenizer, self.options = model, tokenizer, options
         self.pooling, self.skip_instruction = pooling, skip_instruction
         self.max_length, self.batch_size = max_length, batch_size
         self.buckets = bucket_lengths(max_length)
         graphdef, self._state = nnx.split(model)
 
-        def embed(state, input_ids, segments, embed_mask, texts_per_row):
+        def embed(state, input_ids, segment_ids, embed_mask, texts_per_row):
             """[rows, D], or packed (texts_per_row > 1) [rows, texts_per_row, D]."""
             packed = texts_per_row > 1
-            hidden = nnx.merge(graphdef, state)(input_ids, segments, packed)
-            return l2_normalize(pool(hidden, segments, embed_mask, pooling, skip_instruction,
+            hidden = nnx.merge(graphdef, state)(input_ids, segment_ids, options, packed=packed)
+            return l2_normalize(pool(hidden, segment_ids, embed_mask, pooling, skip_instruction,
                                      texts_per_row=texts_per_row if packed else None))
 
         self._embed = jax.jit(embed, static_argnums=4)
@@ -77,18 +77,14 @@ class Embedder:
                         dtype: str = "float32", kernel: str = "auto", mesh: jax.sharding.Mesh | None = None,
                         **kwargs) -> "Embedder":
         """A model directory or .gguf, with a PEFT LoRA `adapter` directory merged into its weights if given."""
-        from diffemb_jax.checkpoints import load_model  # conversion knows the model; the model knows nothing of it
-
+        options = ForwardOptions(attention=attention, kernel=kernel)  # checked before any weight is read
         if mesh is None:
             model, tokenizer = load_model(path, dtype=dtype)
         else:
             model, tokenizer = load_model(path, dtype=dtype, sharding_for=parallel.param_sharding(mesh))
         if adapter is not None:
-            from diffemb_jax.checkpoints.peft_adapters import merged_from_peft
-
             model = merged_from_peft(model, adapter)
-        model.attention, model.kernel = attention, kernel
-        return cls(model, tokenizer, mesh=mesh, **kwargs)
+        return cls(model, tokenizer, mesh=mesh, options=options, **kwargs)
 
     def compiled_for(self, length: int, rows: int = 1):
         """The program that embeds `rows` rows of `length` tokens, one text a row: compiled, not run,

@@ -29,20 +29,20 @@ QUERY_CHUNK = 1024
 log = logging.getLogger(__name__)
 
 
-def attention_mask_4d(padding_mask: jax.Array, causal: bool, sliding_window: int | None,
+def attention_mask_4d(segment_ids: jax.Array, causal: bool, sliding_window: int | None,
                       query_positions: jax.Array | None = None, packed: bool = False) -> jax.Array:
-    """[B, L] 0/1 padding mask -> [B, 1, Q, L] boolean (query, key) mask, for the queries at
-    `query_positions` (default: all L). Packed rows hold each token's text number (0: pads): a token
-    sees its own text only, and pads see pads (so that no row of scores is empty)."""
+    """[B, L] segment ids (each token's text number, 0: pads) -> [B, 1, Q, L] boolean (query, key)
+    mask, for the queries at `query_positions` (default: all L). Unpacked, every real token is seen;
+    packed, a token sees its own text only, and pads see pads (so that no row of scores is empty)."""
     if packed:
-        queries = padding_mask if query_positions is None else jnp.take(padding_mask, query_positions, axis=1,
+        queries = segment_ids if query_positions is None else jnp.take(segment_ids, query_positions, axis=1,
                                                                          mode="clip")
-        keys = padding_mask[:, None, None, :] == queries[:, None, :, None]
+        keys = segment_ids[:, None, None, :] == queries[:, None, :, None]
     else:
-        keys = padding_mask.astype(bool)[:, None, None, :]
+        keys = segment_ids.astype(bool)[:, None, None, :]
     if not causal:
         return keys
-    length = padding_mask.shape[-1]
+    length = segment_ids.shape[-1]
     q = (jnp.arange(length) if query_positions is None else query_positions)[:, None]
     k = jnp.arange(length)[None, :]
     allowed = k <= q
@@ -51,12 +51,12 @@ def attention_mask_4d(padding_mask: jax.Array, causal: bool, sliding_window: int
     return keys & allowed[None, None]
 
 
-def _xla(q, k, v, padding_mask, causal: bool, sliding_window: int | None, chunk: int, packed: bool = False):
+def _xla(q, k, v, segment_ids, causal: bool, sliding_window: int | None, chunk: int, packed: bool = False):
     """XLA attention; longer than `chunk`, one chunk of queries at a time under jax.checkpoint, so
     neither the forward nor the backward pass holds more than one chunk's [B, H, chunk, L] scores."""
     b, length, heads, d = q.shape
     if length <= chunk:
-        mask = attention_mask_4d(padding_mask, causal, sliding_window, packed=packed)
+        mask = attention_mask_4d(segment_ids, causal, sliding_window, packed=packed)
         return jax.nn.dot_product_attention(q, k, v, mask=mask, implementation="xla")
     n = -(-length // chunk)
     q = jnp.pad(q, ((0, 0), (0, n * chunk - length), (0, 0), (0, 0)))  # padded queries are cut off below
@@ -65,7 +65,7 @@ def _xla(q, k, v, padding_mask, causal: bool, sliding_window: int | None, chunk:
     @jax.checkpoint
     def one(chunk_and_start):
         q_chunk, start = chunk_and_start
-        mask = attention_mask_4d(padding_mask, causal, sliding_window, start + jnp.arange(chunk), packed)
+        mask = attention_mask_4d(segment_ids, causal, sliding_window, start + jnp.arange(chunk), packed)
         return jax.nn.dot_product_attention(q_chunk, k, v, mask=mask, implementation="xla")
 
     out = jax.lax.map(one, (chunks, jnp.arange(n) * chunk))
@@ -94,13 +94,14 @@ def resolve_kernel(kernel: str, backend: str, dtype: str, head_dim: int, sliding
     return "xla"
 
 
-def attend(q, k, v, padding_mask, *, causal: bool, sliding_window: int | None = None, kernel: str = "xla",
+def attend(q, k, v, segment_ids, *, causal: bool, sliding_window: int | None = None, kernel: str = "xla",
            packed: bool = False):
-    """q [B,L,H,D], k/v [B,L,KV,D] (grouped heads broadcast) -> [B,L,H,D]. `packed`: rows hold several
-    texts, padding_mask each token's text number (0: pads), and attention stays within a text."""
+    """q [B,L,H,D], k/v [B,L,KV,D] (grouped heads broadcast) -> [B,L,H,D]. segment_ids [B, L]: each
+    token's text number, 0 for pads (a row of one text: 1 for its real tokens). `packed`: rows hold
+    several texts, and attention stays within a text."""
     kernel = resolve_kernel(kernel, jax.default_backend(), str(q.dtype), q.shape[-1], sliding_window)
     if kernel == "xla":
-        return _xla(q, k, v, padding_mask, causal, sliding_window, QUERY_CHUNK, packed)
+        return _xla(q, k, v, segment_ids, causal, sliding_window, QUERY_CHUNK, packed)
     if kernel == "cudnn":
         if jax.default_backend() != "gpu":
             raise ValueError(f"the cudnn attention kernel needs an NVIDIA GPU; this backend is "
@@ -108,9 +109,9 @@ def attend(q, k, v, padding_mask, *, causal: bool, sliding_window: int | None = 
         window = None if (sliding_window is None or not causal) else (sliding_window - 1, 0)
         if packed:  # the texts' block-diagonal mask, which cuDNN takes as a bias
             return jax.nn.dot_product_attention(
-                q, k, v, mask=attention_mask_4d(padding_mask, False, None, packed=True), is_causal=causal,
+                q, k, v, mask=attention_mask_4d(segment_ids, False, None, packed=True), is_causal=causal,
                 local_window_size=window, implementation="cudnn")
-        lengths = padding_mask.sum(-1).astype(jnp.int32)
+        lengths = segment_ids.sum(-1).astype(jnp.int32)
         return jax.nn.dot_product_attention(
             q, k, v, is_causal=causal, query_seq_lengths=lengths, key_value_seq_lengths=lengths,
             local_window_size=window, implementation="cudnn")
@@ -118,7 +119,7 @@ def attend(q, k, v, padding_mask, *, causal: bool, sliding_window: int | None = 
         raise ValueError("the splash attention kernel here has no sliding window; use kernel='xla'")
     mesh = jax.sharding.get_abstract_mesh()
     if mesh.empty:
-        return _splash(q, k, v, padding_mask, causal)
+        return _splash(q, k, v, segment_ids, causal)
     from jax.sharding import PartitionSpec as P
 
     batch = tuple(a for a in ("data", "fsdp") if a in mesh.axis_names) or None
@@ -126,10 +127,10 @@ def attend(q, k, v, padding_mask, *, causal: bool, sliding_window: int | None = 
     qkv, rows = P(batch, None, heads, None), P(batch, None)
     local = jax.shard_map(functools.partial(_splash, causal=causal), mesh=mesh,
                           in_specs=(qkv, qkv, qkv, rows), out_specs=qkv, check_vma=False)
-    return local(q, k, v, padding_mask)
+    return local(q, k, v, segment_ids)
 
 
-def _splash(q, k, v, padding_mask, causal: bool):
+def _splash(q, k, v, segment_ids, causal: bool):
     from jax.experimental.pallas.ops.tpu.splash_attention import splash_attention_kernel as splash
     from jax.experimental.pallas.ops.tpu.splash_attention import splash_attention_mask as masks
 
@@ -137,7 +138,7 @@ def _splash(q, k, v, padding_mask, causal: bool):
     padded = -(-length // SPLASH_BLOCK) * SPLASH_BLOCK
     extra = ((0, 0), (0, padded - length), (0, 0), (0, 0))
     q, k, v = (jnp.pad(x, extra) for x in (q / jnp.sqrt(jnp.float32(d)).astype(q.dtype), k, v))
-    segments = jnp.pad(padding_mask.astype(jnp.int32), ((0, 0), (0, padded - length)))
+    segments = jnp.pad(segment_ids.astype(jnp.int32), ((0, 0), (0, padded - length)))
     shape = (padded, padded)
     head_mask = masks.CausalMask(shape) if causal else masks.FullMask(shape)
     kernel = splash.make_splash_mha(

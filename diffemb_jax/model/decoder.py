@@ -14,13 +14,12 @@ from flax import nnx
 
 from diffemb_jax.model.attention import attend
 from diffemb_jax.model.config import ModelConfig
+from diffemb_jax.model.lora_linear import LoraLinear
+from diffemb_jax.model.options import REMAT_POLICIES, ForwardOptions
 
-ATTENTION_MODES = ("bidirectional", "causal")
-# What a block keeps for the backward pass: everything, nothing (recompute the block), the projections'
-# outputs (dots), or those and attention's batched matmuls too (dots_all: scores [B, H, L, L] kept).
-REMAT_POLICIES = {"none": None, "full": jax.checkpoint_policies.nothing_saveable,
-                  "dots": jax.checkpoint_policies.dots_with_no_batch_dims_saveable,
-                  "dots_all": jax.checkpoint_policies.dots_saveable}
+# A block's projections, in the order its forward pass runs them (LoRA numbers its dropout draws so).
+BLOCK_PROJECTIONS = ("attn/q_proj", "attn/k_proj", "attn/v_proj", "attn/o_proj", "mlp/gate_proj", "mlp/up_proj",
+                     "mlp/down_proj")
 _normal = nnx.initializers.normal(0.02)
 
 
@@ -29,6 +28,11 @@ def _linear(n_in, n_out, axes, *, bias, dtype, param_dtype, rngs):
         n_in, n_out, use_bias=bias, dtype=dtype, param_dtype=param_dtype,
         kernel_init=nnx.with_partitioning(_normal, axes),
         bias_init=nnx.with_partitioning(nnx.initializers.zeros_init(), axes[1:]), rngs=rngs)
+
+
+def _project(layer, x, dropout_key):
+    """A projection, plain or adapted (a LoraLinear draws its dropout from dropout_key)."""
+    return layer(x, dropout_key) if isinstance(layer, LoraLinear) else layer(x)
 
 
 class RMSNorm(nnx.Module):
@@ -65,16 +69,16 @@ class Attention(nnx.Module):
         self.v_proj = _linear(d, cfg.num_kv_heads * hd, ("embed", "kv_heads"), bias=cfg.qkv_bias, **kw)
         self.o_proj = _linear(cfg.num_heads * hd, d, ("q_heads", "embed"), bias=False, **kw)
 
-    def __call__(self, x, positions, padding_mask, *, causal: bool, kernel: str, packed: bool):
+    def __call__(self, x, positions, segment_ids, options: ForwardOptions, packed: bool, dropout_key=None):
         b, l, _ = x.shape
         cfg = self.cfg
-        q = self.q_proj(x).reshape(b, l, cfg.num_heads, cfg.head_dim)
-        k = self.k_proj(x).reshape(b, l, cfg.num_kv_heads, cfg.head_dim)
-        v = self.v_proj(x).reshape(b, l, cfg.num_kv_heads, cfg.head_dim)
+        q = _project(self.q_proj, x, dropout_key).reshape(b, l, cfg.num_heads, cfg.head_dim)
+        k = _project(self.k_proj, x, dropout_key).reshape(b, l, cfg.num_kv_heads, cfg.head_dim)
+        v = _project(self.v_proj, x, dropout_key).reshape(b, l, cfg.num_kv_heads, cfg.head_dim)
         q, k = rope(q, positions, cfg.rope_theta), rope(k, positions, cfg.rope_theta)
-        out = attend(q, k, v, padding_mask, causal=causal, sliding_window=cfg.sliding_window, kernel=kernel,
-                     packed=packed)
-        return self.o_proj(out.reshape(b, l, cfg.num_heads * cfg.head_dim))
+        out = attend(q, k, v, segment_ids, causal=options.causal, sliding_window=cfg.sliding_window,
+                     kernel=options.kernel, packed=packed)
+        return _project(self.o_proj, out.reshape(b, l, cfg.num_heads * cfg.head_dim), dropout_key)
 
 
 class MLP(nnx.Module):
@@ -85,8 +89,9 @@ class MLP(nnx.Module):
         self.up_proj = _linear(d, f, ("embed", "mlp"), **kw)
         self.down_proj = _linear(f, d, ("mlp", "embed"), **kw)
 
-    def __call__(self, x):
-        return self.down_proj(jax.nn.silu(self.gate_proj(x)) * self.up_proj(x))
+    def __call__(self, x, dropout_key=None):
+        gate = jax.nn.silu(_project(self.gate_proj, x, dropout_key))
+        return _project(self.down_proj, gate * _project(self.up_proj, x, dropout_key), dropout_key)
 
 
 class Block(nnx.Module):
@@ -96,40 +101,34 @@ class Block(nnx.Module):
         self.post_attention_norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps, param_dtype=param_dtype)
         self.mlp = MLP(cfg, dtype=dtype, param_dtype=param_dtype, rngs=rngs)
 
-    def __call__(self, x, positions, padding_mask, *, causal: bool, kernel: str, packed: bool):
-        x = x + self.attn(self.input_norm(x), positions, padding_mask, causal=causal, kernel=kernel, packed=packed)
-        return x + self.mlp(self.post_attention_norm(x))
+    def __call__(self, x, positions, segment_ids, options: ForwardOptions, packed: bool, dropout_key=None):
+        x = x + self.attn(self.input_norm(x), positions, segment_ids, options, packed, dropout_key)
+        return x + self.mlp(self.post_attention_norm(x), dropout_key)
 
 
-def positions_from_mask(padding_mask: jax.Array) -> jax.Array:
+def positions_from_mask(real: jax.Array) -> jax.Array:
     """0, 1, 2... from each row's first real token (pads get 0; they are masked anyway)."""
-    return jnp.maximum(jnp.cumsum(padding_mask.astype(jnp.int32), axis=-1) - 1, 0)
+    return jnp.maximum(jnp.cumsum(real.astype(jnp.int32), axis=-1) - 1, 0)
 
 
-def _rematerialised(run, block, x, policy):
-    """run(block, x) under jax.checkpoint, on the block's state as a plain pytree (so it composes
-    with jax.grad outside NNX transforms); RNG counts advanced inside (dropout) are kept."""
+def _rematerialised(run, block, x, dropout_key, policy):
+    """run(block, x, dropout_key) under jax.checkpoint, on the block's state as a plain pytree (so it
+    composes with jax.grad outside NNX transforms)."""
     graphdef, state = nnx.split(block)
 
-    def pure(state, x):
-        inner = nnx.merge(graphdef, state)
-        return run(inner, x), nnx.state(inner, nnx.RngState)
+    def pure(state, x, dropout_key):
+        return run(nnx.merge(graphdef, state), x, dropout_key)
 
-    y, new_state = jax.checkpoint(pure, policy=policy)(state, x)
-    nnx.update(block, new_state)
-    return y
+    return jax.checkpoint(pure, policy=policy)(state, x, dropout_key)
 
 
 class Decoder(nnx.Module):
-    """Token ids + padding mask -> final-norm hidden states; `logits` adds the LM head."""
+    """Token ids + segment ids -> final-norm hidden states; `logits` adds the LM head. How the pass
+    runs (attention mode, kernel, remat) is a ForwardOptions given with each call."""
 
-    def __init__(self, cfg: ModelConfig, *, rngs: nnx.Rngs, dtype=jnp.float32, param_dtype=jnp.float32,
-                 attention: str = "bidirectional", kernel: str = "xla", remat: str = "none"):
+    def __init__(self, cfg: ModelConfig, *, rngs: nnx.Rngs, dtype=jnp.float32, param_dtype=jnp.float32):
         self.cfg = cfg
         self.dtype = dtype
-        self.attention = attention
-        self.kernel = kernel
-        self.remat = remat
         # Logical axis names are metadata only: placement on a mesh is the loader's job.
         with nnx.use_eager_sharding(False):
             self._build(cfg, rngs, dtype, param_dtype)
@@ -145,24 +144,25 @@ class Decoder(nnx.Module):
             self.lm_head = _linear(cfg.hidden_size, cfg.vocab_size, ("embed", "vocab"), bias=False,
                                    dtype=dtype, param_dtype=param_dtype, rngs=rngs)
 
-    def __call__(self, input_ids: jax.Array, padding_mask: jax.Array, packed: bool = False) -> jax.Array:
-        """padding_mask: 1 for tokens, 0 for pads; or, `packed`, rows holding several texts one after
-        another, each token's text number (1, 2, ...; 0 for pads): each text then attends within
-        itself. Positions run on across a row: RoPE's scores depend on position differences only, so
-        a text's states are those it has alone."""
-        if self.attention not in ATTENTION_MODES:
-            raise ValueError(f"attention must be one of {ATTENTION_MODES}, got {self.attention!r}")
-        if self.remat not in REMAT_POLICIES:
-            raise ValueError(f"remat must be one of {tuple(REMAT_POLICIES)}, got {self.remat!r}")
-        causal = self.attention == "causal"
-        positions = positions_from_mask(padding_mask > 0)
+    def __call__(self, input_ids: jax.Array, segment_ids: jax.Array, options: ForwardOptions = ForwardOptions(),
+                 *, packed: bool = False, dropout_key: jax.Array | None = None) -> jax.Array:
+        """segment_ids: each token's text number, 0 for pads: 1 for every real token of a row holding one
+        text, or, `packed`, 1, 2, ... for the texts a row holds one after another, each then attending
+        within itself. Positions run on across a row: RoPE's scores depend on position differences
+        only, so a text's states are those it has alone. `dropout_key`: the LoRA adapters' dropout
+        masks are drawn from it (none without it)."""
+        positions = positions_from_mask(segment_ids > 0)
 
-        def run(block, x):
-            return block(x, positions, padding_mask, causal=causal, kernel=self.kernel, packed=packed)
+        def run(block, x, dropout_key):
+            return block(x, positions, segment_ids, options, packed, dropout_key)
 
+        policy = REMAT_POLICIES[options.remat]
         x = self.embed(input_ids)
         for block in self.layers:
-            x = run(block, x) if self.remat == "none" else _rematerialised(run, block, x, REMAT_POLICIES[self.remat])
+            if options.remat == "none":
+                x = run(block, x, dropout_key)
+            else:
+                x = _rematerialised(run, block, x, dropout_key, policy)
         return self.final_norm(x)
 
     def logits(self, hidden: jax.Array) -> jax.Array:

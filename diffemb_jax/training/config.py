@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import ml_collections
 
+from diffemb_jax.model.lora import DEFAULT_TARGETS
 from diffemb_jax.training.loss import SCALE
 
 
@@ -20,7 +21,7 @@ def base_config() -> ml_collections.ConfigDict:
     ))
     c.lora = ml_collections.ConfigDict(dict(
         rank=16, alpha=32.0, dropout=0.05,
-        targets=r".*(q_proj|k_proj|v_proj|o_proj|gate_proj|up_proj|down_proj)",
+        targets=DEFAULT_TARGETS,  # full-matched against a projection's path, e.g. layers/0/attn/q_proj
     ))
     c.data = ml_collections.ConfigDict(dict(
         files=(),  # JSONL training files; on the command line repeat --config.data.files=F
@@ -45,7 +46,7 @@ def base_config() -> ml_collections.ConfigDict:
         warmup_steps=100,
         grad_clip=1.0,
         weight_decay=0.0,
-        remat="full",  # none | full | dots | dots_all (model/decoder.py REMAT_POLICIES)
+        remat="full",  # none | full | dots | dots_all (model/options.py REMAT_POLICIES)
         grad_cache_chunk=0,  # rows per chunk for gradient caching; 0 = off
         checkpoint_every=100,
         keep_checkpoints=3,

@@ -2,8 +2,8 @@
 
 The LoRA-adapted model is built abstract (nnx.eval_shape) from the model's config, and every array
 the step takes is given the placement training gives it: base weights by their logical axes (as the
-loader places them), each adapter by its base kernel as qwix places it (A by the kernel's input
-axis, B by its output axis). The adapters alone are made (zeros: they are small), so that their
+loader places them), each adapter by its base kernel as apply_lora places it (A by the kernel's
+input axis, B by its output axis). The adapters alone are made (zeros: they are small), so that their
 optimizer state is made and placed as in training. XLA then compiles the step for its largest batch
 and reports its memory. No weight and no training row is read: for a 7B model this takes the
 compilation, not the minutes of reading 15 GB.
@@ -21,6 +21,8 @@ from jax.sharding import NamedSharding, PartitionSpec as P
 
 from diffemb_jax import parallel
 from diffemb_jax.batching import STEP_KEYS, padded_rows
+from diffemb_jax.checkpoints import model_config
+from diffemb_jax.parallel import placed_shapes
 from diffemb_jax.memory import compiled_bytes
 from diffemb_jax.model import Decoder
 from diffemb_jax.model.lora import apply_lora
@@ -30,21 +32,17 @@ from diffemb_jax.training.trainer import lora_config, optimizer_and_step, row_bo
 
 def step_state(config: ml_collections.ConfigDict, mesh: jax.sharding.Mesh):
     """(graphdef, lora, frozen): the train step's model as ShapeDtypeStructs, placed as in training."""
-    from diffemb_jax.checkpoints import model_config
-    from diffemb_jax.parallel import placed_shapes
-
     cfg, dtype = model_config(config.model.path), jnp.dtype(config.model.dtype)
 
     def build():
-        model = Decoder(cfg, rngs=nnx.Rngs(0), dtype=dtype, param_dtype=dtype, attention=config.model.attention,
-                        kernel=config.model.kernel, remat=config.train.remat)
+        model = Decoder(cfg, rngs=nnx.Rngs(0), dtype=dtype, param_dtype=dtype)
         return apply_lora(model, lora_config(config), seed=config.train.seed)
 
     graphdef, lora, frozen = split_model(nnx.eval_shape(build))
     nnx.replace_by_pure_dict(frozen, placed_shapes(frozen, parallel.param_sharding(mesh)))
     kernels = dict(nnx.to_flat_state(frozen))
 
-    def adapter(path, axes, shape):  # qwix: A [d_in, r] takes the kernel's input axis, B [r, d_out] its output
+    def adapter(path, axes, shape):  # A [d_in, r] takes the kernel's input axis, B [r, d_out] its output
         name = path[-1]
         spec = kernels[path[:-1] + (name.rsplit("_lora_", 1)[0],)].get_value().sharding.spec
         return NamedSharding(mesh, P(spec[0], None) if name.endswith("_lora_a") else P(None, spec[1]))

@@ -27,7 +27,7 @@ from flax import nnx
 from jax.sharding import NamedSharding, PartitionSpec as P
 
 from diffemb_jax.embedding.pooling import pool
-from diffemb_jax.model.lora import set_dropout_key
+from diffemb_jax.model import ForwardOptions
 from diffemb_jax.training.loss import in_batch_info_nce, per_query_negatives_loss
 
 LOSSES = ("in_batch", "per_query")
@@ -44,6 +44,7 @@ class StepConfig:
     grad_cache_chunk: int = 0  # rows per chunk; 0 = plain step
     seed: int = 0  # for LoRA dropout masks
     packed: bool = True  # rows may hold several texts; False: one a row (cuDNN then takes lengths, not a bias)
+    forward: ForwardOptions = ForwardOptions()  # attention mode, kernel and remat of the model's passes
 
     def __post_init__(self):
         if self.loss not in LOSSES:
@@ -62,9 +63,8 @@ def split_model(model):
 def _embed(graphdef, lora, frozen, rows: dict, cfg: StepConfig, key: jax.Array) -> jax.Array:
     """[texts, D]: the texts the rows hold, pooled, at their numbers; zeros for the others."""
     model = nnx.merge(graphdef, lora, frozen)
-    set_dropout_key(model, key)
-    segments = rows["segments"] if cfg.packed else (rows["segments"] > 0).astype(jnp.int32)  # one text a row
-    hidden = model(rows["input_ids"], segments, packed=cfg.packed)
+    segment_ids = rows["segments"] if cfg.packed else (rows["segments"] > 0).astype(jnp.int32)  # one text a row
+    hidden = model(rows["input_ids"], segment_ids, cfg.forward, packed=cfg.packed, dropout_key=key)
     return pool(hidden, rows["segments"], rows["embed_mask"], cfg.pooling, cfg.skip_instruction, texts=cfg.num_texts)
 
 
@@ -166,7 +166,7 @@ def make_train_step(graphdef, tx: optax.GradientTransformation, schedule, cfg: S
 
 def placed_train_step(graphdef, lora, tx: optax.GradientTransformation, schedule, cfg: StepConfig, mesh):
     """(lora, opt_state, train_step): the adapters and their optimizer state placed on `mesh` (each
-    where qwix put it, beside its base kernel; anything else replicated), and the step compiled to
+    where apply_lora made it, beside its base kernel; anything else replicated), and the step compiled to
     keep them there."""
     opt_state = tx.init(lora)  # eager: zeros_like keeps each parameter's sharding
     replicated = NamedSharding(mesh, P())

@@ -27,9 +27,12 @@ from tqdm.auto import tqdm
 
 from diffemb_jax import atomic
 from diffemb_jax import parallel
-from diffemb_jax.batching import pack_step, pad_rows, row_length, padded_rows
-from diffemb_jax.training.data import TrainBatches, build_dataset
+from diffemb_jax.batching import pack_step, pad_rows, padded_rows, row_length
+from diffemb_jax.checkpoints import load_model
+from diffemb_jax.checkpoints.peft_adapters import save_peft_adapter
+from diffemb_jax.model import ForwardOptions
 from diffemb_jax.model.lora import LoraConfig, apply_lora
+from diffemb_jax.training.data import TrainBatches, build_dataset
 from diffemb_jax.training.step import StepConfig, batch_tokens, make_optimizer, placed_train_step, split_model
 
 log = logging.getLogger(__name__)
@@ -45,11 +48,15 @@ def lora_config(config) -> LoraConfig:
                       targets=config.lora.targets)
 
 
+def forward_options(config) -> ForwardOptions:
+    return ForwardOptions(attention=config.model.attention, kernel=config.model.kernel, remat=config.train.remat)
+
+
 def step_config(config) -> StepConfig:
     return StepConfig(batch_size=config.train.global_batch_size, loss=config.loss.kind, scale=config.loss.scale,
                       num_negatives=config.data.num_negatives, pooling=config.model.pooling,
                       skip_instruction=config.model.skip_instruction, grad_cache_chunk=config.train.grad_cache_chunk,
-                      seed=config.train.seed, packed=config.data.pack)
+                      seed=config.train.seed, packed=config.data.pack, forward=forward_options(config))
 
 
 def row_bounds(config, mesh) -> tuple[int, int]:
@@ -150,8 +157,6 @@ class MetricsLog:
 
 class Trainer:
     def __init__(self, config: ml_collections.ConfigDict, workdir: str | Path):
-        from diffemb_jax.checkpoints import load_model
-
         check_config(config)
         self.config, self.workdir = config, Path(workdir)
         self.lead = jax.process_index() == 0  # one writer of shared files; orbax coordinates its own
@@ -161,7 +166,6 @@ class Trainer:
         self.mesh = parallel.make_mesh(**config.mesh)
         model, self.tokenizer = load_model(config.model.path, dtype=config.model.dtype,
                                            sharding_for=parallel.param_sharding(self.mesh))
-        model.attention, model.remat, model.kernel = config.model.attention, config.train.remat, config.model.kernel
         self.model = apply_lora(model, lora_config(config), seed=config.train.seed)  # adapters follow base shardings
         self.graphdef, self.lora, self.frozen = split_model(self.model)
         self.lora, self.opt_state, self.train_step = optimizer_and_step(config, self.graphdef, self.lora, self.mesh)
@@ -289,8 +293,6 @@ class Trainer:
         """The trained LoRA as a PEFT adapter directory, WORKDIR/adapter, for the HF export of the base
         model: transformers + peft load it, and so do `diffemb encode|evaluate|export --adapter`.
         Every process takes part (the adapters may be spread over hosts); the lead writes."""
-        from diffemb_jax.checkpoints.peft_adapters import save_peft_adapter
-
         lora = self.lora
         if jax.process_count() > 1:
             from jax.experimental import multihost_utils
