@@ -35,7 +35,7 @@ def test_hidden_states_match_transformers(smollm2_converted, oracle, attention, 
     embedder = Embedder.from_pretrained(smollm2_converted, attention=attention)
     tokens = tokenize(embedder.tokenizer, SENTENCES, 64)
     ids, mask, _ = pad_batch(tokens.ids, tokens.embed_lengths, max(map(len, tokens.ids)), len(SENTENCES))
-    ours = np.asarray(embedder.model(jnp.asarray(ids), jnp.asarray(mask)))
+    ours = np.asarray(embedder.model(jnp.asarray(ids), jnp.asarray(mask), embedder.options))
     theirs = tiny.oracle_hidden(oracle, ids, mask, attention)
     real = mask.astype(bool)
     assert np.abs(theirs[real]).max() > 1.0  # real activations, not a degenerate check
