@@ -108,6 +108,20 @@ def dropout_keep_mask(key: jax.Array, index, shape, keep: float) -> jax.Array:
     return keep_mask[:, :width].reshape(shape)
 
 
+_ZEROS = nnx.initializers.zeros_init()
+
+
+def _init(init, shape: tuple[int, ...], dtype, key: jax.Array) -> jax.Array:
+    return init(key, shape, dtype).astype(jnp.float32)
+
+
+@functools.cache
+def _placed_init(init, shape: tuple[int, ...], dtype, sharding: NamedSharding):
+    """_init compiled to put its output at `sharding`; one program for every adapter of that shape and
+    placement (a SmolLM2 has 420 adapters, of 4 shapes)."""
+    return jax.jit(functools.partial(_init, init, shape, dtype), out_shardings=sharding)
+
+
 def _made_like(kernel: nnx.Param, init, key, shape, side: int) -> jax.Array:
     """An adapter of `shape`, init(key, shape) in the kernel's dtype then float32 (the values peft's
     init gives in that dtype), made where the kernel lies: sharded as the kernel along its `side` (0:
@@ -115,15 +129,11 @@ def _made_like(kernel: nnx.Param, init, key, shape, side: int) -> jax.Array:
     copy is sent, so no process must check that it equals the others'."""
     value = kernel[...]
     sharding = getattr(value, "sharding", None)  # None while traced (nnx.eval_shape)
-
-    def make(key):
-        return init(key, shape, value.dtype).astype(jnp.float32)
-
     if not isinstance(sharding, NamedSharding):
-        return make(key)
+        return _init(init, shape, value.dtype, key)
     spec = tuple(sharding.spec) + (None,) * (2 - len(sharding.spec))
     spec = P(spec[0], None) if side == 0 else P(None, spec[1])
-    return jax.jit(make, out_shardings=sharding.update(spec=spec))(key)
+    return _placed_init(init, tuple(shape), value.dtype, sharding.update(spec=spec))(key)
 
 
 def _adapter_param(kernel: nnx.Param, value: jax.Array, side: int) -> nnx.LoRAParam:
@@ -145,7 +155,7 @@ class LoraLinear(nnx.Module):
         self.dtype, self.precision = base.dtype, base.precision
         self.scale, self.dropout, self.draw = scale, dropout, draw
         a = _made_like(base.kernel, PEFT_A_INIT, key, (n_in, rank), side=0)
-        b = _made_like(base.kernel, nnx.initializers.zeros_init(), key, (rank, n_out), side=1)
+        b = _made_like(base.kernel, _ZEROS, key, (rank, n_out), side=1)
         self.kernel_lora_a = _adapter_param(base.kernel, a, side=0)
         self.kernel_lora_b = _adapter_param(base.kernel, b, side=1)
 
