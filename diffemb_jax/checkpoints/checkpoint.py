@@ -70,11 +70,7 @@ def open_source(path: str | Path):
 
 def convert(src: str | Path, out: str | Path, *, dtype: str = "float32", progress: bool = True) -> Path:
     """HF directory or .gguf -> converted directory at `out` (which must not exist yet)."""
-    out = Path(out)
-    if out.exists():
-        raise FileExistsError(f"{out} already exists; choose a new output directory or remove it")
-    if not out.parent.exists():
-        raise FileNotFoundError(f"the folder {out.parent} for {out.name} does not exist")
+    out = atomic.new_directory(out)  # before any slow loading
     cfg, source, tok = open_source(src)
     model = load_decoder(source, cfg, dtype=DTYPES[dtype], param_dtype=DTYPES[dtype], progress=progress)
     return save_converted(model, tok, out, source=str(src))

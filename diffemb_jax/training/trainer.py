@@ -25,8 +25,7 @@ import orbax.checkpoint as ocp
 from flax import nnx
 from tqdm.auto import tqdm
 
-from diffemb_jax import atomic
-from diffemb_jax import parallel
+from diffemb_jax import atomic, parallel
 from diffemb_jax.batching import pack_step, pad_rows, padded_rows, row_length
 from diffemb_jax.checkpoints import load_model
 from diffemb_jax.checkpoints.peft_adapters import save_peft_adapter
