@@ -84,21 +84,52 @@ def write_new_directory(out: str | Path, fill: Callable[[Path], None]) -> Path:
     return write_directory(new_directory(out), fill)
 
 
-def write_directory(out: str | Path, fill: Callable[[Path], None], *, another_may_win: bool = False) -> Path:
-    """fill(tmp) writes the directory's files into a temporary sibling, which is then renamed to
-    `out`. `another_may_win`: if another process renamed its own copy into place first, keep that."""
-    out = Path(out)
+def _filled(out: Path, fill: Callable[[Path], None]) -> Path:
+    """A temporary sibling of `out` that fill(tmp) has written, with the umask's mode, on disk."""
     tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.tmp-", dir=out.parent))
     try:
         fill(tmp)
         os.chmod(tmp, 0o777 & ~_umask())
         _fsync_tree(tmp)
-        try:
-            os.replace(tmp, out)
-        except OSError:
-            if not (another_may_win and out.is_dir()):
-                raise
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    return tmp
+
+
+def write_directory(out: str | Path, fill: Callable[[Path], None], *, another_may_win: bool = False) -> Path:
+    """fill(tmp) writes the directory's files into a temporary sibling, which is then renamed to
+    `out`. `another_may_win`: if another process renamed its own copy into place first, keep that."""
+    out = Path(out)
+    tmp = _filled(out, fill)
+    try:
+        os.replace(tmp, out)
+    except OSError:
+        if not (another_may_win and out.is_dir()):
+            raise
     finally:
         shutil.rmtree(tmp, ignore_errors=True)  # already gone after the rename
+    _fsync_folder(out.absolute().parent)
+    return out
+
+
+def replace_directory(out: str | Path, fill: Callable[[Path], None]) -> Path:
+    """write_directory over a directory that may exist: the old one is renamed aside only once the new
+    one is whole on disk, and deleted once the new one is in place; a crash leaves a whole copy."""
+    out = Path(out)
+    if not out.exists():
+        return write_directory(out, fill)
+    tmp, aside = _filled(out, fill), None
+    try:
+        aside = Path(tempfile.mkdtemp(prefix=f".{out.name}.old-", dir=out.parent))
+        os.replace(out, aside)
+        os.replace(tmp, out)
+    except BaseException:
+        if aside is not None and not out.exists():
+            os.replace(aside, out)
+        raise
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+    shutil.rmtree(aside, ignore_errors=True)
     _fsync_folder(out.absolute().parent)
     return out

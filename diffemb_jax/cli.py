@@ -1,4 +1,4 @@
-"""`diffemb`: convert | export | encode | evaluate | train | plan | demo | bench."""
+"""`diffemb`: convert | export | encode | evaluate | adapt | train | plan | demo | bench."""
 
 from __future__ import annotations
 
@@ -198,6 +198,19 @@ def _train(argv: list[str]) -> None:
         print(f"PEFT adapter: {adapter} (diffemb encode|evaluate|export --adapter {adapter})")
 
 
+def _adapt(argv: list[str]) -> None:
+    from diffemb_jax.training.adapt import MODEL_DIR, adapt
+
+    config, workdir = _training_flags("adapt", argv)
+    history = adapt(config, workdir)
+    if history:
+        last = history[-1]
+        print(f"adapted to step {last['step']}: loss {last['loss']:.4f}, masked-token accuracy {last['accuracy']:.3f}")
+    model = Path(workdir) / MODEL_DIR
+    if model.is_dir():
+        print(f"adapted model: {model} (diffemb encode|train|evaluate|export take it as --model / model.path)")
+
+
 def _plan(argv: list[str]) -> None:
     """Per-device memory of the config's train step on its mesh, from XLA's compiled memory analysis
     (from shapes: no weights or data are read)."""
@@ -355,10 +368,10 @@ def main(argv: list[str] | None = None) -> int:
         from diffemb_jax.cache import use_compilation_cache
 
         use_compilation_cache()
-    if argv[:1] in (["train"], ["plan"]):
+    if argv[:1] in (["train"], ["plan"], ["adapt"]):
         from diffemb_jax.training.trainer import TrainingDiverged
 
-        work = {"train": _train, "plan": _plan}[argv[0]]
+        work = {"train": _train, "plan": _plan, "adapt": _adapt}[argv[0]]
         return _run(argv[0], lambda: work(argv[1:]), (TrainingDiverged,))
     args = build_parser().parse_args(argv)
     return _run(args.command, lambda: args.func(args))

@@ -76,7 +76,9 @@ def convert(src: str | Path, out: str | Path, *, dtype: str = "float32", progres
     return save_converted(model, tok, out, source=str(src))
 
 
-def save_converted(model: Decoder, tok: tokenizers.Tokenizer, out: Path, *, source: str = "") -> Path:
+def save_converted(model: Decoder, tok: tokenizers.Tokenizer, out: Path, *, source: str = "",
+                   replace: bool = False) -> Path:
+    """`model` and `tok` as a converted directory at `out`; `replace`: over one already there."""
     def fill(tmp: Path) -> None:
         _, state = nnx.split(model)
         checkpointer = ocp.StandardCheckpointer()
@@ -88,7 +90,7 @@ def save_converted(model: Decoder, tok: tokenizers.Tokenizer, out: Path, *, sour
                 "config": json.loads(model.cfg.to_json())}
         (tmp / CONVERTED_MARKER).write_text(json.dumps(meta, indent=2))
 
-    return atomic.write_directory(out, fill)
+    return (atomic.replace_directory if replace else atomic.write_directory)(out, fill)
 
 
 def _converted_config(path: Path) -> ModelConfig:

@@ -83,8 +83,9 @@ def _number(x: float):
 
 
 def save_peft_adapter(model, lora: LoraConfig, out_dir: str | Path, *, base_model_name_or_path: str | None = None,
-                      task_type: str | None = None, headless: bool = False) -> Path:
-    """The LoRA params of an adapted model -> a PEFT adapter directory at `out_dir` (must not exist).
+                      task_type: str | None = None, headless: bool = False, replace: bool = False) -> Path:
+    """The LoRA params of an adapted model -> a PEFT adapter directory at `out_dir` (which must not
+    exist, or, `replace`, is replaced whole).
 
     Tensor names fit the model export_hf writes (AutoModelForCausalLM, DreamModel, LLaDAModelLM):
     `base_model.model.model.layers.0.self_attn.q_proj.lora_A.weight`. `headless=True` names them for
@@ -119,7 +120,7 @@ def save_peft_adapter(model, lora: LoraConfig, out_dir: str | Path, *, base_mode
         (tmp / "adapter_config.json").write_text(json.dumps(config, indent=2) + "\n")
         save_file(tensors, str(tmp / "adapter_model.safetensors"), metadata={"format": "pt"})
 
-    return atomic.write_new_directory(out_dir, fill)
+    return (atomic.replace_directory if replace else atomic.write_new_directory)(out_dir, fill)
 
 
 # ------------------------------------------------------------------------------------------ the way in

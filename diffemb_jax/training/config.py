@@ -56,3 +56,37 @@ def base_config() -> ml_collections.ConfigDict:
     ))
     c.lock()
     return c
+
+
+def adapt_config() -> ml_collections.ConfigDict:
+    """`diffemb adapt`: continued pre-training with a masked-token objective (training/masked_lm.py)."""
+    c = ml_collections.ConfigDict()
+    c.model = ml_collections.ConfigDict(dict(
+        path="",  # converted directory, HF model directory or .gguf file
+        attention="bidirectional",  # the point of adapting; causal only to compare
+        kernel="auto",
+        dtype="float32",  # base weights (trained in full-parameter mode) and activations
+    ))
+    c.objective = ml_collections.ConfigDict(dict(
+        kind="diffusion",  # diffusion: t ~ U(eps, 1), loss weighted 1/t | mntp: fixed ratio, 80/10/10
+        eps=1e-3,
+        ratio=0.2,  # mntp's masking probability (llm2vec: mlm_probability 0.2)
+        mask_token="<|mask|>",  # used when the model has no mask token: added to the vocabulary if missing
+    ))
+    c.lora = ml_collections.ConfigDict(dict(
+        rank=0,  # 0: every parameter is trained (as Dream adapts Qwen2.5); > 0: LoRA of this rank
+        alpha=32.0, dropout=0.05, targets=DEFAULT_TARGETS,
+    ))
+    c.data = ml_collections.ConfigDict(dict(
+        files=(),  # JSONL with a "text" field, or .txt files (one document each); repeat --config.data.files=F
+        length=512,  # tokens a row; longer documents are cut into pieces, shorter ones packed
+        eval_files=(),  # held-out text, scored before the first step and after the last
+        cache_dir="",  # where the token rows are stored; default: WORKDIR/data
+    ))
+    c.mesh = ml_collections.ConfigDict(dict(data=-1, fsdp=1, tensor=1))
+    c.train = ml_collections.ConfigDict(dict(
+        seed=42, steps=1000, global_batch_size=16, lr=5e-5, warmup_steps=50, grad_clip=1.0, weight_decay=0.0,
+        remat="full", checkpoint_every=100, keep_checkpoints=3, log_every=1,
+    ))
+    c.lock()
+    return c

@@ -168,12 +168,20 @@ def placed_train_step(graphdef, lora, tx: optax.GradientTransformation, schedule
     """(lora, opt_state, train_step): the adapters and their optimizer state placed on `mesh` (each
     where apply_lora made it, beside its base kernel; anything else replicated), and the step compiled to
     keep them there."""
-    opt_state = tx.init(lora)  # eager: zeros_like keeps each parameter's sharding
+    lora, opt_state, out_shardings = placed_with_optimizer(lora, tx, mesh)
+    return lora, opt_state, make_train_step(graphdef, tx, schedule, cfg, out_shardings=out_shardings)
+
+
+def placed_with_optimizer(params, tx: optax.GradientTransformation, mesh):
+    """(params, opt_state, out_shardings): trained parameters and their optimizer state on `mesh`, each
+    where it was made (anything else replicated), and the shardings a step returning (params,
+    opt_state, metrics) keeps them in."""
+    opt_state = tx.init(params)  # eager: zeros_like keeps each parameter's sharding
     replicated = NamedSharding(mesh, P())
     placement = jax.tree.map(lambda x: x.sharding if isinstance(x.sharding, NamedSharding) else replicated,
-                             (lora, opt_state))
-    lora, opt_state = jax.device_put((lora, opt_state), placement)
-    return lora, opt_state, make_train_step(graphdef, tx, schedule, cfg, out_shardings=(*placement, replicated))
+                             (params, opt_state))
+    params, opt_state = jax.device_put((params, opt_state), placement)
+    return params, opt_state, (*placement, replicated)
 
 
 def batch_tokens(batch: dict[str, Any]) -> int:

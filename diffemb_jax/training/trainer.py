@@ -15,7 +15,6 @@ from __future__ import annotations
 import json
 import logging
 import math
-import shutil
 import time
 from pathlib import Path
 
@@ -298,11 +297,9 @@ class Trainer:
 
             lora = multihost_utils.process_allgather(lora, tiled=True)
         out = self.workdir / ADAPTER_DIR
-        if self.lead:
-            if out.exists():  # a longer run of the same workdir: the new adapter replaces the old
-                shutil.rmtree(out)
+        if self.lead:  # a longer run of the same workdir: the new adapter replaces the old
             save_peft_adapter(nnx.merge(self.graphdef, lora, self.frozen), lora_config(self.config), out,
-                              base_model_name_or_path=str(self.config.model.path))
+                              base_model_name_or_path=str(self.config.model.path), replace=True)
             log.info("wrote the trained LoRA as a PEFT adapter to %s", out)
         return out
 
