@@ -220,7 +220,7 @@ def _plan(argv: list[str]) -> None:
     from diffemb_jax.training.trainer import check_config
 
     config, _ = _training_flags("plan", argv)
-    parallel.initialize_distributed()
+    parallel.initialize_distributed(config.distributed)
     check_config(config, data=False)
     plan = memory_plan(config)
     print(f"per-device memory of one train step, mesh {dict(config.mesh)} "

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import logging
 import math
+import os
 from typing import Callable
 
 import jax
@@ -129,25 +130,36 @@ def max_over_processes(n: int) -> int:
     return int(np.max(multihost_utils.process_allgather(np.int32(n))))
 
 
-def initialize_distributed(coordinator_address: str | None = None, num_processes: int | None = None,
-                           process_id: int | None = None) -> None:
-    """Start JAX's distributed runtime when there is more than one process.
+DISTRIBUTED_MODES = ("auto", "on", "off")
+# Environment variables that name the cluster kind in the log (JAX's own detection decides).
+_CLUSTER_HINTS = (("SLURM_JOB_ID", "SLURM"), ("TPU_WORKER_HOSTNAMES", "GKE / Cloud TPU (worker hostnames)"),
+                  ("MEGASCALE_COORDINATOR_ADDRESS", "multi-slice TPU"), ("OMPI_COMM_WORLD_SIZE", "Open MPI"))
 
-    With no arguments JAX detects the cluster (Cloud TPU pod metadata, SLURM variables); on a single
-    host with nothing to detect, nothing is started.
+
+def initialize_distributed(mode: str = "auto", coordinator_address: str | None = None,
+                           num_processes: int | None = None, process_id: int | None = None) -> bool:
+    """Start JAX's distributed runtime; True if it was started.
+
+    "auto" lets JAX's own cluster detection decide (SLURM, Open MPI, GKE, and Cloud TPU VMs, whose
+    peers come from the metadata server and no environment variable shows): where it finds no
+    cluster it asks for a coordinator address, and this is one process alone. "on" requires a
+    cluster (or the explicit arguments); "off" never starts one. What was found is logged.
     """
-    explicit = coordinator_address is not None
-    if not explicit and not _cluster_detected():
-        return
-    jax.distributed.initialize(coordinator_address=coordinator_address, num_processes=num_processes,
-                               process_id=process_id)
-    log.info("process %d of %d, %d local / %d global devices", jax.process_index(), jax.process_count(),
-             jax.local_device_count(), jax.device_count())
-
-
-def _cluster_detected() -> bool:
-    import os
-
-    slurm = int(os.environ.get("SLURM_NTASKS", "1")) > 1
-    tpu_pod = bool(os.environ.get("TPU_WORKER_HOSTNAMES", "").count(","))
-    return slurm or tpu_pod
+    if mode not in DISTRIBUTED_MODES:
+        raise ValueError(f"distributed must be one of {DISTRIBUTED_MODES}, got {mode!r}")
+    if mode == "off":
+        log.info("distributed=off: one process")
+        return False
+    try:
+        jax.distributed.initialize(coordinator_address=coordinator_address, num_processes=num_processes,
+                                   process_id=process_id)
+    except ValueError as e:
+        if mode == "auto" and coordinator_address is None and "coordinator_address" in str(e):
+            log.info("no cluster detected (SLURM, MPI, GKE, Cloud TPU): one process")
+            return False
+        raise
+    hints = [kind for variable, kind in _CLUSTER_HINTS if variable in os.environ] or ["Cloud TPU VM or explicit"]
+    log.warning("distributed runtime started (%s): process %d of %d, %d local / %d global devices",
+                ", ".join(hints), jax.process_index(), jax.process_count(), jax.local_device_count(),
+                jax.device_count())
+    return True

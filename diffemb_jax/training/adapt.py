@@ -278,5 +278,5 @@ class Adaptation:
 
 
 def adapt(config: ml_collections.ConfigDict, workdir: str | Path, *, progress: bool = True) -> list[dict]:
-    parallel.initialize_distributed()
+    parallel.initialize_distributed(config.distributed)
     return Adaptation(config, workdir, progress=progress).run()

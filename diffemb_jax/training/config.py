@@ -38,6 +38,7 @@ def base_config() -> ml_collections.ConfigDict:
         scale=SCALE,
     ))
     c.mesh = ml_collections.ConfigDict(dict(data=-1, fsdp=1, tensor=1))  # -1: the rest of the devices
+    c.distributed = "auto"  # auto: JAX's cluster detection decides | on: a cluster is required | off: one process
     c.train = ml_collections.ConfigDict(dict(
         seed=42,
         steps=1000,
@@ -84,6 +85,7 @@ def adapt_config() -> ml_collections.ConfigDict:
         cache_dir="",  # where the token rows are stored; default: WORKDIR/data
     ))
     c.mesh = ml_collections.ConfigDict(dict(data=-1, fsdp=1, tensor=1))
+    c.distributed = "auto"  # as in base_config
     c.train = ml_collections.ConfigDict(dict(
         seed=42, steps=1000, global_batch_size=16, lr=5e-5, warmup_steps=50, grad_clip=1.0, weight_decay=0.0,
         remat="full", checkpoint_every=100, keep_checkpoints=3, log_every=1,

@@ -314,5 +314,5 @@ class Trainer:
 
 
 def train(config: ml_collections.ConfigDict, workdir: str | Path, *, progress: bool = True) -> list[dict]:
-    parallel.initialize_distributed()  # a no-op on one host
+    parallel.initialize_distributed(config.distributed)
     return Trainer(config, workdir).run(progress=progress)
