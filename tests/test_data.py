@@ -245,3 +245,18 @@ def test_padded_rows_and_lengths_take_few_values():
     assert batch["input_ids"].shape == (4, 4) and not batch["input_ids"][3].any()
     with pytest.raises(ValueError, match="more than 2"):
         batching.pad_rows(batch, 2)
+
+
+def test_simcse_rows_are_their_own_positive_with_no_negatives(tmp_path, tokenizer):
+    rows = [{"text": f"{WORDS[i]} sentence"} | ({"instruction": "retrieve the music"} if i % 2 else {})
+            for i in range(6)]
+    source = build(tmp_path, rows, "simcse", num_negatives=0)
+    _, [batch] = batches(source, tokenizer, 1, num_negatives=0)
+    assert batch["negative"]["input_ids"].shape == (0, 8)
+    assert row_ids(batch["query"]) == row_ids(batch["positive"])  # the same text on both sides
+    packed = batching.pack_step(batch, global_batch_size=4, num_negatives=0)
+    assert sorted(set(packed["segments"].ravel()) - {0}) == list(range(1, 9))  # 4 queries + 4 positives
+    with pytest.raises(ValueError, match="supports exactly 0"):
+        build(tmp_path, rows, "simcse", num_negatives=1)
+    with pytest.raises(data.BadRowError, match="field 'text' is missing"):
+        build(tmp_path, [{"query": "a"}], "simcse", num_negatives=0)

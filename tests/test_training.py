@@ -581,3 +581,37 @@ def test_plan_reads_neither_weights_nor_data(tmp_path, monkeypatch, capsys):
     assert cli(["plan", f"--config={config}", f"--workdir={tmp_path / 'run'}", f"--config.model.path={model}"]) == 0
     verdict = capsys.readouterr().out.splitlines()[-1]
     assert verdict.startswith("does not fit:") and "a small device" in verdict and "mesh.fsdp" in verdict
+
+
+def _simcse_views(dropout):
+    """The query and positive embeddings of 8 texts that are each their own positive (format simcse)."""
+    from diffemb_jax.training.step import _embed
+    side = _side(8, 8, 3)
+    batch = pack_step({"query": side, "positive": side, "negative": {k: v[:0] for k, v in side.items()}},
+                      global_batch_size=8, num_negatives=0)
+    _, graphdef, lora, frozen = _adapted(dropout)
+    cfg = StepConfig(batch_size=8, num_negatives=0)
+    vectors = np.asarray(jax.jit(lambda l, f, b: _embed(graphdef, l, f, b, cfg, KEY))(lora, frozen, batch))
+    assert vectors.shape[0] == 16
+    return vectors[:8], vectors[8:]
+
+
+def test_simcse_views_differ_only_by_dropout():
+    """SimCSE's two views of a text are the same tokens at two places of the packed rows; LoRA dropout
+    masks are drawn per position, so with dropout they differ, and without it they are equal."""
+    q, p = _simcse_views(0.0)
+    np.testing.assert_allclose(q, p, atol=1e-5, rtol=0)
+    q, p = _simcse_views(0.3)
+    assert np.abs(q - p).max(axis=1).min() > 1e-3  # every text's two views differ
+
+
+def test_simcse_file_trains_two_steps(tmp_path):
+    import tiny
+    model, _ = tiny_setup(tmp_path)
+    data = tmp_path / "simcse.jsonl"
+    data.write_text("".join(json.dumps({"text": " ".join(tiny.WORDS[i : i + 5])}) + "\n" for i in range(16)))
+    args = train_args(model, data, tmp_path / "run", "--config.data.format=simcse", "--config.data.num_negatives=0",
+                      "--config.train.steps=2", "--config.lora.dropout=0.3")
+    assert cli(args) == 0
+    losses = _losses(tmp_path / "run")
+    assert sorted(losses) == [1, 2] and all(np.isfinite(v) for v in losses.values()), losses

@@ -50,7 +50,7 @@ def row_length(sides: dict, pack: bool = True) -> int:
     longest_allowed = max(sides[side]["input_ids"].shape[1] for side in SIDES)
     if not pack:
         return longest_allowed
-    longest = max(int(sides[side]["padding_mask"].sum(1).max()) for side in SIDES)
+    longest = max(int(sides[side]["padding_mask"].sum(1).max()) for side in SIDES if len(sides[side]["input_ids"]))
     return next(b for b in bucket_lengths(longest_allowed) if b >= longest)
 
 

@@ -25,7 +25,7 @@ def base_config() -> ml_collections.ConfigDict:
     ))
     c.data = ml_collections.ConfigDict(dict(
         files=(),  # JSONL training files; on the command line repeat --config.data.files=F
-        format="echo",  # echo | reasonaug | msmarco_instructions
+        format="echo",  # echo | reasonaug | msmarco_instructions | simcse (num_negatives=0)
         query_max_length=512,
         doc_max_length=512,
         num_negatives=1,
@@ -45,6 +45,8 @@ def base_config() -> ml_collections.ConfigDict:
         global_batch_size=16,
         lr=1e-4,
         warmup_steps=100,
+        schedule="linear",  # linear: warm-up then linear decay to 0 | constant: lr throughout, no warm-up (HF's)
+        decay_steps=0,  # linear: the step where lr reaches 0; 0 = steps (HF decays over the whole epoch)
         grad_clip=1.0,
         weight_decay=0.0,
         remat="full",  # none | full | dots | dots_all (model/options.py REMAT_POLICIES)

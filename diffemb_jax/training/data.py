@@ -1,6 +1,6 @@
 """Training triplets from local JSONL, stored once as ArrayRecord and served as resumable, host-sharded batches.
 
-`build_dataset` validates the JSONL rows of one of three formats, normalises them to
+`build_dataset` validates the JSONL rows of one of four formats, normalises them to
 {"query", "instruction", "positive", "negatives"} and writes a TFDS dataset in ArrayRecord files
 (TFDS writes and reads these without TensorFlow). The output directory is keyed by the inputs' paths,
 sizes and mtimes, so building the same inputs again reuses it; TFDS writes into a temporary directory
@@ -32,7 +32,9 @@ from diffemb_jax.embedding import prompts
 
 logger = logging.getLogger(__name__)
 
-FORMATS = ("echo", "reasonaug", "msmarco_instructions")
+FORMATS = ("echo", "reasonaug", "msmarco_instructions", "simcse")
+# simcse: unsupervised SimCSE (llm2vec's step 2): rows {"text", optional "instruction"}; the text is its
+# own positive (the two views differ only by dropout), in-batch negatives only, so num_negatives=0.
 # Threads reading rows and tokenising ahead of the train step; a small buffer keeps host memory low.
 READ_OPTIONS = grain.ReadOptions(num_threads=4, prefetch_buffer_size=8)
 
@@ -67,6 +69,8 @@ def _non_empty_string(value: Any, name: str) -> str:
 
 
 def _negatives(row: dict, fmt: str, num_negatives: int) -> list[str]:
+    if fmt == "simcse":
+        return []
     if fmt != "msmarco_instructions":
         return [_text(row, "negative")]
     if "negatives" not in row:
@@ -87,6 +91,10 @@ def _parse_row(line: bytes, fmt: str, num_negatives: int) -> dict:
         raise _Rejected(f"not valid JSON ({e})") from None
     if not isinstance(row, dict):
         raise _Rejected(f"expected a JSON object, got {type(row).__name__}")
+    if fmt == "simcse":
+        text = _text(row, "text")
+        return {"query": text, "instruction": _text(row, "instruction", optional=True), "positive": text,
+                "negatives": []}
     return {
         "query": _text(row, "query"),
         "instruction": _text(row, "instruction", optional=fmt != "msmarco_instructions"),
@@ -171,9 +179,11 @@ def _check_build_args(files: Sequence[Path], fmt: str, num_negatives: int) -> No
         raise ValueError(f"unknown training data format {fmt!r}; expected one of {', '.join(FORMATS)}")
     if not files:
         raise ValueError("no training files given")
-    if num_negatives < 1 or (fmt != "msmarco_instructions" and num_negatives != 1):
-        raise ValueError(f"num_negatives={num_negatives}: format {fmt!r} supports "
-                         + ("1 or more" if fmt == "msmarco_instructions" else "exactly 1"))
+    allowed = {"msmarco_instructions": ("1 or more", num_negatives >= 1),
+               "simcse": ("exactly 0 (in-batch negatives only)", num_negatives == 0)}
+    wanted, ok = allowed.get(fmt, ("exactly 1", num_negatives == 1))
+    if not ok:
+        raise ValueError(f"num_negatives={num_negatives}: format {fmt!r} supports {wanted}")
     for f in files:
         if not f.is_file():
             raise FileNotFoundError(f"training file {f} does not exist")

@@ -130,11 +130,19 @@ def _grad_cache(graphdef, lora, frozen, batch, cfg, key):
 
 
 def make_optimizer(lr: float, warmup_steps: int, total_steps: int, grad_clip: float = 1.0,
-                   weight_decay: float = 0.0) -> tuple[optax.GradientTransformation, optax.Schedule]:
-    """AdamW after global-norm clipping; linear warm-up to lr, then linear decay to 0 (the HF schedule)."""
-    warmup = optax.linear_schedule(0.0, lr, max(warmup_steps, 1))
-    decay = optax.linear_schedule(lr, 0.0, max(total_steps - warmup_steps, 1))
-    schedule = optax.join_schedules([warmup, decay], [warmup_steps])
+                   weight_decay: float = 0.0, schedule: str = "linear",
+                   decay_steps: int = 0) -> tuple[optax.GradientTransformation, optax.Schedule]:
+    """AdamW after global-norm clipping. schedule "linear": linear warm-up to lr, then linear decay to 0
+    at `decay_steps` (0: total_steps), HF's "linear"; "constant": lr from the first step, HF's
+    "constant", which has no warm-up."""
+    if schedule == "constant":
+        schedule = optax.constant_schedule(lr)
+    elif schedule == "linear":
+        warmup = optax.linear_schedule(0.0, lr, max(warmup_steps, 1))
+        decay = optax.linear_schedule(lr, 0.0, max((decay_steps or total_steps) - warmup_steps, 1))
+        schedule = optax.join_schedules([warmup, decay], [warmup_steps])
+    else:
+        raise ValueError(f"train.schedule must be linear or constant, got {schedule!r}")
     tx = optax.chain(optax.clip_by_global_norm(grad_clip), optax.adamw(schedule, weight_decay=weight_decay))
     return tx, schedule
 

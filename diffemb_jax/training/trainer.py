@@ -67,7 +67,8 @@ def optimizer_and_step(config, graphdef, lora, mesh):
     """(lora, opt_state, train_step): the adapters and their optimizer state placed on the mesh, and
     the step compiled to keep them there."""
     tx, schedule = make_optimizer(config.train.lr, config.train.warmup_steps, config.train.steps,
-                                  config.train.grad_clip, config.train.weight_decay)
+                                  config.train.grad_clip, config.train.weight_decay,
+                                  config.train.schedule, config.train.decay_steps)
     return placed_train_step(graphdef, lora, tx, schedule, step_config(config), mesh)
 
 
