@@ -150,12 +150,19 @@ def initialize_distributed(mode: str = "auto", coordinator_address: str | None =
     if mode == "off":
         log.info("distributed=off: one process")
         return False
+    if jax.distributed.is_initialized():
+        return True
     try:
         jax.distributed.initialize(coordinator_address=coordinator_address, num_processes=num_processes,
                                    process_id=process_id)
     except ValueError as e:
         if mode == "auto" and coordinator_address is None and "coordinator_address" in str(e):
             log.info("no cluster detected (SLURM, MPI, GKE, Cloud TPU): one process")
+            return False
+        raise
+    except RuntimeError as e:  # JAX already runs in this process (a notebook, a test): too late to start
+        if mode == "auto" and "before any JAX calls" in str(e):
+            log.info("JAX already runs in this process: one process (a multi-host run starts the command afresh)")
             return False
         raise
     hints = [kind for variable, kind in _CLUSTER_HINTS if variable in os.environ] or ["Cloud TPU VM or explicit"]

@@ -69,3 +69,10 @@ def test_a_tpu_vm_is_left_to_jax(monkeypatch):
 def test_an_unknown_mode_is_refused():
     with pytest.raises(ValueError, match="distributed must be one of"):
         parallel.initialize_distributed("yes")
+
+
+def test_too_late_to_start_is_one_process_in_auto_and_an_error_when_on():
+    jax.devices()  # JAX runs in this process already, as in a notebook or a test
+    assert parallel.initialize_distributed("auto") is False
+    with pytest.raises(RuntimeError, match="before any JAX calls"):
+        parallel.initialize_distributed("on")

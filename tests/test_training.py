@@ -420,8 +420,29 @@ def test_nan_loss_stops_after_saving_last_good_state(tmp_path, capsys):
     model, data = tiny_setup(tmp_path)
     assert cli(train_args(model, data, tmp_path / "run", "--config.loss.scale=nan")) == 2
     err = capsys.readouterr().err
-    assert "the loss is nan at step 1" in err and "last good state (step 0)" in err
+    assert "the loss is nan and the gradient norm nan at step 1" in err and "last good state (step 0)" in err
     assert ocp.CheckpointManager((tmp_path / "run" / "checkpoints").absolute()).latest_step() == 0
+
+
+def test_a_nan_gradient_with_a_finite_loss_keeps_the_last_good_state(tmp_path, capsys, monkeypatch):
+    """The fault injected: NaN gradients under a finite loss. Kept unchecked, the first step's update
+    would make every adapter NaN and the next step save those as the last good state."""
+    import diffemb_jax.training.step as step_module
+
+    model, data = tiny_setup(tmp_path)
+    plain = step_module.loss_and_grads
+
+    def nan_gradients(*args):
+        metrics, grads = plain(*args)
+        return metrics, jax.tree.map(lambda g: g * jnp.nan, grads)
+
+    monkeypatch.setattr(step_module, "loss_and_grads", nan_gradients)
+    assert cli(train_args(model, data, tmp_path / "run")) == 2
+    err = capsys.readouterr().err
+    assert "and the gradient norm nan at step 1" in err and "the loss is nan" not in err
+    saved = ocp.StandardCheckpointer().restore((tmp_path / "run" / "checkpoints" / "0" / "state").absolute())
+    leaves = jax.tree.leaves(saved["lora"])
+    assert leaves and all(np.isfinite(np.asarray(x)).all() for x in leaves)
 
 
 def test_unknown_config_key_is_named(tmp_path, capsys):

@@ -271,10 +271,7 @@ class Adaptation:
         if self.checkpoints.latest_step() != self.step:
             self.save(self.step)
         self.checkpoints.wait_until_finished()
-        raise TrainingDiverged(
-            f"the loss is {metrics['loss']} and the gradient norm {metrics['grad_norm']} at step {self.step + 1}; "
-            f"stopped. The last good state (step {self.step}) is saved in {self.workdir / 'checkpoints'}: lower "
-            "train.lr or check the data, then rerun to resume.")
+        raise TrainingDiverged.at(metrics, self.step, self.workdir / "checkpoints")
 
 
 def adapt(config: ml_collections.ConfigDict, workdir: str | Path, *, progress: bool = True) -> list[dict]:

@@ -153,8 +153,8 @@ def make_train_step(graphdef, tx: optax.GradientTransformation, schedule, cfg: S
     `out_shardings` (a prefix of the outputs) pins updated parameters and moments to where they came
     from; left to GSPMD, they may come back laid out otherwise, and the next step compiles again.
 
-    A non-finite loss leaves parameters and optimizer state as they were, so the caller can stop and
-    save the last good state.
+    A non-finite loss or gradient norm leaves parameters and optimizer state as they were, so the
+    caller can stop and save the last good state.
     """
 
     def step_fn(lora, opt_state, frozen, step, batch):
@@ -162,9 +162,10 @@ def make_train_step(graphdef, tx: optax.GradientTransformation, schedule, cfg: S
         metrics, grads = loss_and_grads(graphdef, lora, frozen, batch, cfg, key)
         updates, new_opt = tx.update(grads, opt_state, lora)
         new_lora = optax.apply_updates(lora, updates)
-        ok = jnp.isfinite(metrics["loss"])
+        grad_norm = optax.global_norm(grads)
+        ok = jnp.isfinite(metrics["loss"]) & jnp.isfinite(grad_norm)  # a NaN gradient can come with a finite loss
         keep = lambda new, old: jax.tree.map(lambda a, b: jnp.where(ok, a, b), new, old)  # noqa: E731
-        metrics = {**metrics, "grad_norm": optax.global_norm(grads), "lr": schedule(step)}
+        metrics = {**metrics, "grad_norm": grad_norm, "lr": schedule(step)}
         return keep(new_lora, lora), keep(new_opt, opt_state), metrics
 
     if out_shardings is None:

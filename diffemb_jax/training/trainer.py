@@ -38,7 +38,14 @@ ADAPTER_DIR = "adapter"  # WORKDIR/adapter: the trained LoRA as a PEFT adapter, 
 
 
 class TrainingDiverged(RuntimeError):
-    """The loss became NaN or Inf; the last good state was saved first."""
+    """The loss or the gradient became NaN or Inf; the last good state was saved first."""
+
+    @classmethod
+    def at(cls, metrics: dict, step: int, checkpoints: Path) -> "TrainingDiverged":
+        """The error for step `step` + 1, whose parameters were not kept; `step`'s are saved."""
+        return cls(f"the loss is {metrics['loss']} and the gradient norm {metrics['grad_norm']} at step {step + 1}; "
+                   f"stopped. The last good state (step {step}) is saved in {checkpoints}: lower train.lr or check "
+                   "the data, then rerun to resume.")
 
 
 def lora_config(config) -> LoraConfig:
@@ -120,6 +127,14 @@ class ProfileWindow:
             jax.profiler.stop_trace()
 
 
+def _step_of(line: str, torn: int) -> int:
+    """A metrics line's step; `torn` for a line a killed run left half-written (or blank)."""
+    try:
+        return json.loads(line)["step"]
+    except (ValueError, KeyError, TypeError):
+        return torn
+
+
 class MetricsLog:
     """metrics.jsonl (rewritten on resume to drop steps after the checkpoint) and TensorBoard, written
     by the lead process only."""
@@ -132,8 +147,7 @@ class MetricsLog:
             return
         self.path = workdir / "metrics.jsonl"
         if self.path.exists():
-            kept = [line for line in self.path.read_text().splitlines()
-                    if line.strip() and json.loads(line)["step"] <= resume_step]
+            kept = [line for line in self.path.read_text().splitlines() if _step_of(line, resume_step + 1) <= resume_step]
             atomic.write_file(self.path, lambda f: f.writelines(line + "\n" for line in kept), text=True)
         self._file = open(self.path, "a")
         self._tb = SummaryWriter(str(workdir / "tensorboard"))
@@ -264,8 +278,8 @@ class Trainer:
                 profile.after(self.step + 1)
                 now = time.perf_counter()
                 seconds, start = now - start, now
-                if not math.isfinite(metrics["loss"]):
-                    self._stop_diverged(metrics["loss"], before)
+                if not (math.isfinite(metrics["loss"]) and math.isfinite(metrics["grad_norm"])):
+                    self._stop_diverged(metrics, before)
                 self.step += 1
                 record = {"step": self.step, **metrics, "tokens_per_s": batch_tokens(batch) / seconds,
                           "seconds": seconds}
@@ -304,14 +318,12 @@ class Trainer:
             log.info("wrote the trained LoRA as a PEFT adapter to %s", out)
         return out
 
-    def _stop_diverged(self, loss: float, data_state: dict) -> None:
+    def _stop_diverged(self, metrics: dict, data_state: dict) -> None:
         # The step kept the previous parameters; save them with the data position before this batch.
         if self.checkpoints.latest_step() != self.step:
             self.save(self.step, data_state)
         self.checkpoints.wait_until_finished()
-        raise TrainingDiverged(
-            f"the loss is {loss} at step {self.step + 1}; stopped. The last good state (step {self.step}) is saved "
-            f"in {self.workdir / 'checkpoints'}: lower train.lr or check the data, then rerun to resume.")
+        raise TrainingDiverged.at(metrics, self.step, self.workdir / "checkpoints")
 
 
 def train(config: ml_collections.ConfigDict, workdir: str | Path, *, progress: bool = True) -> list[dict]:
