@@ -68,3 +68,50 @@ def test_another_may_win_keeps_the_copy_already_in_place(tmp_path):
     assert [p.name for p in tmp_path.iterdir()] == ["cache"]
     with pytest.raises(OSError):
         atomic.write_directory(tmp_path / "cache", lambda tmp: (tmp / "mine").write_text("x"))
+
+
+def _write(text):
+    def fill(tmp):
+        (tmp / "adapter.txt").write_text(text)
+    return fill
+
+
+def test_replace_directory_swaps_whole_copies(tmp_path):
+    out = tmp_path / "adapter"
+    atomic.replace_directory(out, _write("old"))
+    atomic.replace_directory(out, _write("new"))
+    assert (out / "adapter.txt").read_text() == "new"
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["adapter"]  # nothing left aside
+
+
+def test_replace_directory_keeps_the_old_copy_when_writing_fails(tmp_path):
+    """The fault injected: the new adapter's writing dies half-way."""
+    out = tmp_path / "adapter"
+    atomic.replace_directory(out, _write("old"))
+
+    def dies(tmp):
+        (tmp / "adapter.txt").write_text("half")
+        raise OSError("disk full")
+
+    with pytest.raises(OSError, match="disk full"):
+        atomic.replace_directory(out, dies)
+    assert (out / "adapter.txt").read_text() == "old"
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["adapter"]
+
+
+def test_replace_directory_puts_the_old_copy_back_when_the_swap_fails(tmp_path, monkeypatch):
+    """The fault injected: the rename of the new copy into place fails after the old one moved aside."""
+    out = tmp_path / "adapter"
+    atomic.replace_directory(out, _write("old"))
+    real, calls = os.replace, []
+
+    def second_rename_fails(src, dst):
+        calls.append((src, dst))
+        if len(calls) == 2:
+            raise OSError("killed")
+        return real(src, dst)
+
+    monkeypatch.setattr(atomic.os, "replace", second_rename_fails)
+    with pytest.raises(OSError, match="killed"):
+        atomic.replace_directory(out, _write("new"))
+    assert (out / "adapter.txt").read_text() == "old"

@@ -636,3 +636,15 @@ def test_simcse_file_trains_two_steps(tmp_path):
     assert cli(args) == 0
     losses = _losses(tmp_path / "run")
     assert sorted(losses) == [1, 2] and all(np.isfinite(v) for v in losses.values()), losses
+
+
+def test_resume_drops_a_torn_last_metrics_line(tmp_path):
+    """The fault injected: a run killed while writing step 4's line leaves half of it."""
+    from diffemb_jax.training.trainer import MetricsLog
+
+    lines = [json.dumps({"step": s, "loss": 1.0 / s}) for s in (1, 2, 3)] + ['{"step": 4, "lo']
+    (tmp_path / "metrics.jsonl").write_text("\n".join(lines))
+    log = MetricsLog(tmp_path, resume_step=3)
+    log.write({"step": 4, "loss": 0.25})
+    log.close()
+    assert [json.loads(line)["step"] for line in (tmp_path / "metrics.jsonl").read_text().splitlines()] == [1, 2, 3, 4]
