@@ -172,6 +172,9 @@ def _training_flags(command: str, argv: list[str]):
     from absl import flags
     from ml_collections import config_flags
 
+    if {"-h", "--help", "-help", "--helpfull"} & set(argv):
+        print(_training_help(command))
+        raise SystemExit(0)
     argv = [f"diffemb {command}", *argv]
     values = flags.FlagValues()
     config_flags.DEFINE_config_file("config", None, "training config file (get_config())", flag_values=values,
@@ -184,6 +187,27 @@ def _training_flags(command: str, argv: list[str]):
     if values.config is None or values.workdir is None:
         raise ValueError(f"usage: diffemb {command} --config configs/X.py --workdir DIR [--config.key=value ...]")
     return values.config, values.workdir
+
+
+def _training_help(command: str) -> str:
+    """Usage and every config key with its default, for `diffemb train|plan|adapt --help`."""
+    from diffemb_jax.training.config import adapt_config, base_config
+
+    config, example = ((adapt_config(), "configs/adapt.py:diffusion") if command == "adapt"
+                       else (base_config(), "configs/recipe.py:dream-7b,long_documents"))
+    keys = []
+
+    def walk(node, prefix):
+        for key, value in node.items():
+            if hasattr(value, "items"):
+                walk(value, f"{prefix}{key}.")
+            else:
+                keys.append(f"  --config.{prefix}{key}={value!r}")
+
+    walk(config, "")
+    return (f"usage: diffemb {command} --config FILE[:ARG] --workdir DIR [--config.KEY=VALUE ...]\n"
+            f"  e.g. --config={example}; a recipe file's get_config() starts from the defaults below\n"
+            f"config keys (defaults):\n" + "\n".join(keys))
 
 
 def _train(argv: list[str]) -> None:

@@ -131,3 +131,12 @@ def test_jax_settings_of_the_compilation_cache_win(tmp_path, setting, where):
                          cwd=tmp_path, check=True).stdout.split()
     assert out[-2] == (where if where in ("None", "mine") else str(tmp_path / where.replace("HOST", host_cpu())))
     assert out[-1] == "False"  # no backend started: a multi-host run initialises the distributed runtime later
+
+
+@pytest.mark.parametrize("command, key", [("train", "--config.loss.scale=50.0"), ("plan", "--config.train.remat='full'"),
+                                          ("adapt", "--config.objective.kind='diffusion'")])
+def test_training_commands_print_their_usage_and_config_keys(command, key, capsys):
+    with pytest.raises(SystemExit) as stop:
+        cli([command, "--help"])
+    out = capsys.readouterr().out
+    assert stop.value.code == 0 and out.startswith(f"usage: diffemb {command} --config") and key in out
