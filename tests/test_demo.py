@@ -9,6 +9,7 @@ import pytest
 
 import tiny
 from diffemb_jax import demo
+from diffemb_jax.evaluation.held_out import eval_subset
 from diffemb_jax.evaluation.stdlib_task import build_stdlib_task
 
 TINY = dict(eval_queries=8, eval_docs=16, query_max_length=16, doc_max_length=24, steps=2, global_batch_size=4,
@@ -43,12 +44,12 @@ def test_prints_the_table_and_task_sizes(results_and_output):
 
 def test_eval_subset_keeps_relevant_documents_and_is_seeded():
     test = build_stdlib_task().test
-    subset = demo.eval_subset(test, 20, 50, seed=3)
+    subset = eval_subset(test, 20, 50, seed=3)
     assert len(subset.queries) == 20 and len(subset.corpus) == 50
     assert all(d in subset.corpus for judged in subset.qrels.values() for d in judged)
-    assert subset == demo.eval_subset(test, 20, 50, seed=3)
-    assert subset != demo.eval_subset(test, 20, 50, seed=4)
-    everything = demo.eval_subset(test, 10**6, 10**6, seed=0)
+    assert subset == eval_subset(test, 20, 50, seed=3)
+    assert subset != eval_subset(test, 20, 50, seed=4)
+    everything = eval_subset(test, 10**6, 10**6, seed=0)
     assert everything.corpus == test.corpus and everything.qrels == test.qrels
 
 

@@ -22,7 +22,7 @@ FLOORS = (
     ("diffemb_jax.embedding",),
     ("diffemb_jax.training",),
     ("diffemb_jax.evaluation",),
-    ("diffemb_jax.bench", "diffemb_jax.demo", "diffemb_jax.serve"),
+    ("diffemb_jax.bench", "diffemb_jax.demo", "diffemb_jax.reproduce", "diffemb_jax.serve"),
     ("diffemb_jax.cli",),
 )
 
