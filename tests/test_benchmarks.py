@@ -238,8 +238,34 @@ def test_bright_applies_excluded_ids_and_equals_ir_measures(tmp_path):
             result.metrics[domain]["ndcg@10"])  # the leaks would have changed the score
     assert embedder.instructions == [bright.DOMAINS["biology"][1], None,
                                      bright.DOMAINS["theoremqa_questions"][1], None]
-    table = bright.table(result)
-    assert "| | Bio. | TheoQ. | Avg |" in table and "48.3" in table
+    rows = _table_rows(bright.table(result))
+    assert rows[""] == ["Bio.", "TheoQ.", "Avg"]
+    assert rows["DiffEmbed (Dream-7B), paper, after 10.9k ReasonAug samples"] == ["", "48.3", ""]
+    assert rows["Qwen2.5-7B, paper, after 10.9k ReasonAug samples"] == ["", "40.2", ""]
+    assert not any("Figure 1c" in label for label in rows)  # its average covers all twelve domains, not two
+    ours = rows["diffemb-jax (this run)"]
+    assert ours[1] == f"{100 * result.metrics['theoremqa_questions']['ndcg@10']:.1f}"
+
+
+def test_bright_paper_averages_sit_in_rows_of_their_own_beside_a_full_run():
+    result = bright.BrightResult(metrics={d: {"ndcg@10": 0.1} for d in bright.DOMAINS}, sizes={}, long=False)
+    rows = _table_rows(bright.table(result))
+    average = rows[""].index("Avg")
+    assert rows["DiffEmbed (Dream-7B), paper Figure 1c (BRIGHT average)"][average] == "33.0"
+    assert rows["LLM2Vec-adapted LLM, paper Figure 1c (BRIGHT average)"][average] == "25.0"
+    theorem = rows[""].index("TheoQ.")
+    assert rows["LLM2Vec-adapted LLM, paper Figure 1c (BRIGHT average)"][theorem] == ""  # another baseline's number
+    assert rows["Qwen2.5-7B, paper, after 10.9k ReasonAug samples"][average] == ""
+
+
+def _table_rows(table: str) -> dict[str, list[str]]:
+    """A markdown table's rows by their first cell (the header's is "")."""
+    rows = {}
+    for line in table.splitlines():
+        cells = [c.strip() for c in line.strip().strip("|").split("|")]
+        if not set(line) <= set("|-: "):
+            rows[cells[0]] = cells[1:]
+    return rows
 
 
 def test_bright_errors(tmp_path):
