@@ -42,12 +42,19 @@ def _embedder(args):
 def _encode(args) -> None:
     import jax
 
+    from diffemb_jax.embedding.dimensions import check_dimensions, truncate
     from diffemb_jax.embedding.files import check_output_path, read_texts, save_npy_atomic
 
     output = check_output_path(args.output)
+    if args.dimensions is not None and args.dimensions < 1:
+        raise ValueError(f"--dimensions {args.dimensions}: give a positive number of components")
     texts = read_texts(args.input)
     embedder = _embedder(args)
+    if args.dimensions is not None:  # checked before the texts are encoded
+        check_dimensions([args.dimensions], embedder.model.cfg.hidden_size)
     vectors = embedder.encode(texts, instruction=args.instruction)
+    if args.dimensions is not None:
+        vectors = truncate(vectors, args.dimensions)
     if jax.process_index() == 0:  # one output, written by the lead process
         save_npy_atomic(output, vectors)
         print(f"wrote {vectors.shape[0]} x {vectors.shape[1]} float32 embeddings to {output}")
@@ -86,20 +93,34 @@ def _evaluate(args) -> None:
 
 
 def _evaluate_retrieval(args):
+    from diffemb_jax.embedding.dimensions import check_dimensions
     from diffemb_jax.evaluation.beir import load_beir
-    from diffemb_jax.evaluation.retrieval import evaluate_embedder
+    from diffemb_jax.evaluation.retrieval import evaluate_embedder, evaluate_embedder_by_dimension
 
     data = load_beir(args.data, args.split)
     names = {"ndcg@10": "nDCG@10", "map@100": "MAP@100", "recall@100": "Recall@100", "mrr@10": "MRR@10"}
 
     def run(embedder):
-        metrics = evaluate_embedder(lambda texts: embedder.encode(texts, instruction=args.query_instruction),
-                                    embedder.encode, data.queries, data.corpus, data.qrels, top_k=args.top_k)
+        encode_queries = lambda texts: embedder.encode(texts, instruction=args.query_instruction)  # noqa: E731
         report = {"split": args.split, "query_instruction": args.query_instruction, "top_k": args.top_k,
-                  "queries": len(data.qrels), "documents": len(data.corpus), "metrics": metrics}
-        return report, _metrics_table(f"retrieval of {args.model} on {args.data} ({len(data.qrels)} queries, "
-                                      f"{len(data.corpus)} documents):", names, metrics)
+                  "queries": len(data.qrels), "documents": len(data.corpus)}
+        title = f"retrieval of {args.model} on {args.data} ({len(data.qrels)} queries, {len(data.corpus)} documents)"
+        if args.dimensions:  # encoded once at full size, each N its first components re-normalised
+            check_dimensions(args.dimensions, embedder.model.cfg.hidden_size)
+            by_dim = evaluate_embedder_by_dimension(encode_queries, embedder.encode, data.queries, data.corpus,
+                                                    data.qrels, args.dimensions, top_k=args.top_k)
+            report.update(dimensions=list(args.dimensions), metrics={str(n): m for n, m in by_dim.items()})
+            return report, _metrics_by_dimension_table(f"{title}, embeddings cut to their first N components:",
+                                                       names, by_dim)
+        metrics = evaluate_embedder(encode_queries, embedder.encode, data.queries, data.corpus, data.qrels,
+                                    top_k=args.top_k)
+        return {**report, "metrics": metrics}, _metrics_table(f"{title}:", names, metrics)
     return run
+
+
+def _metrics_by_dimension_table(title: str, names: dict[str, str], by_dim: dict[int, dict[str, float]]) -> str:
+    return (f"{title}\n| N | " + " | ".join(names.values()) + " |\n|---:|" + "---:|" * len(names) + "\n"
+            + "\n".join(f"| {n} | " + " | ".join(f"{m[k]:.4f}" for k in names) + " |" for n, m in by_dim.items()))
 
 
 def _evaluate_similarity(args):
@@ -324,6 +345,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help="attention kernel: auto picks cudnn on GPU, splash on TPU, xla elsewhere")
     p.add_argument("--mesh", default=None, metavar="DATA,FSDP,TENSOR",
                    help="shard over all devices, e.g. -1,1,1 (data parallel) or 4,1,2; default: one device")
+    p.add_argument("--dimensions", type=int, default=None, metavar="N",
+                   help="keep the first N components of each embedding, L2-normalised again (a model trained "
+                   "with loss.matryoshka_dims); default: all")
     p.set_defaults(func=_encode)
 
     p = sub.add_parser("evaluate", help="retrieval metrics on a BEIR folder, or similarity correlations on pairs")
@@ -348,6 +372,9 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("--split", default="test", help="qrels/SPLIT.tsv to score")
     t.add_argument("--query-instruction", default=None, help="task instruction put in front of every query")
     t.add_argument("--top-k", type=int, default=100, help="documents retrieved per query (the @100 metrics need 100)")
+    t.add_argument("--dimensions", type=_dimensions_list, default=None, metavar="N,N,...",
+                   help="score the embeddings cut to each N first components (re-normalised), from one encode: "
+                   "a row of metrics per N, e.g. 64,128,256")
     t = tasks.add_parser("similarity", parents=[common], help="Spearman and Pearson of cosine against gold scores")
     t.add_argument("--data", required=True, help=".tsv (header with sentence1, sentence2, score) or .jsonl")
     t.add_argument("--instruction", default=None, help="task instruction put in front of both sentences")
@@ -373,6 +400,15 @@ def build_parser() -> argparse.ArgumentParser:
 
     bench_flags.add_parser(sub).set_defaults(func=_bench)
     return parser
+
+
+def _dimensions_list(text: str) -> tuple[int, ...]:
+    from diffemb_jax.embedding.dimensions import parse_dimensions
+
+    try:
+        return parse_dimensions(text)
+    except ValueError as e:
+        raise argparse.ArgumentTypeError(str(e)) from None
 
 
 def _benchmark_parsers(tasks, common) -> None:

@@ -45,6 +45,23 @@ def test_encode_writes_row_i_for_line_i(model_dir, tmp_path, suffix):
     assert [p.name for p in tmp_path.iterdir() if p.name.startswith(".")] == []
 
 
+def test_encode_dimensions_is_the_full_encode_cut_and_renormalised(model_dir, tmp_path, capsys):
+    source = tmp_path / "in.txt"
+    source.write_text("\n".join(LINES) + "\n")
+    assert _encode(model_dir, source, tmp_path / "full.npy") == 0
+    assert _encode(model_dir, source, tmp_path / "cut.npy", "--dimensions", "12") == 0
+    full, cut = np.load(tmp_path / "full.npy"), np.load(tmp_path / "cut.npy")
+    want = full[:, :12] / np.linalg.norm(full[:, :12], axis=-1, keepdims=True)
+    assert cut.dtype == np.float32 and cut.shape == (4, 12)
+    np.testing.assert_allclose(cut, want, atol=1e-6)
+    assert "wrote 4 x 12 float32 embeddings" in capsys.readouterr().out
+    for bad, needle in (("33", "--dimensions 33: the model's embeddings have 32 components"),
+                        ("0", "--dimensions 0: give a positive number")):
+        assert _encode(model_dir, source, tmp_path / f"bad{bad}.npy", "--dimensions", bad) == 2
+        assert needle in capsys.readouterr().err
+        assert not (tmp_path / f"bad{bad}.npy").exists()
+
+
 def _fails(model_dir, tmp_path, capsys, content: bytes, suffix: str, *needles, output=None):
     source = tmp_path / f"in{suffix}"
     source.write_bytes(content)

@@ -167,6 +167,36 @@ def test_cli_retrieval_writes_the_four_metrics(model_dir, embedder, tmp_path, ca
     assert [p.name for p in tmp_path.iterdir() if p.name.startswith(".")] == []
 
 
+def test_cli_retrieval_dimensions_gives_a_row_per_dimension(model_dir, embedder, tmp_path, capsys):
+    """Oracle: evaluate_embedder on encoders whose full-size vectors the test cuts and re-normalises
+    with numpy, one dimension at a time."""
+    folder, out = write_beir(tmp_path / "beir"), tmp_path / "results.json"
+    assert _retrieval(model_dir, folder, out, "--dimensions", "4,16,32") == 0
+    record = json.loads(out.read_text())
+    assert record["dimensions"] == [4, 16, 32] and set(record["metrics"]) == {"4", "16", "32"}
+    printed = capsys.readouterr().out
+    assert "| N | nDCG@10 | MAP@100 | Recall@100 | MRR@10 |" in printed
+    data = load_beir(folder)
+
+    def cut(n):
+        def encode(texts):
+            full = embedder.encode(texts, progress=False)[:, :n]
+            return full / np.linalg.norm(full, axis=-1, keepdims=True)
+        return encode
+
+    for n in (4, 16, 32):
+        want = evaluate_embedder(cut(n), cut(n), data.queries, data.corpus, data.qrels)
+        got = record["metrics"][str(n)]
+        for k, v in want.items():
+            assert got[k] == pytest.approx(v, abs=1e-6), (n, k)
+        assert f"| {n} | {got['ndcg@10']:.4f} | {got['map@100']:.4f} |" in printed
+    assert _retrieval(model_dir, folder, tmp_path / "bad.json", "--dimensions", "8,64") == 2
+    assert "--dimensions 64: the model's embeddings have 32 components" in capsys.readouterr().err
+    with pytest.raises(SystemExit):
+        _retrieval(model_dir, folder, tmp_path / "bad.json", "--dimensions", "8,x")
+    assert "give positive integers separated by commas" in capsys.readouterr().err
+
+
 def test_cli_retrieval_bad_folder_exits_2_before_loading_the_model(tmp_path, capsys):
     folder, out = write_beir(tmp_path / "beir"), tmp_path / "results.json"
     # the model path does not exist: the data error must come first

@@ -60,9 +60,9 @@ def _adapted(dropout=0.0):
 KEY = jax.random.key(7)
 
 
-def _grads(remat="none", chunk=0, batch=BATCH, dropout=0.0, packed=True):
+def _grads(remat="none", chunk=0, batch=BATCH, dropout=0.0, packed=True, **step):
     _, graphdef, lora, frozen = _adapted(dropout)
-    cfg = StepConfig(batch_size=8, grad_cache_chunk=chunk, packed=packed, forward=ForwardOptions(remat=remat))
+    cfg = StepConfig(batch_size=8, grad_cache_chunk=chunk, packed=packed, forward=ForwardOptions(remat=remat), **step)
     metrics, grads = jax.jit(lambda l, f, b: loss_and_grads(graphdef, l, f, b, cfg, KEY))(lora, frozen, batch)
     return float(metrics["loss"]), grads
 
@@ -144,6 +144,26 @@ def test_grad_cache_equals_plain_step(chunk):
     cached_loss, cached = _grads(chunk=chunk)
     assert abs(loss - cached_loss) <= 1e-5
     assert max(float(jnp.abs(g).max()) for g in jax.tree.leaves(grads)) > 1e-2  # gradients are not all ~0
+    _assert_grads_equal(grads, cached)
+
+
+@pytest.mark.parametrize("loss", ["in_batch", "per_query"])
+def test_grad_cache_equals_plain_step_with_matryoshka_dimensions(loss):
+    """GradCache takes the loss of its cached embeddings, so the nested-dimension loss (the full 32
+    left out) comes out as the plain step's, and so do its gradients."""
+    _, graphdef, lora, frozen = _adapted()
+    runs = []
+    for chunk in (0, 3):
+        cfg = StepConfig(batch_size=8, grad_cache_chunk=chunk, loss=loss, matryoshka_dims=(8, 20),
+                         matryoshka_weights=(1.0, 0.5))
+        runs.append(jax.jit(lambda l, f, b: loss_and_grads(graphdef, l, f, b, cfg, KEY))(lora, frozen, BATCH))
+    (metrics, grads), (cached_metrics, cached) = runs
+    assert set(metrics) == set(cached_metrics) == {"loss", "accuracy", "loss_dim8", "accuracy_dim8", "loss_dim20",
+                                                   "accuracy_dim20"}
+    for key in metrics:
+        assert abs(float(metrics[key]) - float(cached_metrics[key])) <= 1e-5, key
+    assert float(metrics["loss"]) == pytest.approx(float(metrics["loss_dim8"]) + 0.5 * float(metrics["loss_dim20"]))
+    assert max(float(jnp.abs(g).max()) for g in jax.tree.leaves(grads)) > 1e-2
     _assert_grads_equal(grads, cached)
 
 

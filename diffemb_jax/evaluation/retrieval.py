@@ -18,6 +18,7 @@ from dataclasses import dataclass
 import numpy as np
 import pytrec_eval
 
+from diffemb_jax.embedding.dimensions import truncate
 from diffemb_jax.embedding.files import InputError
 
 DEFAULT_MEASURES = ("ndcg_cut_10", "map_cut_100", "recall_100", "recip_rank")
@@ -81,12 +82,29 @@ def search_corpus(encode_queries: Encoder, encode_docs: Encoder, query_texts: li
                   top_k: int, chunk: int = CORPUS_CHUNK) -> tuple[np.ndarray, np.ndarray]:
     """Encode the queries, then the corpus `chunk` documents at a time, each chunk folded into a
     running top-k: the corpus's embeddings are never all in memory at once."""
+    best = search_corpus_by_dimension(encode_queries, encode_docs, query_texts, doc_texts, top_k, (None,), chunk)
+    return best[None]
+
+
+def search_corpus_by_dimension(encode_queries: Encoder, encode_docs: Encoder, query_texts: list[str],
+                               doc_texts: list[str], top_k: int, dimensions: Sequence[int | None],
+                               chunk: int = CORPUS_CHUNK) -> dict[int | None, tuple[np.ndarray, np.ndarray]]:
+    """search_corpus for each of `dimensions` at once: queries and each corpus chunk are encoded once, at
+    full size, then cut to each N's first components and re-normalised (None: the vectors as they are).
+    -> {N: (scores, indices)}."""
     if not doc_texts:
         raise ValueError("the corpus is empty")
-    best = TopK(encode_checked(encode_queries, query_texts, "encode_queries"), top_k)
+
+    def cut(vectors, n):
+        return vectors if n is None else truncate(vectors, n)
+
+    queries = encode_checked(encode_queries, query_texts, "encode_queries")
+    best = {n: TopK(cut(queries, n), top_k) for n in dimensions}
     for start in range(0, len(doc_texts), chunk):
-        best.add(encode_checked(encode_docs, doc_texts[start:start + chunk], "encode_docs"))
-    return best.scores, best.indices
+        docs = encode_checked(encode_docs, doc_texts[start:start + chunk], "encode_docs")
+        for n, top in best.items():
+            top.add(cut(docs, n))
+    return {n: (top.scores, top.indices) for n, top in best.items()}
 
 
 def _check_search_args(queries: np.ndarray, docs: np.ndarray, top_k: int, batch: int) -> None:
@@ -145,6 +163,18 @@ def evaluate_embedder(encode_queries: Encoder, encode_docs: Encoder, queries: di
     scores, indices = search_corpus(encode_queries, encode_docs, [queries[q] for q in qids],
                                     [corpus[d] for d in docids], top_k)
     return evaluate_run(qrels, run_from_search(qids, docids, scores, indices))
+
+
+def evaluate_embedder_by_dimension(encode_queries: Encoder, encode_docs: Encoder, queries: dict[str, str],
+                                   corpus: dict[str, str], qrels: Qrels, dimensions: Sequence[int],
+                                   top_k: int = 100) -> dict[int, dict[str, float]]:
+    """evaluate_embedder with the embeddings cut to each N of `dimensions` (first N components,
+    re-normalised), from one encode at full size: {N: metrics}."""
+    check_ids("qrels", queries, corpus, qrels)
+    qids, docids = list(qrels), list(corpus)
+    found = search_corpus_by_dimension(encode_queries, encode_docs, [queries[q] for q in qids],
+                                       [corpus[d] for d in docids], top_k, dimensions)
+    return {n: evaluate_run(qrels, run_from_search(qids, docids, *found[n])) for n in dimensions}
 
 
 def check_ids(where: str, queries: dict[str, str], corpus: dict[str, str], documents_of: dict, *,

@@ -36,6 +36,10 @@ def base_config() -> ml_collections.ConfigDict:
     c.loss = ml_collections.ConfigDict(dict(
         kind="in_batch",  # in_batch: cos * scale over all documents | per_query: dot / sqrt(d), own negatives
         scale=SCALE,
+        # Matryoshka: the loss summed over the embeddings cut to each of these first dimensions (re-normalised
+        # for the cosine loss), e.g. (64, 128, 256, 3584); () = off. Weights: one a dimension, () = all 1.
+        matryoshka_dims=(),
+        matryoshka_weights=(),
     ))
     c.mesh = ml_collections.ConfigDict(dict(data=-1, fsdp=1, tensor=1))  # -1: the rest of the devices
     c.distributed = "auto"  # auto: JAX's cluster detection decides | on: a cluster is required | off: one process

@@ -28,7 +28,7 @@ from jax.sharding import NamedSharding, PartitionSpec as P
 
 from diffemb_jax.embedding.pooling import pool
 from diffemb_jax.model import ForwardOptions
-from diffemb_jax.training.loss import in_batch_info_nce, per_query_negatives_loss
+from diffemb_jax.training.loss import check_matryoshka, in_batch_info_nce, matryoshka_loss, per_query_negatives_loss
 
 LOSSES = ("in_batch", "per_query")
 
@@ -45,10 +45,14 @@ class StepConfig:
     seed: int = 0  # for LoRA dropout masks
     packed: bool = True  # rows may hold several texts; False: one a row (cuDNN then takes lengths, not a bias)
     forward: ForwardOptions = ForwardOptions()  # attention mode, kernel and remat of the model's passes
+    matryoshka_dims: tuple[int, ...] = ()  # nested dimensions: the loss summed over prefixes; () = off
+    matryoshka_weights: tuple[float, ...] = ()  # one a dimension; () = all 1
 
     def __post_init__(self):
         if self.loss not in LOSSES:
             raise ValueError(f"loss must be one of {LOSSES}, got {self.loss!r}")
+        if self.matryoshka_dims or self.matryoshka_weights:
+            check_matryoshka(self.matryoshka_dims, self.matryoshka_weights)
 
     @property
     def num_texts(self) -> int:
@@ -69,12 +73,19 @@ def _embed(graphdef, lora, frozen, rows: dict, cfg: StepConfig, key: jax.Array) 
 
 
 def contrastive_loss(vectors, cfg: StepConfig) -> dict[str, jax.Array]:
-    """The loss of the embedded texts, [texts, D] in their numbers' order."""
+    """The loss of the embedded texts, [texts, D] in their numbers' order; with matryoshka_dims, the
+    weighted sum of that loss over the vectors' first d components, each d (loss.py matryoshka_loss)."""
     g = cfg.batch_size
     q, p, n = vectors[:g], vectors[g : 2 * g], vectors[2 * g :]
-    if cfg.loss == "in_batch":
-        return in_batch_info_nce(q, p, n, scale=cfg.scale)
-    return per_query_negatives_loss(q, p, n.reshape(g, cfg.num_negatives, q.shape[-1]))
+
+    def loss(q, p, n):
+        if cfg.loss == "in_batch":
+            return in_batch_info_nce(q, p, n, scale=cfg.scale)
+        return per_query_negatives_loss(q, p, n.reshape(g, cfg.num_negatives, q.shape[-1]))
+
+    if not cfg.matryoshka_dims:
+        return loss(q, p, n)
+    return matryoshka_loss(loss, (q, p, n), cfg.matryoshka_dims, cfg.matryoshka_weights)
 
 
 def loss_and_grads(graphdef, lora, frozen, batch: dict, cfg: StepConfig, key: jax.Array):

@@ -31,6 +31,7 @@ from diffemb_jax.checkpoints.peft_adapters import save_peft_adapter
 from diffemb_jax.model import ForwardOptions
 from diffemb_jax.model.lora import LoraConfig, apply_lora
 from diffemb_jax.training.data import TrainBatches, build_dataset
+from diffemb_jax.training.loss import check_matryoshka
 from diffemb_jax.training.step import StepConfig, batch_tokens, make_optimizer, placed_train_step, split_model
 
 log = logging.getLogger(__name__)
@@ -61,7 +62,9 @@ def step_config(config) -> StepConfig:
     return StepConfig(batch_size=config.train.global_batch_size, loss=config.loss.kind, scale=config.loss.scale,
                       num_negatives=config.data.num_negatives, pooling=config.model.pooling,
                       skip_instruction=config.model.skip_instruction, grad_cache_chunk=config.train.grad_cache_chunk,
-                      seed=config.train.seed, packed=config.data.pack, forward=forward_options(config))
+                      seed=config.train.seed, packed=config.data.pack, forward=forward_options(config),
+                      matryoshka_dims=tuple(config.loss.matryoshka_dims),
+                      matryoshka_weights=tuple(float(w) for w in config.loss.matryoshka_weights))
 
 
 def row_bounds(config, mesh) -> tuple[int, int]:
@@ -87,6 +90,7 @@ def check_config(config, *, data: bool = True) -> None:
     if config.train.global_batch_size % (data_shards * fsdp):
         raise ValueError(f"train.global_batch_size={config.train.global_batch_size} is not divisible by the "
                          f"{data_shards * fsdp} batch shards of mesh {dict(config.mesh)}")
+    step_config(config)  # its own checks: the loss kind, the matryoshka dimensions and weights
     if config.train.profile_from < 0 or config.train.profile_steps < 1:
         raise ValueError(f"train.profile_from must be >= 0 (0: no profile) and train.profile_steps >= 1, got "
                          f"{config.train.profile_from} and {config.train.profile_steps}")
@@ -179,6 +183,9 @@ class Trainer:
         self.mesh = parallel.make_mesh(**config.mesh)
         model, self.tokenizer = load_model(config.model.path, dtype=config.model.dtype,
                                            sharding_for=parallel.param_sharding(self.mesh))
+        if config.loss.matryoshka_dims:  # before any compilation: the embedding is the hidden state, pooled
+            check_matryoshka(tuple(config.loss.matryoshka_dims), tuple(config.loss.matryoshka_weights),
+                             model.cfg.hidden_size)
         self.model = apply_lora(model, lora_config(config), seed=config.train.seed)  # adapters follow base shardings
         self.graphdef, self.lora, self.frozen = split_model(self.model)
         self.lora, self.opt_state, self.train_step = optimizer_and_step(config, self.graphdef, self.lora, self.mesh)
