@@ -240,8 +240,8 @@ def test_bright_applies_excluded_ids_and_equals_ir_measures(tmp_path):
                                      bright.DOMAINS["theoremqa_questions"][1], None]
     rows = _table_rows(bright.table(result))
     assert rows[""] == ["Bio.", "TheoQ.", "Avg"]
-    assert rows["DiffEmbed (Dream-7B), paper, after 10.9k ReasonAug samples"] == ["", "48.3", ""]
-    assert rows["Qwen2.5-7B, paper, after 10.9k ReasonAug samples"] == ["", "40.2", ""]
+    assert rows["DiffEmbed (Dream-7B), paper, after 10.9k ReasonAug samples"] == ["–", "48.3", "–"]
+    assert rows["Qwen2.5-7B, paper, after 10.9k ReasonAug samples"] == ["–", "40.2", "–"]
     assert not any("Figure 1c" in label for label in rows)  # its average covers all twelve domains, not two
     ours = rows["diffemb-jax (this run)"]
     assert ours[1] == f"{100 * result.metrics['theoremqa_questions']['ndcg@10']:.1f}"
@@ -254,8 +254,8 @@ def test_bright_paper_averages_sit_in_rows_of_their_own_beside_a_full_run():
     assert rows["DiffEmbed (Dream-7B), paper Figure 1c (BRIGHT average)"][average] == "33.0"
     assert rows["LLM2Vec-adapted LLM, paper Figure 1c (BRIGHT average)"][average] == "25.0"
     theorem = rows[""].index("TheoQ.")
-    assert rows["LLM2Vec-adapted LLM, paper Figure 1c (BRIGHT average)"][theorem] == ""  # another baseline's number
-    assert rows["Qwen2.5-7B, paper, after 10.9k ReasonAug samples"][average] == ""
+    assert rows["LLM2Vec-adapted LLM, paper Figure 1c (BRIGHT average)"][theorem] == "–"  # another baseline's number
+    assert rows["Qwen2.5-7B, paper, after 10.9k ReasonAug samples"][average] == "–"
 
 
 def _table_rows(table: str) -> dict[str, list[str]]:
