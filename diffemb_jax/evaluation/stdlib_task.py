@@ -57,18 +57,24 @@ class Function:
 
 
 @dataclass(frozen=True)
-class StdlibTask:
-    """train: echo-format records; test: the held-out modules as a retrieval set."""
+class TrainAndTest:
+    """train: echo-format records; test: the held-out units as a retrieval set."""
 
     train: list[dict]
     test: RetrievalSet
-    train_modules: tuple[str, ...]
-    test_modules: tuple[str, ...]
-    functions: tuple[Function, ...]  # every extracted function of both splits
 
     def write_train_jsonl(self, path: str | Path) -> None:
         """Write the train records one JSON object a line, atomically (temp file, then rename)."""
         write_jsonl(path, self.train)
+
+
+@dataclass(frozen=True)
+class StdlibTask(TrainAndTest):
+    """Split by module."""
+
+    train_modules: tuple[str, ...]
+    test_modules: tuple[str, ...]
+    functions: tuple[Function, ...]  # every extracted function of both splits
 
 
 def write_jsonl(path: str | Path, records) -> None:
