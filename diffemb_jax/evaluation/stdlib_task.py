@@ -9,7 +9,7 @@ function, documented or not.
 
 Filters, applied in this order: functions whose docstring cannot be cut out cleanly (it shares a
 line with code) or whose body is only a docstring are skipped; a document whose text equals an
-earlier one is dropped; a first sentence of fewer than MIN_QUERY_WORDS words gives no query; a
+earlier one up to whitespace is dropped; a first sentence of fewer than MIN_QUERY_WORDS words gives no query; a
 query text shared by two functions is ambiguous and given to neither.
 """
 
@@ -57,33 +57,44 @@ class Function:
 
 
 @dataclass(frozen=True)
-class StdlibTask:
-    """train: echo-format records; test: the held-out modules as a retrieval set."""
+class TrainAndTest:
+    """train: echo-format records; test: the held-out units as a retrieval set."""
 
     train: list[dict]
     test: RetrievalSet
+
+    def write_train_jsonl(self, path: str | Path) -> None:
+        """Write the train records one JSON object a line, atomically (temp file, then rename)."""
+        write_jsonl(path, self.train)
+
+
+@dataclass(frozen=True)
+class StdlibTask(TrainAndTest):
+    """Split by module."""
+
     train_modules: tuple[str, ...]
     test_modules: tuple[str, ...]
     functions: tuple[Function, ...]  # every extracted function of both splits
 
-    def write_train_jsonl(self, path: str | Path) -> None:
-        """Write the train records one JSON object a line, atomically (temp file, then rename)."""
-        atomic.write_file(path, lambda f: f.writelines(json.dumps(r, ensure_ascii=False) + "\n" for r in self.train),
-                          text=True)
+
+def write_jsonl(path: str | Path, records) -> None:
+    """One JSON object a line, atomically (temp file, then rename)."""
+    atomic.write_file(path, lambda f: f.writelines(json.dumps(r, ensure_ascii=False) + "\n" for r in records),
+                      text=True)
 
 
 def build_stdlib_task(seed: int = 0, max_doc_chars: int = 1500, test_fraction: float = 0.25) -> StdlibTask:
     """Extract, filter, split by module; the same seed on the same Python gives the same task."""
     if not 0.0 < test_fraction < 1.0:
         raise ValueError(f"test_fraction must be in (0, 1), got {test_fraction}")
-    functions = _filter(_extract_all(max_doc_chars))
+    functions = deduplicate(_extract_all(max_doc_chars))
     modules = sorted({f.module for f in functions})
     random.Random(seed).shuffle(modules)
     n_test = min(len(modules) - 1, max(1, round(test_fraction * len(modules))))
     test_modules, train_modules = set(modules[:n_test]), set(modules[n_test:])
     return StdlibTask(
         train=_train_records([f for f in functions if f.module in train_modules], seed),
-        test=_retrieval_set([f for f in functions if f.module in test_modules]),
+        test=retrieval_set([f for f in functions if f.module in test_modules]),
         train_modules=tuple(sorted(train_modules)),
         test_modules=tuple(sorted(test_modules)),
         functions=tuple(functions),
@@ -107,31 +118,44 @@ def public_functions(modules: tuple[str, ...] = MODULES):
     """(module, qualname, node, the module's source lines) of every public function and method of
     `modules` that the running Python has, in order: the standard library as a corpus, read from
     source (this task's functions; the bench's texts are their docstrings)."""
-    stdlib = Path(sysconfig.get_paths()["stdlib"])
-    for module in modules:
-        path = _module_path(stdlib, module)
-        if path is None:
-            continue
-        with tokenize.open(path) as f:
-            source = f.read()
-        lines = source.splitlines()
-        for qualname, node in _public_functions(ast.parse(source)):
+    for module, tree, lines in _parsed(modules):
+        for qualname, node in _public_functions(tree):
             yield module, qualname, node, lines
 
 
+def _parsed(modules: tuple[str, ...]):
+    """(module, syntax tree, source lines) of each of `modules` that the running Python has."""
+    stdlib = Path(sysconfig.get_paths()["stdlib"])
+    for module in modules:
+        path = _module_path(stdlib, module)
+        if path is not None:
+            with tokenize.open(path) as f:
+                source = f.read()
+            yield module, ast.parse(source), source.splitlines()
+
+
 def _extract_all(max_doc_chars: int) -> list[Function]:
-    functions, seen = [], set()
-    for module, qualname, node, lines in public_functions():
+    return [f for module, tree, lines in _parsed(MODULES)
+            for f, _ in extract_functions(module, tree, lines, max_doc_chars)]
+
+
+def extract_functions(module: str, tree: ast.Module, lines: list[str], max_doc_chars: int):
+    """(Function, its node) for each public function of one parsed module whose docstring cuts out
+    cleanly, the first of a repeated qualname only; the node lets a caller take more from it."""
+    seen = set()
+    for qualname, node in _public_functions(tree):
         code = _code_without_docstring(node, lines)
-        if code is None or (module, qualname) in seen:
+        if code is None or qualname in seen:
             continue
-        seen.add((module, qualname))
-        docstring = ast.get_docstring(node)
-        query = first_sentence(docstring, node.name) if docstring else None
-        if query is not None and len(query.split()) < MIN_QUERY_WORDS:
-            query = None
-        functions.append(Function(f"{module}:{qualname}", module, query, _cap(code, max_doc_chars)))
-    return functions
+        seen.add(qualname)
+        yield Function(f"{module}:{qualname}", module, query_of(ast.get_docstring(node), node.name),
+                       cap(code, max_doc_chars)), node
+
+
+def query_of(docstring: str | None, name: str) -> str | None:
+    """The docstring's first sentence, or None when there is none of MIN_QUERY_WORDS words or more."""
+    query = first_sentence(docstring, name) if docstring else None
+    return query if query is not None and len(query.split()) >= MIN_QUERY_WORDS else None
 
 
 def _module_path(stdlib: Path, module: str) -> Path | None:
@@ -155,25 +179,39 @@ def _public_functions(tree: ast.Module):
 
 def _code_without_docstring(node: ast.FunctionDef | ast.AsyncFunctionDef, lines: list[str]) -> str | None:
     """The function's lines (decorators included) minus its docstring lines, dedented; None if not clean."""
-    start = min([d.lineno for d in node.decorator_list] + [node.lineno]) - 1
-    keep = list(range(start, node.end_lineno))
+    keep = _function_lines(node)
     if ast.get_docstring(node, clean=False) is not None:
         doc = node.body[0]
-        if len(node.body) == 1 or not _owns_its_lines(doc, lines) or node.body[1].lineno == doc.end_lineno:
+        if len(node.body) == 1 or not owns_its_lines(doc, lines) or node.body[1].lineno == doc.end_lineno:
             return None
         keep = [i for i in keep if not doc.lineno - 1 <= i < doc.end_lineno]
+    return _dedented(node, lines, keep)
+
+
+def function_source(node: ast.FunctionDef | ast.AsyncFunctionDef, lines: list[str]) -> str:
+    """The function's lines, decorators and docstring included, dedented."""
+    return _dedented(node, lines, _function_lines(node))
+
+
+def _function_lines(node: ast.FunctionDef | ast.AsyncFunctionDef) -> list[int]:
+    start = min([d.lineno for d in node.decorator_list] + [node.lineno]) - 1
+    return list(range(start, node.end_lineno))
+
+
+def _dedented(node: ast.stmt, lines: list[str], keep: list[int]) -> str:
     width = node.col_offset
     code = [lines[i][width:] if not lines[i][:width].strip() else lines[i] for i in keep]
     return "\n".join(code).strip("\n").rstrip()
 
 
-def _owns_its_lines(doc: ast.stmt, lines: list[str]) -> bool:
+def owns_its_lines(doc: ast.stmt, lines: list[str]) -> bool:
+    """Whether the statement `doc` has its lines to itself (nothing but a comment shares them)."""
     before = lines[doc.lineno - 1][:doc.col_offset]
     after = lines[doc.end_lineno - 1][doc.end_col_offset:].strip()
     return not before.strip() and (not after or after.startswith("#"))
 
 
-def _cap(code: str, max_chars: int) -> str:
+def cap(code: str, max_chars: int) -> str:
     """At most max_chars characters, cut at a line end when one falls inside the limit."""
     if len(code) <= max_chars:
         return code
@@ -181,11 +219,13 @@ def _cap(code: str, max_chars: int) -> str:
     return cut[:cut.rindex("\n")] if "\n" in cut else cut
 
 
-def _filter(functions: list[Function]) -> list[Function]:
+def deduplicate(functions: list[Function]) -> list[Function]:
+    """The first of each code text up to whitespace; a query shared by two of those is given to neither."""
     seen_code, unique = set(), []
     for f in functions:
-        if f.code not in seen_code:
-            seen_code.add(f.code)
+        key = " ".join(f.code.split())
+        if key not in seen_code:
+            seen_code.add(key)
             unique.append(f)
     counts = Counter(f.query for f in unique if f.query is not None)
     return [f if f.query is None or counts[f.query] == 1 else Function(f.id, f.module, None, f.code)
@@ -208,7 +248,8 @@ def _train_records(functions: list[Function], seed: int) -> list[dict]:
     return records
 
 
-def _retrieval_set(functions: list[Function]) -> RetrievalSet:
+def retrieval_set(functions: list[Function]) -> RetrievalSet:
+    """Each documented function's query judged against its own code; every function is in the corpus."""
     documented = [f for f in functions if f.query is not None]
     return RetrievalSet(queries={f.id: f.query for f in documented},
                         corpus={f.id: f.code for f in functions},
