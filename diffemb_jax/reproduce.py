@@ -21,6 +21,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import platform
+import random
 import statistics
 import time
 from pathlib import Path
@@ -34,7 +35,7 @@ from diffemb_jax.checkpoints.bundled import converted_smollm2
 from diffemb_jax.evaluation import code_corpus
 from diffemb_jax.evaluation.held_out import HeldOut, eval_subset, fine_tune_and_score
 from diffemb_jax.evaluation.retrieval import evaluate_embedder
-from diffemb_jax.evaluation.stdlib_task import INSTRUCTION
+from diffemb_jax.evaluation.stdlib_task import INSTRUCTION, write_jsonl
 from diffemb_jax.training.adapt import MODEL_DIR, Adaptation
 from diffemb_jax.training.config import adapt_config, base_config
 
@@ -68,9 +69,10 @@ BUDGETS = {
     "tiny": Budget(packages=("json", "csv", "tqdm", "optax", "email", "argparse"), max_per_package=60, seeds=2,
                    adapt_steps=2, adapt_batch=4, adapt_length=32, steps=2, batch=4, queries=8, docs=16,
                    long_queries=4, long_docs=8, long_length=64, query_length=16, doc_length=32),
-    # a 2-core CPU in about an hour and a half
-    "small": Budget(packages=None, max_per_package=400, seeds=3, adapt_steps=60, adapt_batch=8, adapt_length=128,
-                    steps=32, batch=8, queries=128, docs=256, long_queries=24, long_docs=48, long_length=1024),
+    # a 2-core CPU in about an hour (the demo's fine-tuning, twelve times, and two short adaptations)
+    "small": Budget(packages=None, max_per_package=400, seeds=3, adapt_steps=40, adapt_batch=8, adapt_length=128,
+                    steps=24, batch=8, queries=128, docs=256, long_queries=16, long_docs=32, long_length=512,
+                    doc_length=64),
     # a GPU: longer adaptation and fine-tuning, the whole held-out sets
     "large": Budget(packages=None, max_per_package=2000, seeds=3, adapt_steps=2000, adapt_batch=32,
                     adapt_length=512, steps=500, batch=64, queries=2000, docs=20000, long_queries=500,
@@ -122,6 +124,18 @@ def _adapted(base: Path, objective: str, budget: Budget, text: Path, held_out_te
     return folder / MODEL_DIR, {"eval_before": evals[0] if evals else {}, "eval_after": evals[-1] if evals else {},
                                 "first_loss": losses[0] if losses else float("nan"),
                                 "last_loss": losses[-1] if losses else float("nan")}
+
+
+def _adaptation_text(path: Path, budget: Budget, test_packages) -> None:
+    """A seeded sample of the train packages' functions (docstrings in), about four times the
+    documents the adaptation's steps can read, so that a short budget does not tokenise them all."""
+    everything = path.with_name("adapt-all.jsonl")
+    code_corpus.write_text_corpus(everything, budget.packages, test_packages)
+    lines = everything.read_text().splitlines()
+    random.Random(0).shuffle(lines)
+    atomic.write_file(path, lambda f: f.writelines(line + "\n" for line in
+                                                   lines[: 4 * budget.adapt_steps * budget.adapt_batch]), text=True)
+    everything.unlink()
 
 
 def _fine_tune_config(model: Path, attention: str, budget: Budget, train_file: Path, data_cache: Path, seed: int):
@@ -200,9 +214,11 @@ def run(budget_name: str | None = None, *, workdir: str | Path | None = None, mo
     train_file, text, held_out_text = root / "train.jsonl", root / "adapt-train.jsonl", root / "adapt-held-out.jsonl"
     corpus.write_train_jsonl(train_file)
     if not text.exists():
-        code_corpus.write_text_corpus(text, budget.packages, test_packages)
+        _adaptation_text(text, budget, test_packages)
     if not held_out_text.exists():  # the test packages' code: adaptation is scored on text it never saw
-        code_corpus.write_text_corpus(held_out_text, test_packages, ())
+        held = sorted(corpus.test.corpus.values())
+        random.Random(0).shuffle(held)
+        write_jsonl(held_out_text, [{"text": t} for t in held[:256]])
 
     adapted, adaptation = {None: base}, {}
     for objective in ("mntp", "diffusion"):
@@ -227,6 +243,7 @@ def run(budget_name: str | None = None, *, workdir: str | Path | None = None, mo
     minilm = json.loads(minilm_file.read_text()) if minilm_file.exists() else None
     names = [h.name for h in held_out]
     report = {"table": table(results, names, minilm), "results": results, "adaptation": adaptation,
+              "packages": {"train": list(corpus.train_packages), "test": list(test_packages)},
               "minilm": minilm, "sizes": sizes, "budget": dataclasses.asdict(budget), "seeds": seeds,
               "hardware": hardware(), "seconds": time.perf_counter() - started}
     _save_json(root / "results.json", report)

@@ -20,6 +20,7 @@ On a mesh, parameters are sharded by their logical axes and every batch is split
 from __future__ import annotations
 
 import contextlib
+import functools
 import logging
 from pathlib import Path
 
@@ -39,6 +40,21 @@ from diffemb_jax.embedding.prompts import tokenize, with_instruction
 from diffemb_jax.model import Decoder, ForwardOptions
 
 log = logging.getLogger(__name__)
+
+
+@functools.lru_cache(maxsize=16)
+def _embed_program(graphdef, options: ForwardOptions, pooling: str, skip_instruction: bool):
+    """The jitted embedding of one model architecture: shared by every Embedder of it (an evaluation
+    before and after training, one per seed), so each batch shape compiles once a process."""
+
+    def embed(state, input_ids, segment_ids, embed_mask, texts_per_row):
+        """[rows, D], or packed (texts_per_row > 1) [rows, texts_per_row, D]."""
+        packed = texts_per_row > 1
+        hidden = nnx.merge(graphdef, state)(input_ids, segment_ids, options, packed=packed)
+        return l2_normalize(pool(hidden, segment_ids, embed_mask, pooling, skip_instruction,
+                                 texts_per_row=texts_per_row if packed else None))
+
+    return jax.jit(embed, static_argnums=4)
 
 
 class Embedder:
@@ -62,15 +78,7 @@ class Embedder:
         self.max_length, self.batch_size = max_length, batch_size
         self.buckets = bucket_lengths(max_length)
         graphdef, self._state = nnx.split(model)
-
-        def embed(state, input_ids, segment_ids, embed_mask, texts_per_row):
-            """[rows, D], or packed (texts_per_row > 1) [rows, texts_per_row, D]."""
-            packed = texts_per_row > 1
-            hidden = nnx.merge(graphdef, state)(input_ids, segment_ids, options, packed=packed)
-            return l2_normalize(pool(hidden, segment_ids, embed_mask, pooling, skip_instruction,
-                                     texts_per_row=texts_per_row if packed else None))
-
-        self._embed = jax.jit(embed, static_argnums=4)
+        self._embed = _embed_program(graphdef, options, pooling, skip_instruction)
 
     @classmethod
     def from_pretrained(cls, path: str | Path, *, adapter: str | Path | None = None, attention: str = "bidirectional",
