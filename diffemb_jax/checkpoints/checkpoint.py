@@ -22,6 +22,7 @@ from diffemb_jax.checkpoints.loader import abstract_decoder, load_decoder
 from diffemb_jax.parallel import ShardingFn, placed_shapes, single_device
 from diffemb_jax.checkpoints.sources import CheckpointError, GGUFSource, gguf_config, open_weights
 from diffemb_jax.checkpoints.families import config_from_hf, config_from_hf_file
+from diffemb_jax.checkpoints.keymaps import fit_to_checkpoint
 from diffemb_jax.model import Decoder, ModelConfig
 
 CONVERTED_MARKER = "diffemb.json"
@@ -53,7 +54,8 @@ def is_converted(path: Path) -> bool:
 
 
 def open_source(path: str | Path):
-    """(ModelConfig, TensorSource, Tokenizer) for an HF directory or a .gguf file."""
+    """(ModelConfig, TensorSource, Tokenizer) for an HF directory or a .gguf file; the ModelConfig says
+    whether the checkpoint holds its untied LM head (a bare decoder's save has none)."""
     path = Path(path)
     if not path.exists():
         raise CheckpointError(f"{path} does not exist")
@@ -64,7 +66,8 @@ def open_source(path: str | Path):
         if not (path / "config.json").exists():
             raise CheckpointError(f"{path} has no config.json: is it a Hugging Face model directory?")
         cfg = config_from_hf_file(path / "config.json")
-        return cfg, open_weights(path), hf_tokenizer(path)
+        source = open_weights(path)
+        return fit_to_checkpoint(cfg, source.names()), source, hf_tokenizer(path)
     raise CheckpointError(f"{path} is neither a model directory nor a .gguf file")
 
 
@@ -137,7 +140,11 @@ def model_config(path: str | Path) -> ModelConfig:
     if is_converted(path):
         return _converted_config(path)
     if path.is_dir() and (path / "config.json").exists():
-        return config_from_hf_file(path / "config.json")
+        cfg = config_from_hf_file(path / "config.json")
+        try:  # the weights' names (headers only) say whether the head is there
+            return fit_to_checkpoint(cfg, open_weights(path).names())
+        except CheckpointError:  # no readable weights: the config alone (loading will say what is wrong)
+            return cfg
     if path.is_file() and path.suffix == ".gguf":
         return config_from_hf(gguf_config(path).to_dict())  # the header alone: nothing dequantised
     return open_source(path)[0]  # open_source's error
