@@ -299,3 +299,34 @@ def test_qwen3_matches_transformers_and_its_export_reads_back(tmp_path):
     with torch.no_grad():
         theirs = reread(input_ids=torch.as_tensor(ids), attention_mask=torch.as_tensor(mask)).logits.numpy()
     np.testing.assert_allclose(ours[mask.astype(bool)], theirs[mask.astype(bool)], atol=1e-4)
+
+
+# ------------------------------------------------------------------------------------------ Hub ids
+
+def test_a_hub_id_resolves_through_the_local_cache_and_offline_says_how_to_get_it(tmp_path, monkeypatch, capsys):
+    """`--model ORG/NAME`: the snapshot in the Hugging Face cache (the layout huggingface_hub writes:
+    models--ORG--NAME/refs/main, snapshots/<commit>/), nothing downloaded; absent, an error naming the
+    command that downloads it. A path that exists is taken as a path."""
+    import huggingface_hub.constants
+
+    cache = tmp_path / "hub"
+    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_CACHE", str(cache))
+    monkeypatch.setenv("HF_HUB_CACHE", str(cache))
+    commit = "0123456789abcdef0123456789abcdef01234567"
+    repo = cache / "models--tiny-org--tiny-qwen3"
+    lm = tiny.oracle_model("qwen3")
+    _save(lm, repo / "snapshots" / commit, "bare")
+    (repo / "refs").mkdir()
+    (repo / "refs" / "main").write_text(commit)
+    monkeypatch.chdir(tmp_path)
+    np.testing.assert_allclose(_encode("tiny-org/tiny-qwen3", tmp_path, "causal"),
+                               _oracle_vectors(lm, repo / "snapshots" / commit, "causal"), atol=1e-4)
+    assert model_config("tiny-org/tiny-qwen3").model_type == "qwen3"
+    texts = tmp_path / "texts.txt"
+    assert cli(["encode", "--model", "tiny-org/absent", "--input", str(texts), "--output", "o.npy"]) == 2
+    err = capsys.readouterr().err
+    assert "tiny-org/absent is neither a local path nor a model in the Hugging Face cache" in err
+    assert "hf download tiny-org/absent" in err
+    (tmp_path / "tiny-org" / "tiny-qwen3").mkdir(parents=True)  # a folder of that name wins, and is no model
+    with pytest.raises(CheckpointError, match="has no config.json"):
+        model_config("tiny-org/tiny-qwen3")

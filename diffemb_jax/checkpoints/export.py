@@ -19,7 +19,7 @@ from flax import nnx
 from tqdm.auto import tqdm
 
 from diffemb_jax import atomic
-from diffemb_jax.checkpoints.checkpoint import load_model
+from diffemb_jax.checkpoints.checkpoint import load_model, resolve
 from diffemb_jax.checkpoints.families import CARRIED_FIELDS, FAMILIES, hf_config
 from diffemb_jax.checkpoints.keymaps import KeyMap, is_transposed
 from diffemb_jax.checkpoints.peft_adapters import load_peft_adapter
@@ -199,4 +199,4 @@ def export(src: str | Path, out: str | Path, *, adapter: str | Path | None = Non
         adapted, lora = load_peft_adapter(model, adapter)
         model = merge_lora(adapted, lora)
     return export_hf(model, tokenizer, out, dtype=dtype, max_shard_bytes=max_shard_bytes,
-                     extra_config=_source_fields(Path(src)), progress=progress)
+                     extra_config=_source_fields(resolve(src)), progress=progress)
