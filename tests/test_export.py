@@ -53,7 +53,7 @@ def _reload_in_transformers(family: str, directory):
     """The exported directory as a transformers model: AutoModel for the transformers families; Qwen2 /
     LLaMA configs and renamed tensors for Dream / LLaDA (whose own code we never run)."""
     config = json.loads((directory / "config.json").read_text())
-    if family in ("qwen2", "llama", "mistral"):
+    if family in tiny.TRANSFORMERS_FAMILIES:
         return tf.AutoModelForCausalLM.from_pretrained(directory, dtype=torch.float32).eval()
     state = {k: torch.from_numpy(v) for k, v in _weights(directory).items()}
     if family == "Dream":
@@ -118,9 +118,9 @@ def test_config_fields_read_back(family_dir, tmp_path):
                   "num_key_value_heads", "rms_norm_eps", "tie_word_embeddings", "max_position_embeddings",
                   "rope_parameters"):
         assert getattr(reread, field) == getattr(hf, field), field
-    assert reread.head_dim == 8
-    arch = {"qwen2": "Qwen2ForCausalLM", "Dream": "DreamModel", "llama": "LlamaForCausalLM",
-            "mistral": "MistralForCausalLM"}[family]
+    assert reread.head_dim == (16 if family == "qwen3" else 8)
+    arch = {"qwen2": "Qwen2ForCausalLM", "qwen3": "Qwen3ForCausalLM", "Dream": "DreamModel",
+            "llama": "LlamaForCausalLM", "mistral": "MistralForCausalLM"}[family]
     assert config["architectures"] == [arch] and config["model_type"] == family
     if family == "Dream":
         assert config["mask_token_id"] == 96 and config["rope_theta"] == 1e6

@@ -16,7 +16,7 @@ from diffemb_jax.checkpoints import export_model
 from diffemb_jax.checkpoints.families import FAMILIES, config_from_hf, family_of
 from diffemb_jax.model import UnsupportedConfigError
 
-THETA = {"qwen2": 1e6, "Dream": 1e6, "llama": 5e5, "llada": 5e5, "mistral": 1e4}  # tests/tiny.py's
+THETA = {"qwen2": 1e6, "qwen3": 1e6, "Dream": 1e6, "llama": 5e5, "llada": 5e5, "mistral": 1e4}  # tests/tiny.py's
 
 
 @pytest.mark.parametrize("family", tiny.FAMILIES)
@@ -27,7 +27,7 @@ def test_an_export_states_rope_theta_for_transformers_4_and_5(family, tmp_path):
     assert config["rope_theta"] == THETA[family]  # what transformers 4.x reads
     assert config.get("rope_scaling") is None
     assert config_from_hf(config).rope_theta == THETA[family]
-    if family in ("qwen2", "llama", "mistral"):  # the current transformers reads the same theta
+    if family in tiny.TRANSFORMERS_FAMILIES:  # the current transformers reads the same theta
         assert transformers.AutoConfig.from_pretrained(out).rope_parameters["rope_theta"] == THETA[family]
 
 
@@ -49,7 +49,7 @@ def test_the_families_records():
     with pytest.raises(UnsupportedConfigError, match="unsupported model_type 'gpt2'"):
         family_of("gpt2")
     headless = {name for name, family in FAMILIES.items() if family.headless}
-    assert headless == {"qwen2", "llama", "mistral"}  # Dream's and LLaDA's AutoModel is their LM class
+    assert headless == {"qwen2", "qwen3", "llama", "mistral"}  # Dream's and LLaDA's AutoModel is their LM class
 
 
 @pytest.mark.parametrize("family", ["Dream", "llada"])

@@ -1,6 +1,7 @@
 """Tiny random checkpoints of every family, written to disk the way their owners write them.
 
-qwen2, llama and mistral are saved by transformers itself. Dream and LLaDA run remote code we never
+qwen2, qwen3, llama and mistral are saved by transformers itself (qwen3 with head_dim 16, decoupled
+from hidden / heads = 8, as Qwen3's own configs do). Dream and LLaDA run remote code we never
 execute, so they are written as safetensors under their own tensor names with configs of their own
 shape; their oracles are transformers' Qwen2 and LLaMA holding the same weights.
 """
@@ -12,7 +13,9 @@ from pathlib import Path
 
 import torch
 
-FAMILIES = ("qwen2", "Dream", "llama", "llada", "mistral")
+FAMILIES = ("qwen2", "qwen3", "Dream", "llama", "llada", "mistral")
+TRANSFORMERS_FAMILIES = ("qwen2", "qwen3", "llama", "mistral")  # read and written by transformers itself
+BARE_CLASSES = {"qwen2": "Qwen2Model", "qwen3": "Qwen3Model", "llama": "LlamaModel", "mistral": "MistralModel"}
 
 _COMMON = dict(vocab_size=97, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
                num_attention_heads=4, num_key_value_heads=2, rms_norm_eps=1e-6, max_position_embeddings=256,
@@ -28,6 +31,9 @@ def oracle_model(family: str, seed: int = 0, **overrides):
     if family in ("qwen2", "Dream"):
         cfg = tf.Qwen2Config(rope_theta=1e6, tie_word_embeddings=False, **kw)
         model = tf.Qwen2ForCausalLM(cfg)
+    elif family == "qwen3":
+        cfg = tf.Qwen3Config(rope_theta=1e6, tie_word_embeddings=False, head_dim=16, **kw)
+        model = tf.Qwen3ForCausalLM(cfg)
     elif family in ("llama", "llada"):
         cfg = tf.LlamaConfig(rope_theta=5e5, tie_word_embeddings=(family == "llama"), **kw)
         model = tf.LlamaForCausalLM(cfg)
@@ -93,7 +99,7 @@ def write_checkpoint(family: str, directory: Path, model=None, **overrides) -> P
     model = model if model is not None else oracle_model(family, **overrides)
     directory.mkdir(parents=True, exist_ok=True)
     write_tokenizer(directory, bos=family in ("llama", "llada"))
-    if family in ("qwen2", "llama", "mistral"):
+    if family in TRANSFORMERS_FAMILIES:
         model.save_pretrained(directory)
         return directory
     hf = model.config

@@ -22,6 +22,7 @@ from diffemb_jax.checkpoints.loader import abstract_decoder, load_decoder
 from diffemb_jax.parallel import ShardingFn, placed_shapes, single_device
 from diffemb_jax.checkpoints.sources import CheckpointError, GGUFSource, gguf_config, open_weights
 from diffemb_jax.checkpoints.families import config_from_hf, config_from_hf_file
+from diffemb_jax.checkpoints.keymaps import fit_to_checkpoint
 from diffemb_jax.model import Decoder, ModelConfig
 
 CONVERTED_MARKER = "diffemb.json"
@@ -48,13 +49,34 @@ def hf_tokenizer(directory: Path, gguf_file: str | None = None) -> tokenizers.To
         raise CheckpointError(f"{where}: no usable tokenizer (tokenizer.json, vocab files or GGUF vocab): {e}") from e
 
 
+def resolve(path: str | Path) -> Path:
+    """A model path as given, or, when nothing is there and it reads as a Hub id (`ORG/NAME`), that
+    model's snapshot in the local Hugging Face cache (`HF_HUB_CACHE`); nothing is downloaded."""
+    given = Path(path)
+    text = str(path)
+    if given.exists() or text.startswith((".", "/", "~")) or text.count("/") != 1 or not all(text.split("/")):
+        return given
+    from huggingface_hub import snapshot_download
+    from huggingface_hub.constants import HF_HUB_CACHE
+    from huggingface_hub.errors import HFValidationError, LocalEntryNotFoundError
+
+    try:
+        return Path(snapshot_download(text, local_files_only=True))
+    except HFValidationError:  # not a valid id: a path that does not exist, reported as such later
+        return given
+    except LocalEntryNotFoundError:
+        raise CheckpointError(f"{text} is neither a local path nor a model in the Hugging Face cache "
+                              f"({HF_HUB_CACHE}); download it first: hf download {text}") from None
+
+
 def is_converted(path: Path) -> bool:
     return path.is_dir() and (path / CONVERTED_MARKER).exists()
 
 
 def open_source(path: str | Path):
-    """(ModelConfig, TensorSource, Tokenizer) for an HF directory or a .gguf file."""
-    path = Path(path)
+    """(ModelConfig, TensorSource, Tokenizer) for an HF directory or a .gguf file; the ModelConfig says
+    whether the checkpoint holds its untied LM head (a bare decoder's save has none)."""
+    path = resolve(path)
     if not path.exists():
         raise CheckpointError(f"{path} does not exist")
     if path.is_file() and path.suffix == ".gguf":
@@ -64,7 +86,8 @@ def open_source(path: str | Path):
         if not (path / "config.json").exists():
             raise CheckpointError(f"{path} has no config.json: is it a Hugging Face model directory?")
         cfg = config_from_hf_file(path / "config.json")
-        return cfg, open_weights(path), hf_tokenizer(path)
+        source = open_weights(path)
+        return fit_to_checkpoint(cfg, source.names()), source, hf_tokenizer(path)
     raise CheckpointError(f"{path} is neither a model directory nor a .gguf file")
 
 
@@ -133,11 +156,15 @@ def load_converted(path: Path, *, dtype=jnp.float32, param_dtype=jnp.float32,
 
 def model_config(path: str | Path) -> ModelConfig:
     """The ModelConfig of a converted directory, an HF directory or a .gguf file; no weights are read."""
-    path = Path(path)
+    path = resolve(path)
     if is_converted(path):
         return _converted_config(path)
     if path.is_dir() and (path / "config.json").exists():
-        return config_from_hf_file(path / "config.json")
+        cfg = config_from_hf_file(path / "config.json")
+        try:  # the weights' names (headers only) say whether the head is there
+            return fit_to_checkpoint(cfg, open_weights(path).names())
+        except CheckpointError:  # no readable weights: the config alone (loading will say what is wrong)
+            return cfg
     if path.is_file() and path.suffix == ".gguf":
         return config_from_hf(gguf_config(path).to_dict())  # the header alone: nothing dequantised
     return open_source(path)[0]  # open_source's error
@@ -145,8 +172,9 @@ def model_config(path: str | Path) -> ModelConfig:
 
 def load_model(path: str | Path, *, dtype: str = "float32", sharding_for: ShardingFn = single_device,
                progress: bool = True):
-    """(Decoder, Tokenizer) from a converted directory, an HF directory or a .gguf file."""
-    path = Path(path)
+    """(Decoder, Tokenizer) from a converted directory, an HF directory or a .gguf file (or a Hub id
+    in the local Hugging Face cache)."""
+    path = resolve(path)
     jdtype = DTYPES[dtype]
     if is_converted(path):
         return load_converted(path, dtype=jdtype, param_dtype=jdtype, sharding_for=sharding_for)

@@ -19,7 +19,7 @@ from flax import nnx
 from tqdm.auto import tqdm
 
 from diffemb_jax import atomic
-from diffemb_jax.checkpoints.checkpoint import load_model
+from diffemb_jax.checkpoints.checkpoint import load_model, resolve
 from diffemb_jax.checkpoints.families import CARRIED_FIELDS, FAMILIES, hf_config
 from diffemb_jax.checkpoints.keymaps import KeyMap, is_transposed
 from diffemb_jax.checkpoints.peft_adapters import load_peft_adapter
@@ -65,7 +65,8 @@ class _Tensor:
 
 
 def _tensors(model: Decoder, dtype: np.dtype) -> list[_Tensor]:
-    keymap = KeyMap(model.cfg.model_type, model.cfg.tie_word_embeddings)
+    # A model without its untied head is written as the bare decoder writes itself: names without "model."
+    keymap = KeyMap(model.cfg.model_type, model.cfg.tie_word_embeddings, prefixed=model.cfg.lm_head)
     return [_Tensor(keymap.to_hf_name(path), var, is_transposed(path), dtype) for path, var in base_params(model)]
 
 
@@ -121,8 +122,11 @@ def export_hf(model: Decoder, tokenizer, out_dir: str | Path, *, dtype: str = "f
               progress: bool = True) -> Path:
     """A plain (or merged) decoder -> a Hugging Face directory at `out_dir`, which must not exist yet.
 
-    qwen2/llama/mistral load with transformers' AutoModelForCausalLM; Dream and LLaDA get their own
+    qwen2/qwen3/llama/mistral load with transformers' AutoModelForCausalLM; Dream and LLaDA get their own
     config fields and tensor names (their modelling code is theirs). A tied head writes no head tensor.
+    A model without its untied head (loaded from a bare decoder's checkpoint) is written as that bare
+    decoder: its AutoModel class in `architectures` (Qwen2Model, LlamaModel, ...), names without
+    "model.", no head; Dream and LLaDA, whose code has no such class, refuse.
     `extra_config` adds fields the ModelConfig does not hold (bos/eos/pad token ids)."""
     if dtype not in EXPORT_DTYPES:
         raise ValueError(f"dtype must be one of {tuple(EXPORT_DTYPES)}, got {dtype!r}")
@@ -134,16 +138,26 @@ def export_hf(model: Decoder, tokenizer, out_dir: str | Path, *, dtype: str = "f
 
     def fill(tmp: Path) -> None:
         (tmp / "config.json").write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")
-        (tmp / "README.md").write_text(model_card(model.cfg.model_type, dtype))
+        (tmp / "README.md").write_text(model_card(model.cfg.model_type, dtype, lm_head=model.cfg.lm_head))
         tokenizer.save(str(tmp / "tokenizer.json"))
         _write_weights(tmp, tensors, max_shard_bytes, progress)
 
     return atomic.write_new_directory(out_dir, fill)
 
 
-def model_card(model_type: str, dtype: str) -> str:
+def model_card(model_type: str, dtype: str, *, lm_head: bool = True) -> str:
     """The export's README.md: what it holds and how to load it, with the remote code it needs."""
     family = FAMILIES[model_type]
+    if not lm_head:
+        return "\n".join([
+            f"# {family.bare_architecture} exported by diffemb-jax", "",
+            f"A Hugging Face directory ({model_type}, {dtype}): config.json, safetensors weights, tokenizer.json.", "",
+            f"The bare decoder, without an LM head (its source checkpoint had none): load it with "
+            f"`transformers.AutoModel.from_pretrained(THIS_FOLDER)` ({family.bare_architecture}). "
+            f"`AutoModelForCausalLM` would add a randomly initialised head.", "",
+            "To embed as diffemb-jax does, pool the final hidden states (mean by default) under the attention "
+            "the model was trained with (bidirectional by default): a plain transformers forward of a decoder "
+            "attends causally.", ""])
     lines = [f"# {family.architecture} exported by diffemb-jax", "",
              f"A Hugging Face directory ({model_type}, {dtype}): config.json, safetensors weights, tokenizer.json.", ""]
     if family.remote_code:
@@ -185,4 +199,4 @@ def export(src: str | Path, out: str | Path, *, adapter: str | Path | None = Non
         adapted, lora = load_peft_adapter(model, adapter)
         model = merge_lora(adapted, lora)
     return export_hf(model, tokenizer, out, dtype=dtype, max_shard_bytes=max_shard_bytes,
-                     extra_config=_source_fields(Path(src)), progress=progress)
+                     extra_config=_source_fields(resolve(src)), progress=progress)

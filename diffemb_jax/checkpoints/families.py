@@ -1,9 +1,11 @@
 """One record per model type: what a checkpoint of that family looks like on disk, both ways.
 
-A `Family` holds everything that differs between Dream, LLaDA, Qwen2, LLaMA and Mistral outside the
-decoder's shape: the tensor names (key-map rows), how its config.json reads into a ModelConfig and
-writes back, the architecture its reader builds, and whether its AutoModel is the bare decoder (the
-headless layout PEFT adapters may be named for). The decoder itself sees only ModelConfig values.
+A `Family` holds everything that differs between Dream, LLaDA, Qwen2, Qwen3, LLaMA and Mistral outside
+the decoder's shape: the tensor names (key-map rows, as the LM class writes them; the bare decoder's
+are the same without `bare_prefix`), how its config.json reads into a ModelConfig and writes back,
+the architectures its reader builds (the LM class, and the bare decoder class when its AutoModel is
+one: the headless layout PEFT adapters may be named for, and what a headless export is written as).
+The decoder itself sees only ModelConfig values.
 A config field the decoder does not implement is an error, not a silently different model.
 """
 
@@ -29,6 +31,8 @@ _QWEN2_SHAPED_NAMES = (
     ("model.layers.{i}.self_attn.v_proj.weight", "layers.{i}.attn.v_proj.kernel"),
     ("model.layers.{i}.self_attn.v_proj.bias", "layers.{i}.attn.v_proj.bias"),
     ("model.layers.{i}.self_attn.o_proj.weight", "layers.{i}.attn.o_proj.kernel"),
+    ("model.layers.{i}.self_attn.q_norm.weight", "layers.{i}.attn.q_norm.scale"),  # qk_norm (Qwen3)
+    ("model.layers.{i}.self_attn.k_norm.weight", "layers.{i}.attn.k_norm.scale"),
     ("model.layers.{i}.post_attention_layernorm.weight", "layers.{i}.post_attention_norm.scale"),
     ("model.layers.{i}.mlp.gate_proj.weight", "layers.{i}.mlp.gate_proj.kernel"),
     ("model.layers.{i}.mlp.up_proj.weight", "layers.{i}.mlp.up_proj.kernel"),
@@ -64,9 +68,17 @@ class Family:
     read: Callable[[dict, "Family"], ModelConfig]  # config.json -> ModelConfig
     write: Callable[[ModelConfig, dict, "Family"], dict]  # ModelConfig, special token ids -> config.json
     qkv_bias: bool = False  # q/k/v projections carry a bias
+    qk_norm: bool = False  # per-head RMSNorm of q and k (Qwen3)
     sliding_window: bool = False  # config.json's sliding_window is honoured (causal mode)
+    # config.json fields with the one value the decoder computes: (key, value, why); refused otherwise
+    # on the way in, written on the way out.
+    fixed: tuple[tuple[str, Any, str], ...] = ()
+    default_head_dim: int | None = None  # its config class's head_dim when config.json has none
     transformers_config: str | None = None  # the transformers config class that writes its config.json
-    headless: bool = False  # its AutoModel is the bare decoder: PEFT adapters may be named without "model."
+    # The bare decoder class (its AutoModel), when it has one: PEFT adapters may be named without
+    # "model.", and a model without its untied head is exported as this class.
+    bare_architecture: str | None = None
+    bare_prefix: str = "model."  # what the LM class puts before the bare decoder's tensor names
     # Read by the checkpoint's own (transformers 4 era) code, never run here: config.json's auto_map
     # names its classes, and an export says which files of `code_repo` to place beside the weights.
     auto_map: dict | None = None
@@ -76,6 +88,11 @@ class Family:
     @property
     def remote_code(self) -> bool:
         return self.auto_map is not None
+
+    @property
+    def headless(self) -> bool:
+        """Its AutoModel is the bare decoder."""
+        return self.bare_architecture is not None
 
 
 # ------------------------------------------------------------------------------------------ config.json in
@@ -145,10 +162,12 @@ def _read_llada(hf: dict[str, Any], family: Family) -> ModelConfig:
 def _read_qwen2_shaped(hf: dict[str, Any], family: Family) -> ModelConfig:
     _require(hf, "hidden_act", "silu", "the MLP is SwiGLU")
     _require(hf, "mlp_bias", False, "MLP biases are not implemented")
-    if family.qkv_bias:
-        _require(hf, "use_sliding_window", False, "Qwen2's per-layer sliding window is not implemented")
-    else:
-        _require(hf, "attention_bias", False, "attention biases on the output projection are not implemented")
+    for key, expected, why in family.fixed:
+        _require(hf, key, expected, why)
+    kinds = sorted(set(hf.get("layer_types") or ()) - {"full_attention"})
+    if kinds:
+        raise UnsupportedConfigError(f"config field layer_types holds {kinds}: per-layer attention kinds are not "
+                                     "implemented (every layer attends fully)")
     heads = hf["num_attention_heads"]
     return ModelConfig(
         model_type=family.model_type,
@@ -157,11 +176,12 @@ def _read_qwen2_shaped(hf: dict[str, Any], family: Family) -> ModelConfig:
         num_layers=hf["num_hidden_layers"],
         num_heads=heads,
         num_kv_heads=hf.get("num_key_value_heads") or heads,
-        head_dim=hf.get("head_dim") or hf["hidden_size"] // heads,
+        head_dim=hf.get("head_dim") or family.default_head_dim or hf["hidden_size"] // heads,
         intermediate_size=hf["intermediate_size"],
         rope_theta=_rope_theta(hf, 10000.0),
         rms_norm_eps=hf.get("rms_norm_eps", 1e-6),
         qkv_bias=family.qkv_bias,
+        qk_norm=family.qk_norm,
         tie_word_embeddings=bool(hf.get("tie_word_embeddings", False)),
         sliding_window=hf.get("sliding_window") if family.sliding_window else None,
         max_position_embeddings=hf.get("max_position_embeddings", 32768),
@@ -176,20 +196,18 @@ def _write_transformers(cfg: ModelConfig, tokens: dict, family: Family) -> dict:
     (rope_parameters in transformers 5)."""
     import transformers  # heavy, and only the way out needs it
 
-    if cfg.qkv_bias != family.qkv_bias:
-        raise ValueError(f"a {cfg.model_type} model with qkv_bias={cfg.qkv_bias} has no Hugging Face form")
+    for field in ("qkv_bias", "qk_norm"):
+        if getattr(cfg, field) != getattr(family, field):
+            raise ValueError(f"a {cfg.model_type} model with {field}={getattr(cfg, field)} has no Hugging Face form")
     kw = dict(vocab_size=cfg.vocab_size, hidden_size=cfg.hidden_size, intermediate_size=cfg.intermediate_size,
               num_hidden_layers=cfg.num_layers, num_attention_heads=cfg.num_heads,
               num_key_value_heads=cfg.num_kv_heads, head_dim=cfg.head_dim, rms_norm_eps=cfg.rms_norm_eps,
               rope_parameters={"rope_type": "default", "rope_theta": float(cfg.rope_theta)},
               tie_word_embeddings=cfg.tie_word_embeddings, max_position_embeddings=cfg.max_position_embeddings,
               hidden_act="silu", architectures=[family.architecture], **tokens)
-    if family.qkv_bias:
-        kw |= dict(use_sliding_window=False, sliding_window=None)
-    elif family.sliding_window:
-        kw |= dict(sliding_window=cfg.sliding_window)
-    else:
-        kw |= dict(attention_bias=False, mlp_bias=False)
+    kw |= {key: value for key, value, _ in family.fixed}
+    if family.sliding_window or "use_sliding_window" in kw:  # the config class has the field
+        kw["sliding_window"] = cfg.sliding_window
     out = getattr(transformers, family.transformers_config)(**kw).to_dict()
     # transformers 4 (which llm2vec and Dream's own code need) reads rope_theta, not rope_parameters:
     # without it they would take the default theta, a silently different model.
@@ -218,18 +236,27 @@ def _write_llada(cfg: ModelConfig, tokens: dict, family: Family) -> dict:
 
 # ------------------------------------------------------------------------------------------ the families
 
+_NO_QWEN2_WINDOW = ("use_sliding_window", False, "Qwen's per-layer sliding window is not implemented")
+_NO_ATTENTION_BIAS = ("attention_bias", False, "attention biases on the output projection are not implemented")
+
 FAMILIES = {family.model_type: family for family in (
     Family("qwen2", _QWEN2_SHAPED_NAMES, "Qwen2ForCausalLM", _read_qwen2_shaped, _write_transformers,
-           qkv_bias=True, transformers_config="Qwen2Config", headless=True),
+           qkv_bias=True, fixed=(_NO_QWEN2_WINDOW,), transformers_config="Qwen2Config",
+           bare_architecture="Qwen2Model"),
+    Family("qwen3", _QWEN2_SHAPED_NAMES, "Qwen3ForCausalLM", _read_qwen2_shaped, _write_transformers,
+           qk_norm=True, fixed=(_NO_QWEN2_WINDOW, _NO_ATTENTION_BIAS), default_head_dim=128,
+           transformers_config="Qwen3Config", bare_architecture="Qwen3Model"),
     Family("Dream", _QWEN2_SHAPED_NAMES, "DreamModel", _read_qwen2_shaped, _write_transformers,
-           qkv_bias=True, transformers_config="Qwen2Config",
+           qkv_bias=True, fixed=(_NO_QWEN2_WINDOW,), transformers_config="Qwen2Config",
            auto_map={"AutoConfig": "configuration_dream.DreamConfig", "AutoModel": "modeling_dream.DreamModel"},
            code_repo="Dream-org/Dream-v0-Base-7B",
            code_files=("configuration_dream.py", "modeling_dream.py", "generation_utils.py")),
     Family("llama", _QWEN2_SHAPED_NAMES, "LlamaForCausalLM", _read_qwen2_shaped, _write_transformers,
-           transformers_config="LlamaConfig", headless=True),
+           fixed=(_NO_ATTENTION_BIAS, ("mlp_bias", False, "MLP biases are not implemented")),
+           transformers_config="LlamaConfig", bare_architecture="LlamaModel"),
     Family("mistral", _QWEN2_SHAPED_NAMES, "MistralForCausalLM", _read_qwen2_shaped, _write_transformers,
-           sliding_window=True, transformers_config="MistralConfig", headless=True),
+           sliding_window=True, fixed=(_NO_ATTENTION_BIAS,), transformers_config="MistralConfig",
+           bare_architecture="MistralModel"),
     Family("llada", _LLADA_NAMES, "LLaDAModelLM", _read_llada, _write_llada,
            auto_map={"AutoConfig": "configuration_llada.LLaDAConfig",
                      "AutoModelForCausalLM": "modeling_llada.LLaDAModelLM", "AutoModel": "modeling_llada.LLaDAModelLM"},
@@ -272,11 +299,17 @@ def config_from_hf_file(path: str | Path) -> ModelConfig:
 
 
 def hf_config(cfg: ModelConfig, *, dtype: str = "float32", extra: dict | None = None) -> dict:
-    """The config.json of `cfg` in its family's field names; `extra` (e.g. token ids) is added last."""
+    """The config.json of `cfg` in its family's field names; `extra` (e.g. token ids) is added last. A
+    model without its untied LM head is written as its family's bare decoder class (e.g. Qwen2Model)."""
     family = FAMILIES[cfg.model_type]
     extra = dict(extra or {})
     tokens = {key: extra.pop(key, None) for key in SPECIAL_TOKENS}
+    if not cfg.lm_head and not family.headless:
+        raise ValueError(f"this {cfg.model_type} model has no LM head, and {family.architecture}, the one class "
+                         f"its code offers, has one: there is no Hugging Face form to write it as")
     out = family.write(cfg, tokens, family) | {"dtype": dtype}
+    if not cfg.lm_head:  # a bare decoder: its AutoModel class (what save_pretrained of one writes)
+        out["architectures"] = [family.bare_architecture]
     if family.remote_code:
         out["torch_dtype"] = dtype  # what their (transformers 4 era) code reads
         out["auto_map"] = family.auto_map  # the source's own, if any, comes in `extra`

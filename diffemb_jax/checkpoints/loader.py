@@ -13,7 +13,7 @@ import jax.numpy as jnp
 from flax import nnx
 from tqdm.auto import tqdm
 
-from diffemb_jax.checkpoints.keymaps import KeyMap, is_transposed
+from diffemb_jax.checkpoints.keymaps import KeyMap, is_transposed, keymap_for
 from diffemb_jax.parallel import ShardingFn, logical_axes, single_device
 from diffemb_jax.checkpoints.sources import CheckpointError, TensorSource
 from diffemb_jax.model import Decoder, ModelConfig
@@ -64,7 +64,7 @@ def load_decoder(source: TensorSource, cfg: ModelConfig, *, dtype=jnp.float32, p
                  sharding_for: ShardingFn = single_device, progress: bool = True) -> Decoder:
     graphdef, state = nnx.split(abstract_decoder(cfg, dtype=dtype, param_dtype=param_dtype))
     expected = dict(nnx.to_flat_state(state))
-    plan = _match(source, KeyMap(cfg.model_type, cfg.tie_word_embeddings), expected)
+    plan = _match(source, keymap_for(cfg, source.names()), expected)  # prefixed or bare names
     values = state.to_pure_dict()
     for path, variable in tqdm(expected.items(), desc="loading weights", unit="tensor", disable=not progress):
         name, transposed = plan[path], is_transposed(path)

@@ -1,6 +1,7 @@
 """ModelConfig: the shape of a decoder, one type for all families.
 
-Family differences live here as values (q/k/v bias, grouped-query heads, rope theta, tied head),
+Family differences live here as values (q/k/v bias, q/k norms, grouped-query heads, head_dim, rope
+theta, tied or missing head),
 never as branches in the layers. Reading it from a checkpoint's config.json is the checkpoints'
 business (checkpoints/families.py): the model knows nothing of Hugging Face.
 """
@@ -29,7 +30,11 @@ class ModelConfig:
     rope_theta: float = 10000.0
     rms_norm_eps: float = 1e-6
     qkv_bias: bool = False
+    qk_norm: bool = False  # RMSNorm over head_dim on each head of q and k, after projection, before RoPE (Qwen3)
     tie_word_embeddings: bool = False
+    # The untied LM head is present. False: a bare decoder (e.g. a Qwen2Model saved with save_pretrained)
+    # whose checkpoint holds no head: none is built, `Decoder.logits` raises; encoding needs none.
+    lm_head: bool = True
     sliding_window: int | None = None  # causal mode only, as in transformers' Mistral
     max_position_embeddings: int = 32768
     mask_token_id: int | None = None  # diffusion LMs (Dream, LLaDA)
@@ -38,6 +43,9 @@ class ModelConfig:
         if self.num_heads % self.num_kv_heads:
             raise UnsupportedConfigError(
                 f"num_heads ({self.num_heads}) must be a multiple of num_kv_heads ({self.num_kv_heads})")
+        if self.tie_word_embeddings and not self.lm_head:
+            raise UnsupportedConfigError(
+                "lm_head=False is for an untied head a checkpoint lacks; a tied head is the embedding matrix")
 
     def to_json(self) -> str:
         return json.dumps(dataclasses.asdict(self), indent=2)

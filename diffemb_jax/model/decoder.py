@@ -1,7 +1,7 @@
-"""One Flax NNX decoder for Dream, LLaDA, Qwen2, LLaMA and Mistral, bidirectional or causal.
+"""One Flax NNX decoder for Dream, LLaDA, Qwen2, Qwen3, LLaMA and Mistral, bidirectional or causal.
 
-Pre-norm blocks of RMSNorm, rotate-half RoPE attention with grouped-query heads and optional q/k/v
-bias, and a SwiGLU MLP. Parameters carry logical axis names (vocab, embed, q_heads, kv_heads, mlp,
+Pre-norm blocks of RMSNorm, rotate-half RoPE attention with grouped-query heads, optional q/k/v
+bias and optional per-head q/k RMSNorm (cfg.qk_norm), and a SwiGLU MLP. Parameters carry logical axis names (vocab, embed, q_heads, kv_heads, mlp,
 norm) that parallel rules map onto a mesh. Positions count from each sequence's first real token, so
 left and right padding give the same hidden states on the real tokens.
 """
@@ -68,6 +68,9 @@ class Attention(nnx.Module):
         self.k_proj = _linear(d, cfg.num_kv_heads * hd, ("embed", "kv_heads"), bias=cfg.qkv_bias, **kw)
         self.v_proj = _linear(d, cfg.num_kv_heads * hd, ("embed", "kv_heads"), bias=cfg.qkv_bias, **kw)
         self.o_proj = _linear(cfg.num_heads * hd, d, ("q_heads", "embed"), bias=False, **kw)
+        if cfg.qk_norm:  # one scale over head_dim, shared by every head
+            self.q_norm = RMSNorm(hd, cfg.rms_norm_eps, param_dtype=param_dtype)
+            self.k_norm = RMSNorm(hd, cfg.rms_norm_eps, param_dtype=param_dtype)
 
     def __call__(self, x, positions, segment_ids, options: ForwardOptions, packed: bool, dropout_key=None):
         b, l, _ = x.shape
@@ -75,6 +78,8 @@ class Attention(nnx.Module):
         q = _project(self.q_proj, x, dropout_key).reshape(b, l, cfg.num_heads, cfg.head_dim)
         k = _project(self.k_proj, x, dropout_key).reshape(b, l, cfg.num_kv_heads, cfg.head_dim)
         v = _project(self.v_proj, x, dropout_key).reshape(b, l, cfg.num_kv_heads, cfg.head_dim)
+        if cfg.qk_norm:
+            q, k = self.q_norm(q), self.k_norm(k)
         q, k = rope(q, positions, cfg.rope_theta), rope(k, positions, cfg.rope_theta)
         out = attend(q, k, v, segment_ids, causal=options.causal, sliding_window=cfg.sliding_window,
                      kernel=options.kernel, packed=packed)
@@ -124,7 +129,8 @@ def _rematerialised(run, block, x, dropout_key, policy):
 
 class Decoder(nnx.Module):
     """Token ids + segment ids -> final-norm hidden states; `logits` adds the LM head. How the pass
-    runs (attention mode, kernel, remat) is a ForwardOptions given with each call."""
+    runs (attention mode, kernel, remat) is a ForwardOptions given with each call. An untied head
+exists only when cfg.lm_head (a bare checkpoint has none)."""
 
     def __init__(self, cfg: ModelConfig, *, rngs: nnx.Rngs, dtype=jnp.float32, param_dtype=jnp.float32):
         self.cfg = cfg
@@ -140,7 +146,7 @@ class Decoder(nnx.Module):
         self.layers = nnx.List(
             [Block(cfg, dtype=dtype, param_dtype=param_dtype, rngs=rngs) for _ in range(cfg.num_layers)])
         self.final_norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps, param_dtype=param_dtype)
-        if not cfg.tie_word_embeddings:
+        if not cfg.tie_word_embeddings and cfg.lm_head:
             self.lm_head = _linear(cfg.hidden_size, cfg.vocab_size, ("embed", "vocab"), bias=False,
                                    dtype=dtype, param_dtype=param_dtype, rngs=rngs)
 
@@ -168,4 +174,9 @@ class Decoder(nnx.Module):
     def logits(self, hidden: jax.Array) -> jax.Array:
         if self.cfg.tie_word_embeddings:
             return self.embed.attend(hidden)
+        if not self.cfg.lm_head:
+            raise ValueError(
+                f"this {self.cfg.model_type} decoder has no LM head: its checkpoint is a bare decoder (the "
+                "AutoModel layout, no lm_head.weight). Encoding needs none; logits (diffemb adapt) do: load "
+                "the checkpoint that carries the head (the ForCausalLM one)")
         return self.lm_head(hidden)

@@ -31,7 +31,7 @@ def with_vocab_rows(model: Decoder, rows: int, **config_changes) -> Decoder:
 
     if extra:
         values["embed"]["embedding"] = grown(values["embed"]["embedding"], 0)
-        if not cfg.tie_word_embeddings:
+        if "lm_head" in values:
             values["lm_head"]["kernel"] = grown(values["lm_head"]["kernel"], 1)
     param_dtype = values["embed"]["embedding"].dtype
     graphdef, state = nnx.split(nnx.eval_shape(
