@@ -13,6 +13,7 @@ Every request body is JSON (Content-Type application/json, else 415; at most MAX
 from __future__ import annotations
 
 import base64
+import contextlib
 import dataclasses
 import hmac
 import json
@@ -181,6 +182,13 @@ async def _crash(request, exc: Exception):
 
 
 def create_app(service: Service, api_key: str | None = None):
-    app = Starlette(routes=_routes(service),
+    @contextlib.asynccontextmanager
+    async def lifespan(app):
+        yield
+        # uvicorn runs this once the requests it accepted are answered: the queue is empty by now
+        await anyio.to_thread.run_sync(service.batcher.close)
+        print("diffemb serve: stopped, every accepted request answered", flush=True)
+
+    app = Starlette(routes=_routes(service), lifespan=lifespan,
                     exception_handlers={ApiError: _api_error, HTTPException: _http_error, Exception: _crash})
     return _Guard(app, service, api_key)

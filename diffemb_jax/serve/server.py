@@ -1,6 +1,8 @@
 """Start a server: warm up (every program built before the port opens), then uvicorn on host:port
 until SIGTERM or SIGINT. On either, uvicorn stops accepting connections and waits for the requests
-it accepted (up to `drain_s`); then the device loop encodes what is left in its queue and stops."""
+it accepted (up to `drain_s`); then the device loop encodes what is left in its queue and stops
+(app.py's lifespan). uvicorn then raises the signal again, so the process ends as killed by it
+(exit status -15 for SIGTERM), the convention process managers expect."""
 
 from __future__ import annotations
 
