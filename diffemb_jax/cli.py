@@ -1,4 +1,4 @@
-"""`diffemb`: convert | export | encode | evaluate | adapt | train | plan | demo | reproduce | bench."""
+"""`diffemb`: convert | export | encode | evaluate | adapt | train | plan | demo | reproduce | bench | serve."""
 
 from __future__ import annotations
 
@@ -302,6 +302,25 @@ def _bench(args) -> None:
     compare.main(args)
 
 
+def _serve(args) -> None:
+    from diffemb_jax.serve.server import build_service, read_api_key, serve
+
+    prompts = {}
+    for item in args.prompt:
+        name, sep, instruction = item.partition("=")
+        if not sep or not name:
+            raise ValueError(f"--prompt {item!r}: give NAME=INSTRUCTION")
+        prompts[name] = instruction
+    if args.max_wait_ms < 0 or args.max_inputs < 1 or args.max_queue < 1:
+        raise ValueError("--max-wait-ms must be >= 0, --max-inputs and --max-queue >= 1")
+    api_key = read_api_key(args.api_key_file) if args.api_key_file else None
+    service = build_service(_embedder(args), model_name=args.model_name or args.model,
+                            max_batch_tokens=args.max_batch_tokens or 2**62, max_wait_ms=args.max_wait_ms,
+                            max_inputs=args.max_inputs, max_queue=args.max_queue, prompts=prompts,
+                            attention=args.attention)
+    serve(service, host=args.host, port=args.port, api_key=api_key)
+
+
 def build_parser() -> argparse.ArgumentParser:
     from diffemb_jax.bench import flags as bench_flags
     from diffemb_jax.embedding.embedder import DEFAULT_MAX_BATCH_TOKENS, PACK_LENGTH
@@ -397,6 +416,34 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--model", default=None, help="the autoregressive base model (default: the bundled SmolLM2-135M)")
     p.add_argument("--seeds", type=int, default=None, help="fine-tuning seeds a row (default: the budget's, 3)")
     p.set_defaults(func=_reproduce)
+
+    p = sub.add_parser("serve", help="an HTTP embedding server: OpenAI's POST /v1/embeddings, TEI's POST /embed, "
+                       "/health, /info, /metrics; requests batched together on the device")
+    p.add_argument("--model", required=True, help="converted directory, HF model directory or .gguf file")
+    p.add_argument("--adapter", default=None, help="PEFT LoRA adapter directory merged into the model's weights")
+    p.add_argument("--model-name", default=None, help="the name /v1/embeddings answers with (default: --model)")
+    p.add_argument("--attention", choices=ATTENTION_MODES, default="bidirectional")
+    p.add_argument("--pooling", choices=POOLING_MODES, default="mean")
+    p.add_argument("--skip-instruction", action="store_true", help="pool only the tokens after the instruction")
+    p.add_argument("--prompt", action="append", default=[], metavar="NAME=INSTRUCTION",
+                   help="an instruction a request can name (TEI's prompt_name); repeatable")
+    p.add_argument("--max-length", type=int, default=512, help="longest input in tokens (longer: 400, or cut "
+                   "when the request says truncate)")
+    p.add_argument("--batch-size", type=int, default=16, help=BATCH_SIZE_HELP)
+    p.add_argument("--max-batch-tokens", type=int, default=DEFAULT_MAX_BATCH_TOKENS,
+                   help="tokens the device loop takes from the queue at once, and " + MAX_BATCH_TOKENS_HELP)
+    p.add_argument("--max-wait-ms", type=float, default=5.0, help="how long the oldest queued request waits "
+                   "for others to batch with")
+    p.add_argument("--max-inputs", type=int, default=512, help="most inputs a request may hold")
+    p.add_argument("--max-queue", type=int, default=8192, help="most inputs queued; past it: 429 with Retry-After")
+    p.add_argument("--pack-length", type=int, default=PACK_LENGTH, help=PACK_LENGTH_HELP)
+    p.add_argument("--dtype", choices=("float32", "bfloat16"), default="float32")
+    p.add_argument("--kernel", choices=KERNELS, default="auto")
+    p.add_argument("--host", default="127.0.0.1", help="address to bind (default loopback only)")
+    p.add_argument("--port", type=int, default=8080)
+    p.add_argument("--api-key-file", default=None, help="file holding the key: requests then need "
+                   "Authorization: Bearer <key> (all but /health)")
+    p.set_defaults(func=_serve, mesh=None)
 
     bench_flags.add_parser(sub).set_defaults(func=_bench)
     return parser

@@ -129,15 +129,27 @@ class Embedder:
         if tokens.truncated:
             log.warning("%d of %d texts were longer than max_length=%d tokens and were truncated",
                         tokens.truncated, len(texts), self.max_length)
-        plan = plan_batches([len(row) for row in tokens.ids], self.buckets, self.batch_size,
+        return self.encode_tokens(tokens.ids, tokens.embed_lengths, progress=progress)
+
+    def encode_tokens(self, ids: list[list[int]], embed_lengths: list[int], *, progress: bool = False) -> np.ndarray:
+        """Already tokenised texts (each 1..max_length ids; the last embed_lengths[i] of them form
+        the embed mask) -> their vectors, in order: encode's batching, without its
+        prompt and tokeniser (the server tokenises each request itself, then encodes many together)."""
+        if not ids:
+            return np.zeros((0, self.model.cfg.hidden_size), np.float32)
+        bad = [i for i, row in enumerate(ids) if not 1 <= len(row) <= self.max_length]
+        if bad:
+            raise ValueError(f"token lists at positions {bad[:10]} are empty or longer than "
+                             f"max_length={self.max_length}")
+        plan = plan_batches([len(row) for row in ids], self.buckets, self.batch_size,
                             self.max_batch_tokens, self.shards, self.pack_length)
-        out = np.zeros((len(texts), self.model.cfg.hidden_size), np.float32)
+        out = np.zeros((len(ids), self.model.cfg.hidden_size), np.float32)
         pending = None  # (rows, vectors) of the batch on the device while the next one is packed and sent
-        with tqdm(total=len(texts), desc="encoding", unit="text", disable=not progress) as bar:
+        with tqdm(total=len(ids), desc="encoding", unit="text", disable=not progress) as bar:
             for rows, length, padded_rows in [*plan, (None, None, None)]:
                 dispatched = None
                 if rows:
-                    batch = pack_batch(tokens.ids, tokens.embed_lengths, rows, length, padded_rows)
+                    batch = pack_batch(ids, embed_lengths, rows, length, padded_rows)
                     packed = length <= self.pack_length  # the program pools each text of a row apart
                     dispatched = (rows, self._dispatch(batch, row_capacity(length) if packed else 1))
                 if pending is not None:
