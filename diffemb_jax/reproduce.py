@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import os
 import platform
 import random
 import statistics
@@ -91,9 +92,16 @@ def default_budget() -> str:
 
 
 def hardware() -> str:
+    """The host CPU (its model name where /proc/cpuinfo gives it) and cores, the devices, jax."""
+    cpu = platform.processor() or platform.machine()
+    cpuinfo = Path("/proc/cpuinfo")
+    if cpuinfo.exists():
+        names = [line.split(":", 1)[1].strip() for line in cpuinfo.read_text().splitlines()
+                 if line.startswith("model name")]
+        cpu = names[0] if names else cpu
     devices = jax.devices()
-    return (f"{platform.processor() or platform.machine()}, {len(devices)} x {devices[0].device_kind} "
-            f"({jax.default_backend()}), jax {jax.__version__}")
+    return (f"{cpu}, {os.cpu_count()} cores; {len(devices)} x {devices[0].device_kind} ({jax.default_backend()}); "
+            f"jax {jax.__version__}")
 
 
 def _save_json(path: Path, value) -> None:
