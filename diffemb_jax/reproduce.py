@@ -233,8 +233,8 @@ def run(budget_name: str | None = None, *, workdir: str | Path | None = None, mo
         adapted[objective], adaptation[objective] = _adapted(base, objective, budget, text, held_out_text, root,
                                                              progress)
     results: dict[str, list] = {}
-    for key, attention, objective, label in ROWS:
-        for seed in range(seeds):
+    for seed in range(seeds):  # seed by seed: a run cut short still has every row at the same seeds
+        for key, attention, objective, label in ROWS:
             done = root / "runs" / f"{key}-seed{seed}.json"
             if not done.exists():
                 print(f"\n== ({key}) {label}, seed {seed}", flush=True)
