@@ -285,9 +285,11 @@ def _plan(argv: list[str]) -> None:
 
 
 def _demo(args) -> None:
+    import dataclasses
+
     from diffemb_jax import demo
 
-    demo.run()
+    demo.run(dataclasses.replace(demo.DEFAULT_SETTINGS, workdir=args.workdir))
 
 
 def _reproduce(args) -> None:
@@ -401,8 +403,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=_evaluate)
 
     p = sub.add_parser("demo", help="the method end to end on the bundled SmolLM2-135M: a LoRA embedder trained "
-                       "with bidirectional and with causal attention on docstring -> code search over the "
-                       "standard library, nDCG@10 on held-out modules before and after")
+                       "with causal attention, with bidirectional attention, and bidirectionally after a "
+                       "masked-diffusion adaptation, on docstring -> code search over the standard library; "
+                       "nDCG@10 on held-out modules before and after")
+    p.add_argument("--workdir", default=None, help="where the adapted model (made once, reused after) and each "
+                   "row's trained adapter are kept (default: the project's cache, <cache>/demo)")
     p.set_defaults(func=_demo)
 
     p = sub.add_parser("reproduce", help="the paper's comparison at small scale: SmolLM2-135M causal, bidirectional, "

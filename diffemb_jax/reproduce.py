@@ -34,11 +34,10 @@ from diffemb_jax import assets, atomic
 from diffemb_jax.cache import cache_dir
 from diffemb_jax.checkpoints.bundled import converted_smollm2
 from diffemb_jax.evaluation import code_corpus
-from diffemb_jax.evaluation.held_out import HeldOut, eval_subset, fine_tune_and_score
+from diffemb_jax.evaluation.held_out import HeldOut, adaptation_table, adapted_model, eval_subset, fine_tune_and_score
 from diffemb_jax.evaluation.retrieval import evaluate_embedder
 from diffemb_jax.evaluation.stdlib_task import INSTRUCTION, write_jsonl
-from diffemb_jax.training.adapt import MODEL_DIR, Adaptation
-from diffemb_jax.training.config import adapt_config, base_config
+from diffemb_jax.training.config import base_config
 
 LONG_INSTRUCTION = "Given a description of a Python module, retrieve its source"
 
@@ -107,31 +106,6 @@ def hardware() -> str:
 def _save_json(path: Path, value) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
     atomic.write_file(path, lambda f: json.dump(value, f, indent=2), text=True)
-
-
-def _adapted(base: Path, objective: str, budget: Budget, text: Path, held_out_text: Path, workdir: Path,
-             progress: bool) -> tuple[Path, dict]:
-    """The adapted model's folder (made unless it is there) and its held-out scores before/after."""
-    folder = workdir / f"adapt-{objective}"
-    if not (folder / MODEL_DIR).exists():
-        c = adapt_config()
-        c.model.path = str(base)
-        c.objective.kind = objective
-        if objective == "mntp":  # llm2vec: LoRA r=16 on every projection
-            c.lora.update(rank=16, alpha=32.0, dropout=0.05)
-        c.data.update(files=(str(text),), eval_files=(str(held_out_text),), length=budget.adapt_length)
-        c.train.update(steps=budget.adapt_steps, global_batch_size=budget.adapt_batch, lr=budget.adapt_lr,
-                       warmup_steps=max(budget.adapt_steps // 10, 1), remat="none",
-                       checkpoint_every=max(budget.adapt_steps // 4, 1), keep_checkpoints=1)
-        print(f"\n== adapting ({objective}): {budget.adapt_steps} steps x {budget.adapt_batch} rows of "
-              f"{budget.adapt_length} tokens", flush=True)
-        Adaptation(c, folder, progress=progress).run()
-    records = [json.loads(line) for line in (folder / "metrics.jsonl").read_text().splitlines() if line.strip()]
-    evals = [r for r in records if "eval_accuracy" in r]
-    losses = [r["loss"] for r in records if "loss" in r]
-    return folder / MODEL_DIR, {"eval_before": evals[0] if evals else {}, "eval_after": evals[-1] if evals else {},
-                                "first_loss": losses[0] if losses else float("nan"),
-                                "last_loss": losses[-1] if losses else float("nan")}
 
 
 def _adaptation_text(path: Path, budget: Budget, test_packages) -> None:
@@ -230,8 +204,9 @@ def run(budget_name: str | None = None, *, workdir: str | Path | None = None, mo
 
     adapted, adaptation = {None: base}, {}
     for objective in ("mntp", "diffusion"):
-        adapted[objective], adaptation[objective] = _adapted(base, objective, budget, text, held_out_text, root,
-                                                             progress)
+        adapted[objective], adaptation[objective] = adapted_model(
+            base, objective, root / f"adapt-{objective}", text, held_out_text, steps=budget.adapt_steps,
+            batch=budget.adapt_batch, length=budget.adapt_length, lr=budget.adapt_lr, progress=progress)
     results: dict[str, list] = {}
     for seed in range(seeds):  # seed by seed: a run cut short still has every row at the same seeds
         for key, attention, objective, label in ROWS:
@@ -259,15 +234,6 @@ def run(budget_name: str | None = None, *, workdir: str | Path | None = None, mo
     print(f"nDCG@10 on held-out packages ({', '.join(test_packages)}), mean ± sd over {seeds} seeds; "
           f"{report['seconds']:.0f} s on {report['hardware']}. Everything is in {root / 'results.json'}.")
     return report
-
-
-def adaptation_table(adaptation: dict) -> str:
-    lines = ["| adaptation | loss first -> last | held-out masked-token accuracy before -> after |", "|---|---|---|"]
-    for objective, a in adaptation.items():
-        before, after = a["eval_before"].get("eval_accuracy", float("nan")), a["eval_after"].get("eval_accuracy",
-                                                                                                 float("nan"))
-        lines.append(f"| {objective} | {a['first_loss']:.3f} -> {a['last_loss']:.3f} | {before:.3f} -> {after:.3f} |")
-    return "\n".join(lines)
 
 
 def _set_size(s) -> dict[str, int]:

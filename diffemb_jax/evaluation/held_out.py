@@ -11,6 +11,7 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import io
+import json
 import logging
 import random
 import time
@@ -22,6 +23,8 @@ from diffemb_jax.embedding import Embedder
 from diffemb_jax.evaluation.retrieval import RetrievalSet, evaluate_embedder
 from diffemb_jax.model import ForwardOptions
 from diffemb_jax.model.lora import merge_lora
+from diffemb_jax.training.adapt import MODEL_DIR, Adaptation
+from diffemb_jax.training.config import adapt_config
 from diffemb_jax.training.trainer import Trainer, lora_config
 
 
@@ -107,3 +110,36 @@ def fine_tune_and_score(config, workdir: Path, held_out: list[HeldOut], *, batch
     return {**result, "after": scores("after"), "steps": len(history), "train_seconds": seconds,
             "first_loss": history[0]["loss"] if history else float("nan"),
             "last_loss": history[-1]["loss"] if history else float("nan")}
+
+
+def adapted_model(base: Path, objective: str, folder: Path, text: Path, held_out_text: Path, *, steps: int,
+                  batch: int, length: int, lr: float, progress: bool = False) -> tuple[Path, dict]:
+    """The model `diffemb adapt` makes from `base` in `folder` (made unless it is there already, so
+    a rerun reuses it), and its held-out scores: {"eval_before", "eval_after", "first_loss",
+    "last_loss"}. mntp is llm2vec's (LoRA r=16 on every projection), diffusion is full-parameter."""
+    if not (folder / MODEL_DIR).exists():
+        c = adapt_config()
+        c.model.path = str(base)
+        c.objective.kind = objective
+        if objective == "mntp":
+            c.lora.update(rank=16, alpha=32.0, dropout=0.05)
+        c.data.update(files=(str(text),), eval_files=(str(held_out_text),), length=length)
+        c.train.update(steps=steps, global_batch_size=batch, lr=lr, warmup_steps=max(steps // 10, 1), remat="none",
+                       checkpoint_every=max(steps // 4, 1), keep_checkpoints=1)
+        print(f"\n== adapting ({objective}): {steps} steps x {batch} rows of {length} tokens", flush=True)
+        Adaptation(c, folder, progress=progress).run()
+    records = [json.loads(line) for line in (folder / "metrics.jsonl").read_text().splitlines() if line.strip()]
+    evals = [r for r in records if "eval_accuracy" in r]
+    losses = [r["loss"] for r in records if "loss" in r]
+    return folder / MODEL_DIR, {"eval_before": evals[0] if evals else {}, "eval_after": evals[-1] if evals else {},
+                                "first_loss": losses[0] if losses else float("nan"),
+                                "last_loss": losses[-1] if losses else float("nan")}
+
+
+def adaptation_table(adaptation: dict) -> str:
+    lines = ["| adaptation | loss first -> last | held-out masked-token accuracy before -> after |", "|---|---|---|"]
+    for objective, a in adaptation.items():
+        before, after = a["eval_before"].get("eval_accuracy", float("nan")), a["eval_after"].get("eval_accuracy",
+                                                                                                 float("nan"))
+        lines.append(f"| {objective} | {a['first_loss']:.3f} -> {a['last_loss']:.3f} | {before:.3f} -> {after:.3f} |")
+    return "\n".join(lines)
