@@ -7,6 +7,7 @@ SIZE: full (default) | small (a 135M model on a CPU in minutes) | tiny (tests)
 Set --config.model.path and --config.data.files.
 """
 
+from diffemb_jax.errors import ConfigError
 from diffemb_jax.training.config import adapt_config
 
 SIZES = {
@@ -20,7 +21,7 @@ def get_config(arg: str = "diffusion"):
     objective, _, size = arg.partition(",")
     size = size or "full"
     if objective not in ("diffusion", "mntp") or size not in SIZES:
-        raise ValueError(f"--config=configs/adapt.py:OBJECTIVE[,SIZE] with OBJECTIVE diffusion | mntp and SIZE in "
+        raise ConfigError(f"--config=configs/adapt.py:OBJECTIVE[,SIZE] with OBJECTIVE diffusion | mntp and SIZE in "
                          f"{tuple(SIZES)}; got {arg!r}")
     c = adapt_config()
     c.objective.kind = objective

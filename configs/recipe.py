@@ -19,6 +19,7 @@ The reference's run_supervised.py: loss_scale default 50 (no supervised config s
 stops at min(stop_after_n_steps, one epoch). llada-8b has no config in the reference: it takes Dream's.
 """
 
+from diffemb_jax.errors import ConfigError
 from diffemb_jax.training.config import base_config
 
 DIFFUSION = ("dream-7b", "llada-8b")
@@ -90,7 +91,7 @@ def recipe_values(model: str, recipe: str) -> dict:
 def get_config(arg: str = "dream-7b,long_documents"):
     model, _, recipe = arg.partition(",")
     if model not in MODELS or ALIASES.get(recipe, recipe) not in RECIPES:
-        raise ValueError(f"--config=configs/recipe.py:MODEL,RECIPE with MODEL in {MODELS} "
+        raise ConfigError(f"--config=configs/recipe.py:MODEL,RECIPE with MODEL in {MODELS} "
                          f"and RECIPE in {tuple(RECIPES) + tuple(ALIASES)}; got {arg!r}")
     r = recipe_values(model, recipe)
     c = base_config()

@@ -10,11 +10,13 @@ from __future__ import annotations
 import importlib.util
 from pathlib import Path
 
+from diffemb_jax.errors import MissingPathError
+
 
 def _package_dir(package: str, pip_name: str) -> Path:
     spec = importlib.util.find_spec(package)
     if spec is None or not spec.submodule_search_locations:
-        raise FileNotFoundError(f"package {pip_name!r} is not installed: pip install --no-deps {pip_name}")
+        raise MissingPathError(f"package {pip_name!r} is not installed: pip install --no-deps {pip_name}")
     return Path(spec.submodule_search_locations[0])
 
 

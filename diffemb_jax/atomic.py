@@ -15,6 +15,8 @@ import tempfile
 from pathlib import Path
 from typing import IO, Callable
 
+from diffemb_jax.errors import MissingPathError, PathExistsError
+
 
 def _umask() -> int:
     """The process's umask, read without changing it (os.umask can only be read by setting it, which
@@ -73,9 +75,9 @@ def new_directory(out: str | Path) -> Path:
     """The path of a directory to be made: refuses one that exists or whose parent folder does not."""
     out = Path(out)
     if out.exists():
-        raise FileExistsError(f"{out} already exists; choose a new output directory or remove it")
+        raise PathExistsError(f"{out} already exists; choose a new output directory or remove it")
     if not out.parent.is_dir():
-        raise FileNotFoundError(f"the folder {out.parent} for {out.name} does not exist")
+        raise MissingPathError(f"the folder {out.parent} for {out.name} does not exist")
     return out
 
 

@@ -7,6 +7,8 @@ import logging
 import sys
 from pathlib import Path
 
+from diffemb_jax.errors import ConfigError, UserError
+
 
 def _convert(args) -> None:
     from diffemb_jax.checkpoints import convert
@@ -31,7 +33,7 @@ def _embedder(args):
     mesh = None
     if args.mesh:
         parallel.initialize_distributed()
-        mesh = parallel.make_mesh(*(int(n) for n in args.mesh.split(",")))
+        mesh = parallel.make_mesh(*args.mesh)
     return Embedder.from_pretrained(
         args.model, adapter=args.adapter, attention=args.attention, dtype=args.dtype, kernel=args.kernel,
         pooling=args.pooling,
@@ -47,7 +49,7 @@ def _encode(args) -> None:
 
     output = check_output_path(args.output)
     if args.dimensions is not None and args.dimensions < 1:
-        raise ValueError(f"--dimensions {args.dimensions}: give a positive number of components")
+        raise UserError(f"--dimensions {args.dimensions}: give a positive number of components")
     texts = read_texts(args.input)
     embedder = _embedder(args)
     if args.dimensions is not None:  # checked before the texts are encoded
@@ -193,6 +195,8 @@ def _training_flags(command: str, argv: list[str]):
     from absl import flags
     from ml_collections import config_flags
 
+    from diffemb_jax.training.config import check_choices
+
     if {"-h", "--help", "-help", "--helpfull"} & set(argv):
         print(_training_help(command))
         raise SystemExit(0)
@@ -204,9 +208,10 @@ def _training_flags(command: str, argv: list[str]):
     try:
         values(argv)
     except (flags.Error, AttributeError, KeyError) as e:
-        raise ValueError(str(e)) from e
+        raise ConfigError(str(e)) from e
     if values.config is None or values.workdir is None:
-        raise ValueError(f"usage: diffemb {command} --config configs/X.py --workdir DIR [--config.key=value ...]")
+        raise ConfigError(f"usage: diffemb {command} --config configs/X.py --workdir DIR [--config.key=value ...]")
+    check_choices(values.config)  # before the distributed runtime starts, or any weight loads
     return values.config, values.workdir
 
 
@@ -311,10 +316,10 @@ def _serve(args) -> None:
     for item in args.prompt:
         name, sep, instruction = item.partition("=")
         if not sep or not name:
-            raise ValueError(f"--prompt {item!r}: give NAME=INSTRUCTION")
+            raise UserError(f"--prompt {item!r}: give NAME=INSTRUCTION")
         prompts[name] = instruction
     if args.max_wait_ms < 0 or args.max_inputs < 1 or args.max_queue < 1:
-        raise ValueError("--max-wait-ms must be >= 0, --max-inputs and --max-queue >= 1")
+        raise UserError("--max-wait-ms must be >= 0, --max-inputs and --max-queue >= 1")
     api_key = read_api_key(args.api_key_file) if args.api_key_file else None
     service = build_service(_embedder(args), model_name=args.model_name or args.model,
                             max_batch_tokens=args.max_batch_tokens or 2**62, max_wait_ms=args.max_wait_ms,
@@ -331,6 +336,8 @@ def build_parser() -> argparse.ArgumentParser:
     from diffemb_jax.model.attention import KERNELS
 
     parser = argparse.ArgumentParser(prog="diffemb", description=__doc__)
+    parser.add_argument("--debug", action="store_true", help="show the traceback of an error in the input too "
+                        "(before the command: diffemb --debug encode ...)")
     sub = parser.add_subparsers(dest="command", required=True)
 
     p = sub.add_parser("convert", help="HF model directory or .gguf file -> converted directory")
@@ -364,7 +371,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--dtype", choices=("float32", "bfloat16"), default="float32")
     p.add_argument("--kernel", choices=KERNELS, default="auto",
                    help="attention kernel: auto picks cudnn on GPU, splash on TPU, xla elsewhere")
-    p.add_argument("--mesh", default=None, metavar="DATA,FSDP,TENSOR",
+    p.add_argument("--mesh", type=_mesh_sizes, default=None, metavar="DATA,FSDP,TENSOR",
                    help="shard over all devices, e.g. -1,1,1 (data parallel) or 4,1,2; default: one device")
     p.add_argument("--dimensions", type=int, default=None, metavar="N",
                    help="keep the first N components of each embedding, L2-normalised again (a model trained "
@@ -386,7 +393,7 @@ def build_parser() -> argparse.ArgumentParser:
     common.add_argument("--pack-length", type=int, default=PACK_LENGTH, help=PACK_LENGTH_HELP)
     common.add_argument("--dtype", choices=("float32", "bfloat16"), default="float32")
     common.add_argument("--kernel", choices=KERNELS, default="auto")
-    common.add_argument("--mesh", default=None, metavar="DATA,FSDP,TENSOR", help="shard over all devices (as encode)")
+    common.add_argument("--mesh", type=_mesh_sizes, default=None, metavar="DATA,FSDP,TENSOR", help="shard over all devices (as encode)")
     common.add_argument("--output", default=None, help="also write the results to this .json file")
     t = tasks.add_parser("retrieval", parents=[common], help="nDCG@10, MAP@100, Recall@100, MRR@10 on a BEIR folder")
     t.add_argument("--data", required=True, help="BEIR folder: corpus.jsonl, queries.jsonl, qrels/SPLIT.tsv")
@@ -454,6 +461,15 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def _mesh_sizes(text: str) -> tuple[int, int, int]:
+    from diffemb_jax.parallel import parse_mesh
+
+    try:
+        return parse_mesh(text)
+    except ConfigError as e:
+        raise argparse.ArgumentTypeError(str(e)) from None
+
+
 def _dimensions_list(text: str) -> tuple[int, ...]:
     from diffemb_jax.embedding.dimensions import parse_dimensions
 
@@ -494,6 +510,8 @@ def _benchmark_parsers(tasks, common) -> None:
 def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(level=logging.WARNING, format="%(levelname)s: %(message)s")
     argv = sys.argv[1:] if argv is None else argv
+    debug = argv[:1] == ["--debug"]  # global, before the command: train|plan|adapt read their own flags
+    argv = argv[1:] if debug else argv
     if argv[:1] != ["bench"]:  # the bench times compilation itself
         from diffemb_jax.cache import use_compilation_cache
 
@@ -502,18 +520,21 @@ def main(argv: list[str] | None = None) -> int:
         from diffemb_jax.training.trainer import TrainingDiverged
 
         work = {"train": _train, "plan": _plan, "adapt": _adapt}[argv[0]]
-        return _run(argv[0], lambda: work(argv[1:]), (TrainingDiverged,))
+        return _run(argv[0], lambda: work(argv[1:]), debug, (TrainingDiverged,))
     args = build_parser().parse_args(argv)
-    return _run(args.command, lambda: args.func(args))
+    return _run(args.command, lambda: args.func(args), debug)
 
 
-def _run(command: str, work, more_errors: tuple = ()) -> int:
-    """Run a command; user errors (bad input, a checkpoint or config that does not fit) exit 2 with
-    their message instead of a traceback. CheckpointError, InputError, UnsupportedConfigError and the
-    data pipeline's BadRowError are ValueErrors."""
+def _run(command: str, work, debug: bool, more_errors: tuple = ()) -> int:
+    """Run a command; a UserError (bad input, a checkpoint or config that does not fit) exits 2 with
+    its message, or with --debug its traceback. Anything else is a bug and keeps its traceback.
+    OSError is not caught: the CLI cannot tell a path the user gave from one the code built wrong;
+    the paths the user names are checked where they are read, and refused as UserErrors."""
     try:
         work()
-    except (ValueError, FileExistsError, FileNotFoundError, *more_errors) as e:
+    except (UserError, *more_errors) as e:
+        if debug:
+            raise
         print(f"diffemb {command}: error: {e}", file=sys.stderr)
         return 2
     return 0

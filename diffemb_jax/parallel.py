@@ -19,6 +19,8 @@ import numpy as np
 from flax import nnx
 from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
+from diffemb_jax.errors import ConfigError
+
 log = logging.getLogger(__name__)
 
 MESH_AXES = ("data", "fsdp", "tensor")
@@ -38,15 +40,27 @@ def mesh_shape(data: int = -1, fsdp: int = 1, tensor: int = 1, device_count: int
     n = jax.device_count() if device_count is None else device_count
     sizes = [data, fsdp, tensor]
     if sizes.count(-1) > 1:
-        raise ValueError(f"mesh {dict(zip(MESH_AXES, sizes))}: at most one axis may be -1")
+        raise ConfigError(f"mesh {dict(zip(MESH_AXES, sizes))}: at most one axis may be -1")
     known = math.prod(s for s in sizes if s != -1)
     if -1 in sizes:
         if n % known:
-            raise ValueError(f"mesh {dict(zip(MESH_AXES, sizes))}: {n} devices are not divisible by {known}")
+            raise ConfigError(f"mesh {dict(zip(MESH_AXES, sizes))}: {n} devices are not divisible by {known}")
         sizes[sizes.index(-1)] = n // known
     if math.prod(sizes) != n or min(sizes) < 1:
-        raise ValueError(f"mesh {dict(zip(MESH_AXES, sizes))} needs {math.prod(sizes)} devices; there are {n}")
+        raise ConfigError(f"mesh {dict(zip(MESH_AXES, sizes))} needs {math.prod(sizes)} devices; there are {n}")
     return tuple(sizes)
+
+
+def parse_mesh(text: str) -> tuple[int, int, int]:
+    """--mesh DATA,FSDP,TENSOR -> three sizes (-1: the rest of the devices), read before any work."""
+    try:
+        sizes = tuple(int(n) for n in text.split(","))
+    except ValueError:
+        sizes = ()
+    if len(sizes) != 3 or any(s == 0 or s < -1 for s in sizes):
+        raise ConfigError(f"--mesh {text!r}: give three sizes DATA,FSDP,TENSOR, each positive or -1 (the rest of "
+                          "the devices), e.g. -1,1,1 or 4,1,2")
+    return sizes
 
 
 def make_mesh(data: int = -1, fsdp: int = 1, tensor: int = 1, devices=None) -> Mesh:
@@ -146,7 +160,7 @@ def initialize_distributed(mode: str = "auto", coordinator_address: str | None =
     cluster (or the explicit arguments); "off" never starts one. What was found is logged.
     """
     if mode not in DISTRIBUTED_MODES:
-        raise ValueError(f"distributed must be one of {DISTRIBUTED_MODES}, got {mode!r}")
+        raise ConfigError(f"distributed must be one of {DISTRIBUTED_MODES}, got {mode!r}")
     if mode == "off":
         log.info("distributed=off: one process")
         return False

@@ -33,6 +33,7 @@ import numpy as np
 from diffemb_jax import assets, atomic
 from diffemb_jax.cache import cache_dir
 from diffemb_jax.checkpoints.bundled import converted_smollm2
+from diffemb_jax.errors import ConfigError
 from diffemb_jax.evaluation import code_corpus
 from diffemb_jax.evaluation.held_out import HeldOut, adaptation_table, adapted_model, eval_subset, fine_tune_and_score
 from diffemb_jax.evaluation.retrieval import evaluate_embedder
@@ -174,7 +175,7 @@ def run(budget_name: str | None = None, *, workdir: str | Path | None = None, mo
     """Run (or finish) the comparison; prints and returns {"table", "results", "adaptation", ...}."""
     budget_name = budget_name or default_budget()
     if budget_name not in BUDGETS:
-        raise ValueError(f"--budget must be one of {tuple(BUDGETS)}, got {budget_name!r}")
+        raise ConfigError(f"--budget must be one of {tuple(BUDGETS)}, got {budget_name!r}")
     budget = BUDGETS[budget_name]
     seeds = seeds or budget.seeds
     started = time.perf_counter()

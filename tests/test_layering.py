@@ -15,6 +15,7 @@ import diffemb_jax
 PACKAGE = Path(diffemb_jax.__file__).parent
 # Lowest first. A module's floor is its first dotted prefix found here.
 FLOORS = (
+    ("diffemb_jax.errors",),  # UserError and its kinds: every floor raises them
     ("diffemb_jax.atomic", "diffemb_jax.assets", "diffemb_jax.cache", "diffemb_jax.memory", "diffemb_jax.parallel",
      "diffemb_jax.batching"),
     ("diffemb_jax.model",),

@@ -23,6 +23,7 @@ from diffemb_jax.bench.report import device_mismatch, label, table
 from diffemb_jax.bench.shapes import random_checkpoint, shape_tokenizer, tokenizer_for, torch_source
 from diffemb_jax.checkpoints.bundled import converted_smollm2
 from diffemb_jax.embedding.files import write_json_atomic
+from diffemb_jax.errors import MissingPathError
 
 
 def main(args) -> dict:
@@ -45,7 +46,7 @@ def compare(args, kind: Kind) -> dict:
         else:
             model = Path(args.model) if args.model else converted_smollm2()
         if not model.exists():
-            raise FileNotFoundError(f"{model} does not exist")
+            raise MissingPathError(f"{model} does not exist")
         tokenizer = tokenizer_for(model)
         settings, payload = kind.prepare(args, tokenizer)
         settings = {"model": str(model), "shape": args.shape, "vs_torch": args.vs_torch,

@@ -7,6 +7,7 @@ from __future__ import annotations
 import ast
 import itertools
 
+from diffemb_jax.errors import ConfigError
 from diffemb_jax.evaluation.stdlib_task import first_sentence, public_functions
 
 
@@ -33,7 +34,7 @@ def fit(tokenizer, text: str, max_length: int) -> str:
 def make_texts(tokenizer, n: int, max_length: int) -> list[str]:
     texts = list(itertools.islice(filter(None, (fit(tokenizer, doc, max_length) for doc in docstrings())), n))
     if len(texts) < n:
-        raise ValueError(f"--texts {n}: there are only {len(texts)} distinct texts to bench with")
+        raise ConfigError(f"--texts {n}: there are only {len(texts)} distinct texts to bench with")
     return texts
 
 
@@ -46,7 +47,7 @@ def make_triples(n: int) -> list[tuple[str, str, str]]:
     docstring (most often of the same module)."""
     docs = list(docstrings().items())
     if len(docs) < 2 * n:
-        raise ValueError(f"--queries {n}: there are only {len(docs)} distinct texts, enough for "
+        raise ConfigError(f"--queries {n}: there are only {len(docs)} distinct texts, enough for "
                          f"{len(docs) // 2} (query, positive, negative) triples")
     return [(first_sentence(*docs[2 * i]), docs[2 * i][0], docs[2 * i + 1][0]) for i in range(n)]
 

@@ -11,6 +11,7 @@ from pathlib import Path
 
 from diffemb_jax.bench.shapes import SHAPES
 from diffemb_jax.batching import DEFAULT_MAX_BATCH_TOKENS, PACK_LENGTH
+from diffemb_jax.errors import ConfigError, MissingPathError
 from diffemb_jax.model.decoder import REMAT_POLICIES
 from diffemb_jax.parallel import BATCH_AXES, MESH_AXES
 from diffemb_jax.training.config import base_config
@@ -144,7 +145,7 @@ def mesh_of(spec: str | None) -> dict | None:
     except ValueError:
         sizes = []
     if len(sizes) != 3 or min(sizes) < 1:
-        raise ValueError(f"--mesh takes three positive sizes DATA,FSDP,TENSOR whose product is the device count "
+        raise ConfigError(f"--mesh takes three positive sizes DATA,FSDP,TENSOR whose product is the device count "
                          f"(e.g. 1,8,1), got {spec!r}")
     return dict(zip(MESH_AXES, sizes))
 
@@ -159,9 +160,9 @@ def lengths_of(spec: str) -> list[int]:
     try:
         lengths = [int(n) for n in spec.split(",")]
     except ValueError:
-        raise ValueError(f"--lengths {spec}: give token counts separated by commas, e.g. 1024,4096") from None
+        raise ConfigError(f"--lengths {spec}: give token counts separated by commas, e.g. 1024,4096") from None
     if not lengths or min(lengths) < 1 or lengths != sorted(set(lengths)):
-        raise ValueError(f"--lengths {spec}: give distinct positive token counts in ascending order")
+        raise ConfigError(f"--lengths {spec}: give distinct positive token counts in ascending order")
     return lengths
 
 
@@ -170,7 +171,7 @@ def remat_policies(spec: str) -> list[str]:
     names = list(REMAT_POLICIES) if spec == "all" else [name.strip() for name in spec.split(",")]
     unknown = [name for name in names if name not in REMAT_POLICIES]
     if unknown:
-        raise ValueError(f"--remat {spec}: unknown policy {', '.join(map(repr, unknown))}; choose from "
+        raise ConfigError(f"--remat {spec}: unknown policy {', '.join(map(repr, unknown))}; choose from "
                          f"{', '.join(REMAT_POLICIES)}, comma-separated, or all")
     return list(dict.fromkeys(names))
 
@@ -180,49 +181,49 @@ def remat_policies(spec: str) -> list[str]:
 
 def check(args) -> None:
     """What argparse does not check: values in range, flags that exclude each other, a batch that
-    --mesh divides, the folder of --json. A ValueError (FileNotFoundError) names the flag."""
+    --mesh divides, the folder of --json. A ConfigError (MissingPathError) names the flag."""
     {"encode": _check_encode, "train": _check_train, "long": _check_long}[args.what](args)
     if args.peak_tflops is not None and not args.peak_tflops > 0:
-        raise ValueError(f"--peak-tflops must be positive, got {args.peak_tflops}")
+        raise ConfigError(f"--peak-tflops must be positive, got {args.peak_tflops}")
     if args.model and args.shape:
-        raise ValueError("diffemb bench: --model and --shape exclude each other (--shape benches random weights)")
+        raise ConfigError("diffemb bench: --model and --shape exclude each other (--shape benches random weights)")
     if args.tokenizer and not args.shape:
-        raise ValueError("diffemb bench: --tokenizer is for --shape (a --model brings its own tokenizer)")
+        raise ConfigError("diffemb bench: --tokenizer is for --shape (a --model brings its own tokenizer)")
     if args.json and not Path(args.json).absolute().parent.is_dir():
-        raise FileNotFoundError(f"the folder for --json {args.json} does not exist")
+        raise MissingPathError(f"the folder for --json {args.json} does not exist")
 
 
 def _positive(args, *names: str) -> None:
     for name in names:
         if getattr(args, name) < 1:
-            raise ValueError(f"--{name.replace('_', '-')} must be positive, got {getattr(args, name)}")
+            raise ConfigError(f"--{name.replace('_', '-')} must be positive, got {getattr(args, name)}")
 
 
 def _check_encode(args) -> None:
     _positive(args, "texts", "batch_size", "max_length")
     shards = batch_shards(mesh_of(args.mesh))
     if args.batch_size % shards:
-        raise ValueError(f"--batch-size {args.batch_size} is not divisible by the {shards} batch shards of --mesh "
+        raise ConfigError(f"--batch-size {args.batch_size} is not divisible by the {shards} batch shards of --mesh "
                          f"{args.mesh} (data x fsdp)")
     if args.max_batch_tokens < 0:
-        raise ValueError(f"--max-batch-tokens must be >= 0 (0: no limit), got {args.max_batch_tokens}")
+        raise ConfigError(f"--max-batch-tokens must be >= 0 (0: no limit), got {args.max_batch_tokens}")
     if args.pack_length < 0:
-        raise ValueError(f"--pack-length must be >= 0 (0: one text a row), got {args.pack_length}")
+        raise ConfigError(f"--pack-length must be >= 0 (0: one text a row), got {args.pack_length}")
 
 
 def _check_train(args) -> None:
     _positive(args, "queries", "query_length", "doc_length", "lora_rank", "steps")
     shards = batch_shards(mesh_of(args.mesh))
     if args.queries % shards:
-        raise ValueError(f"--queries {args.queries} is not divisible by the {shards} batch shards of --mesh "
+        raise ConfigError(f"--queries {args.queries} is not divisible by the {shards} batch shards of --mesh "
                          f"{args.mesh} (data x fsdp), as the global batch must be")
     remat_policies(args.remat)
     if not 0 <= args.lora_dropout < 1:
-        raise ValueError(f"--lora-dropout must be in [0, 1), got {args.lora_dropout}")
+        raise ConfigError(f"--lora-dropout must be in [0, 1), got {args.lora_dropout}")
     if args.warmup_steps < 0:
-        raise ValueError(f"--warmup-steps must be >= 0, got {args.warmup_steps}")
+        raise ConfigError(f"--warmup-steps must be >= 0, got {args.warmup_steps}")
     if args.grad_cache_chunk < 0:
-        raise ValueError(f"--grad-cache-chunk must be >= 0 (0: the plain step), got {args.grad_cache_chunk}")
+        raise ConfigError(f"--grad-cache-chunk must be >= 0 (0: the plain step), got {args.grad_cache_chunk}")
     if args.vs_torch and importlib.util.find_spec("peft") is None:
         raise ModuleNotFoundError("diffemb bench train: the PyTorch side needs peft: pip install peft "
                                   "(or --no-vs-torch)")
@@ -232,7 +233,7 @@ def _check_long(args) -> None:
     _positive(args, "time_limit")
     lengths_of(args.lengths)
     if args.compile_only and args.profile:
-        raise ValueError("diffemb bench long --compile-only runs nothing: it takes no --profile")
+        raise ConfigError("diffemb bench long --compile-only runs nothing: it takes no --profile")
     if args.compile_only and args.tokenizer:
-        raise ValueError("diffemb bench long --compile-only compiles the encoder from the model's shape alone: "
+        raise ConfigError("diffemb bench long --compile-only compiles the encoder from the model's shape alone: "
                          "it takes no --tokenizer")

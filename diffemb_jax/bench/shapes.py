@@ -14,6 +14,7 @@ from diffemb_jax import assets, atomic
 from diffemb_jax.cache import cache_dir
 from diffemb_jax.checkpoints import is_converted
 from diffemb_jax.checkpoints.checkpoint import CONVERTED_MARKER, hf_tokenizer
+from diffemb_jax.errors import MissingPathError, UserError
 
 _7B_QWEN2 = ("qwen2", dict(hidden_size=3584, num_hidden_layers=28, num_attention_heads=28, num_key_value_heads=4,
                            intermediate_size=18944, vocab_size=152064, rope_theta=1e6, rms_norm_eps=1e-6))
@@ -50,7 +51,7 @@ def torch_source(model: Path) -> Path:
         return model
     source = json.loads((model / CONVERTED_MARKER).read_text()).get("source", "")
     if not source or not Path(source).exists():
-        raise FileNotFoundError(f"{model} was converted from {source!r}, which is gone; the PyTorch reference "
+        raise MissingPathError(f"{model} was converted from {source!r}, which is gone; the PyTorch reference "
                                 "needs those original weights: pass the HF directory or .gguf as --model")
     return Path(source)
 
@@ -60,11 +61,11 @@ def shape_tokenizer(path: str | Path | None, shape: str):
     by default the bundled SmolLM2's; its ids must fit the shape's vocabulary."""
     path = Path(path) if path is not None else assets.smollm2_gguf()
     if not path.exists():
-        raise FileNotFoundError(f"--tokenizer {path} does not exist")
+        raise MissingPathError(f"--tokenizer {path} does not exist")
     tokenizer = tokenizers.Tokenizer.from_file(str(path)) if path.suffix == ".json" else tokenizer_for(path)
     vocab = SHAPES[shape][1]["vocab_size"]
     if tokenizer.get_vocab_size() > vocab:
-        raise ValueError(f"the tokenizer {path} has {tokenizer.get_vocab_size()} ids, more than the "
+        raise UserError(f"the tokenizer {path} has {tokenizer.get_vocab_size()} ids, more than the "
                          f"{vocab} of shape {shape}: pass a --tokenizer whose ids fit")
     return tokenizer
 

@@ -18,6 +18,7 @@ import tokenizers
 from flax import nnx
 
 from diffemb_jax import atomic
+from diffemb_jax.errors import check_choice
 from diffemb_jax.checkpoints.loader import abstract_decoder, load_decoder
 from diffemb_jax.parallel import ShardingFn, placed_shapes, single_device
 from diffemb_jax.checkpoints.sources import CheckpointError, GGUFSource, gguf_config, open_weights
@@ -93,6 +94,7 @@ def open_source(path: str | Path):
 
 def convert(src: str | Path, out: str | Path, *, dtype: str = "float32", progress: bool = True) -> Path:
     """HF directory or .gguf -> converted directory at `out` (which must not exist yet)."""
+    check_choice("dtype", dtype, DTYPES)
     out = atomic.new_directory(out)  # before any slow loading
     cfg, source, tok = open_source(src)
     model = load_decoder(source, cfg, dtype=DTYPES[dtype], param_dtype=DTYPES[dtype], progress=progress)
@@ -174,6 +176,7 @@ def load_model(path: str | Path, *, dtype: str = "float32", sharding_for: Shardi
                progress: bool = True):
     """(Decoder, Tokenizer) from a converted directory, an HF directory or a .gguf file (or a Hub id
     in the local Hugging Face cache)."""
+    check_choice("dtype", dtype, DTYPES)
     path = resolve(path)
     jdtype = DTYPES[dtype]
     if is_converted(path):

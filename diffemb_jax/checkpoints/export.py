@@ -23,6 +23,7 @@ from diffemb_jax.checkpoints.checkpoint import load_model, resolve
 from diffemb_jax.checkpoints.families import CARRIED_FIELDS, FAMILIES, hf_config
 from diffemb_jax.checkpoints.keymaps import KeyMap, is_transposed
 from diffemb_jax.checkpoints.peft_adapters import load_peft_adapter
+from diffemb_jax.errors import ConfigError, UserError
 from diffemb_jax.model import Decoder
 from diffemb_jax.model.lora import merge_lora
 
@@ -38,7 +39,7 @@ def base_params(model: Decoder) -> list[tuple[tuple, nnx.Variable]]:
     flat = list(nnx.to_flat_state(nnx.state(model, nnx.Param)))
     lora = [".".join(map(str, p)) for p, v in flat if isinstance(v, nnx.LoRAParam)]
     if lora:
-        raise ValueError(f"the model carries LoRA adapters ({lora[0]}, ...): merge them first "
+        raise UserError(f"the model carries LoRA adapters ({lora[0]}, ...): merge them first "
                          "(diffemb_jax.model.lora.merge_lora) or write them with "
                          "diffemb_jax.checkpoints.peft_adapters.save_peft_adapter")
     return flat
@@ -46,7 +47,7 @@ def base_params(model: Decoder) -> list[tuple[tuple, nnx.Variable]]:
 
 def _host(value: jax.Array, name: str) -> np.ndarray:
     if not getattr(value, "is_fully_addressable", True):
-        raise ValueError(f"{name} is spread over several processes: export from a single process")
+        raise UserError(f"{name} is spread over several processes: export from a single process")
     return np.asarray(jax.device_get(value))
 
 
@@ -129,9 +130,9 @@ def export_hf(model: Decoder, tokenizer, out_dir: str | Path, *, dtype: str = "f
     "model.", no head; Dream and LLaDA, whose code has no such class, refuse.
     `extra_config` adds fields the ModelConfig does not hold (bos/eos/pad token ids)."""
     if dtype not in EXPORT_DTYPES:
-        raise ValueError(f"dtype must be one of {tuple(EXPORT_DTYPES)}, got {dtype!r}")
+        raise ConfigError(f"dtype must be one of {tuple(EXPORT_DTYPES)}, got {dtype!r}")
     if max_shard_bytes < 1:
-        raise ValueError(f"max_shard_bytes must be positive, got {max_shard_bytes}")
+        raise ConfigError(f"max_shard_bytes must be positive, got {max_shard_bytes}")
     atomic.new_directory(out_dir)
     config = hf_config(model.cfg, dtype=dtype, extra=extra_config)
     tensors = _tensors(model, EXPORT_DTYPES[dtype])
@@ -192,7 +193,7 @@ def export(src: str | Path, out: str | Path, *, adapter: str | Path | None = Non
     """Converted directory, HF directory or .gguf -> HF directory at `out`; with `adapter` (a PEFT LoRA
     directory) the adapter is applied and merged into the weights first."""
     if dtype not in EXPORT_DTYPES:
-        raise ValueError(f"dtype must be one of {tuple(EXPORT_DTYPES)}, got {dtype!r}")
+        raise ConfigError(f"dtype must be one of {tuple(EXPORT_DTYPES)}, got {dtype!r}")
     atomic.new_directory(out)  # before any slow loading
     model, tokenizer = load_model(src, dtype=dtype, progress=progress)
     if adapter is not None:

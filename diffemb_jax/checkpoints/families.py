@@ -16,6 +16,7 @@ import json
 from pathlib import Path
 from typing import Any, Callable
 
+from diffemb_jax.errors import UserError
 from diffemb_jax.model import ModelConfig, UnsupportedConfigError
 
 # ------------------------------------------------------------------------------------------ tensor names
@@ -198,7 +199,7 @@ def _write_transformers(cfg: ModelConfig, tokens: dict, family: Family) -> dict:
 
     for field in ("qkv_bias", "qk_norm"):
         if getattr(cfg, field) != getattr(family, field):
-            raise ValueError(f"a {cfg.model_type} model with {field}={getattr(cfg, field)} has no Hugging Face form")
+            raise UserError(f"a {cfg.model_type} model with {field}={getattr(cfg, field)} has no Hugging Face form")
     kw = dict(vocab_size=cfg.vocab_size, hidden_size=cfg.hidden_size, intermediate_size=cfg.intermediate_size,
               num_hidden_layers=cfg.num_layers, num_attention_heads=cfg.num_heads,
               num_key_value_heads=cfg.num_kv_heads, head_dim=cfg.head_dim, rms_norm_eps=cfg.rms_norm_eps,
@@ -222,7 +223,7 @@ def _write_transformers(cfg: ModelConfig, tokens: dict, family: Family) -> dict:
 def _write_llada(cfg: ModelConfig, tokens: dict, family: Family) -> dict:
     """LLaDA's own field names (its config class is remote code we never run)."""
     if cfg.head_dim * cfg.num_heads != cfg.hidden_size:
-        raise ValueError(f"LLaDA derives head_dim from d_model / n_heads; this model has head_dim {cfg.head_dim}")
+        raise UserError(f"LLaDA derives head_dim from d_model / n_heads; this model has head_dim {cfg.head_dim}")
     return {"model_type": family.model_type, "architectures": [family.architecture], "d_model": cfg.hidden_size,
             "n_layers": cfg.num_layers, "n_heads": cfg.num_heads, "n_kv_heads": cfg.num_kv_heads,
             "mlp_hidden_size": cfg.intermediate_size, "vocab_size": cfg.vocab_size,
@@ -305,7 +306,7 @@ def hf_config(cfg: ModelConfig, *, dtype: str = "float32", extra: dict | None = 
     extra = dict(extra or {})
     tokens = {key: extra.pop(key, None) for key in SPECIAL_TOKENS}
     if not cfg.lm_head and not family.headless:
-        raise ValueError(f"this {cfg.model_type} model has no LM head, and {family.architecture}, the one class "
+        raise UserError(f"this {cfg.model_type} model has no LM head, and {family.architecture}, the one class "
                          f"its code offers, has one: there is no Hugging Face form to write it as")
     out = family.write(cfg, tokens, family) | {"dtype": dtype}
     if not cfg.lm_head:  # a bare decoder: its AutoModel class (what save_pretrained of one writes)

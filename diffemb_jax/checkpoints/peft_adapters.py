@@ -23,6 +23,7 @@ from diffemb_jax import atomic
 from diffemb_jax.checkpoints.families import HEADLESS_FAMILIES
 from diffemb_jax.checkpoints.keymaps import KeyMap
 from diffemb_jax.checkpoints.sources import CheckpointError, _torch_to_numpy
+from diffemb_jax.errors import UserError
 from diffemb_jax.model import Decoder
 from diffemb_jax.model.lora import LoraConfig, apply_lora, merge_lora
 
@@ -93,7 +94,7 @@ def save_peft_adapter(model, lora: LoraConfig, out_dir: str | Path, *, base_mode
     silently leaves adapters it cannot name at zero, so the choice must fit the model loaded."""
     cfg = model.cfg
     if headless and cfg.model_type not in HEADLESS_FAMILIES:
-        raise ValueError(f"headless adapters are for {HEADLESS_FAMILIES}; {cfg.model_type}'s AutoModel is its LM class")
+        raise UserError(f"headless adapters are for {HEADLESS_FAMILIES}; {cfg.model_type}'s AutoModel is its LM class")
     keymap = _keymap(model)
     pairs = _lora_pairs(model)
     tensors = {}
@@ -104,7 +105,7 @@ def save_peft_adapter(model, lora: LoraConfig, out_dir: str | Path, *, base_mode
             tensors[f"{prefix}.{leaf}.weight"] = np.ascontiguousarray(value.T)
     rank = {t.shape[0] for n, t in tensors.items() if n.endswith("lora_A.weight")}
     if rank != {lora.rank}:
-        raise ValueError(f"LoRA params have rank {sorted(rank)}, the LoraConfig says {lora.rank}")
+        raise UserError(f"LoRA params have rank {sorted(rank)}, the LoraConfig says {lora.rank}")
     adapted = {_module_name(keymap, p, headless) for p in pairs}
     config = {"peft_type": "LORA", "task_type": task_type, "base_model_name_or_path": base_model_name_or_path,
               "revision": None, "r": lora.rank, "lora_alpha": _number(lora.alpha),

@@ -13,8 +13,10 @@ from typing import Protocol
 
 import numpy as np
 
+from diffemb_jax.errors import UserError
 
-class CheckpointError(ValueError):
+
+class CheckpointError(UserError):
     """A checkpoint that cannot be read as asked; the message says which file and what to do."""
 
 

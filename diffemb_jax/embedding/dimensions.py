@@ -8,12 +8,14 @@ from collections.abc import Sequence
 
 import numpy as np
 
+from diffemb_jax.errors import ConfigError
+
 
 def check_dimensions(dimensions: Sequence[int], width: int, flag: str = "--dimensions") -> None:
     """ValueError unless every N is in 1..width (the model's embedding size)."""
     bad = [n for n in dimensions if not 1 <= n <= width]
     if bad:
-        raise ValueError(f"{flag} {bad[0]}: the model's embeddings have {width} components; "
+        raise ConfigError(f"{flag} {bad[0]}: the model's embeddings have {width} components; "
                          f"give a number from 1 to {width}")
 
 
@@ -30,7 +32,7 @@ def parse_dimensions(text: str) -> tuple[int, ...]:
     try:
         dims = tuple(int(part) for part in text.split(",") if part.strip())
     except ValueError:
-        raise ValueError(f"{text!r}: give positive integers separated by commas, e.g. 64,128,256") from None
+        raise ConfigError(f"{text!r}: give positive integers separated by commas, e.g. 64,128,256") from None
     if not dims or min(dims) < 1:
-        raise ValueError(f"{text!r}: give positive integers separated by commas, e.g. 64,128,256")
+        raise ConfigError(f"{text!r}: give positive integers separated by commas, e.g. 64,128,256")
     return dims

@@ -34,9 +34,11 @@ from diffemb_jax import parallel
 from diffemb_jax.batching import (DEFAULT_MAX_BATCH_TOKENS, PACK_LENGTH, bucket_lengths, pack_batch, plan_batches,
                                   row_capacity)
 from diffemb_jax.checkpoints import load_model
+from diffemb_jax.checkpoints.checkpoint import DTYPES
 from diffemb_jax.checkpoints.peft_adapters import merged_from_peft
 from diffemb_jax.embedding.pooling import POOLING_MODES, l2_normalize, pool
 from diffemb_jax.embedding.prompts import tokenize, with_instruction
+from diffemb_jax.errors import ConfigError, UserError, check_choice
 from diffemb_jax.model import Decoder, ForwardOptions
 
 log = logging.getLogger(__name__)
@@ -63,14 +65,14 @@ class Embedder:
                  max_batch_tokens: int | None = DEFAULT_MAX_BATCH_TOKENS, pack_length: int = PACK_LENGTH,
                  mesh: jax.sharding.Mesh | None = None, options: ForwardOptions = ForwardOptions()):
         if pooling not in POOLING_MODES:
-            raise ValueError(f"unknown pooling {pooling!r}; choose one of {POOLING_MODES}")
+            raise ConfigError(f"unknown pooling {pooling!r}; choose one of {POOLING_MODES}")
         if max_length < 1 or batch_size < 1 or (max_batch_tokens is not None and max_batch_tokens < 1):
-            raise ValueError("max_length, batch_size and max_batch_tokens must be positive")
+            raise ConfigError("max_length, batch_size and max_batch_tokens must be positive")
         if pack_length < 0:
-            raise ValueError(f"pack_length must be >= 0 (0: one text a row), got {pack_length}")
+            raise ConfigError(f"pack_length must be >= 0 (0: one text a row), got {pack_length}")
         shards = parallel.batch_shards(mesh) if mesh is not None else 1
         if batch_size % shards:
-            raise ValueError(f"batch_size={batch_size} is not divisible by the {shards} batch shards of the mesh")
+            raise ConfigError(f"batch_size={batch_size} is not divisible by the {shards} batch shards of the mesh")
         self.shards, self.max_batch_tokens, self.pack_length = shards, max_batch_tokens, pack_length
         self.mesh = mesh
         self.model, self.tokenizer, self.options = model, tokenizer, options
@@ -86,6 +88,8 @@ class Embedder:
                         **kwargs) -> "Embedder":
         """A model directory or .gguf, with a PEFT LoRA `adapter` directory merged into its weights if given."""
         options = ForwardOptions(attention=attention, kernel=kernel)  # checked before any weight is read
+        check_choice("pooling", kwargs.get("pooling", "mean"), POOLING_MODES)
+        check_choice("dtype", dtype, DTYPES)
         if mesh is None:
             model, tokenizer = load_model(path, dtype=dtype)
         else:
@@ -125,7 +129,7 @@ class Embedder:
         tokens = tokenize(self.tokenizer, [with_instruction(t, instruction) for t in texts], self.max_length)
         empty = [i for i, row in enumerate(tokens.ids) if not row]
         if empty:
-            raise ValueError(f"texts at positions {empty[:10]} give no tokens at all; remove or fill them")
+            raise UserError(f"texts at positions {empty[:10]} give no tokens at all; remove or fill them")
         if tokens.truncated:
             log.warning("%d of %d texts were longer than max_length=%d tokens and were truncated",
                         tokens.truncated, len(texts), self.max_length)
@@ -139,7 +143,7 @@ class Embedder:
             return np.zeros((0, self.model.cfg.hidden_size), np.float32)
         bad = [i for i, row in enumerate(ids) if not 1 <= len(row) <= self.max_length]
         if bad:
-            raise ValueError(f"token lists at positions {bad[:10]} are empty or longer than "
+            raise UserError(f"token lists at positions {bad[:10]} are empty or longer than "
                              f"max_length={self.max_length}")
         plan = plan_batches([len(row) for row in ids], self.buckets, self.batch_size,
                             self.max_batch_tokens, self.shards, self.pack_length)

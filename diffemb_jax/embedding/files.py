@@ -3,15 +3,17 @@
 from __future__ import annotations
 
 import json
+import tempfile
 from collections.abc import Iterator
 from pathlib import Path
 
 import numpy as np
 
 from diffemb_jax import atomic
+from diffemb_jax.errors import UserError
 
 
-class InputError(ValueError):
+class InputError(UserError):
     """Bad user input; the message names the file and line."""
 
 
@@ -23,7 +25,11 @@ def read_texts(path: str | Path) -> list[str]:
     if path.suffix not in (".txt", ".jsonl"):
         raise InputError(f"{path}: input must be .txt (one text a line) or .jsonl (field \"text\")")
     texts = []
-    with open(path, "rb") as f:
+    try:
+        f = open(path, "rb")
+    except OSError as e:
+        raise InputError(f"{path}: cannot read it ({e.strerror})") from None
+    with f:
         for number, raw in enumerate(f, start=1):
             try:
                 line = raw.decode("utf-8").rstrip("\r\n")
@@ -56,6 +62,11 @@ def check_output_path(path: str | Path, suffix: str = ".npy") -> Path:
         raise InputError(f"{path}: the output must end in {suffix}")
     if not path.parent.is_dir():
         raise InputError(f"{path}: the folder {path.parent} does not exist; create it first")
+    try:  # a real file, as the write will make one: permissions, read-only file systems, quotas alike
+        tempfile.TemporaryFile(dir=path.parent).close()
+    except OSError as e:
+        raise InputError(f"{path}: cannot write in the folder {path.parent} ({e.strerror}); "
+                         "choose another output") from None
     return path
 
 

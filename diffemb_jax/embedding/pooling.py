@@ -17,6 +17,8 @@ from __future__ import annotations
 import jax
 import jax.numpy as jnp
 
+from diffemb_jax.errors import ConfigError
+
 POOLING_MODES = ("mean", "weighted_mean", "last_token")
 
 
@@ -28,7 +30,7 @@ def pool(hidden: jax.Array, segment_ids: jax.Array, embed_mask: jax.Array, mode:
     if texts_per_row is not None and texts is not None:
         raise ValueError("texts are numbered within each row (texts_per_row) or across rows (texts), not both")
     if mode not in POOLING_MODES:
-        raise ValueError(f"unknown pooling {mode!r}; choose one of {POOLING_MODES}")
+        raise ConfigError(f"unknown pooling {mode!r}; choose one of {POOLING_MODES}")
     if texts is not None:
         return _pool_by_number(hidden, segment_ids, embed_mask, texts, mode, skip_instruction)
     if texts_per_row is None:

@@ -18,6 +18,7 @@ from __future__ import annotations
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 
+from diffemb_jax.errors import ConfigError
 from diffemb_jax.evaluation import hub_data
 from diffemb_jax.evaluation.benchmark import Embeds, checked_set, markdown_table, mean, retrieve
 from diffemb_jax.evaluation.retrieval import DEFAULT_MEASURES, RetrievalSet, evaluate_run
@@ -90,7 +91,7 @@ def load_bright(source=DEFAULT_SOURCE, domains: Sequence[str] | None = None, lon
     domains = list(domains or allowed)
     unknown = [d for d in domains if d not in allowed]
     if unknown:
-        raise ValueError(f"unknown BRIGHT domain(s) {unknown}{' for long documents' if long else ''}; "
+        raise ConfigError(f"unknown BRIGHT domain(s) {unknown}{' for long documents' if long else ''}; "
                          f"choose from {list(allowed)}")
     root = hub_data.open_dataset(source)
     return {d: load_domain(root, d, long) for d in domains}

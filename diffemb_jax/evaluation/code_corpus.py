@@ -40,6 +40,7 @@ from tqdm import tqdm
 
 from diffemb_jax import atomic
 from diffemb_jax.cache import cache_dir
+from diffemb_jax.errors import UserError
 from diffemb_jax.evaluation.retrieval import RetrievalSet
 from diffemb_jax.evaluation.stdlib_task import (INSTRUCTION, Function, TrainAndTest, cap, deduplicate,
                                                 extract_functions, function_source, owns_its_lines, query_of,
@@ -195,10 +196,10 @@ def _split(packages: Sequence[str] | None, test_packages: Sequence[str] | int,
     else:
         test = _known(test_packages, found)
         if missing := set(test) - set(names):
-            raise ValueError(f"test packages {sorted(missing)} are not among the packages to read")
+            raise UserError(f"test packages {sorted(missing)} are not among the packages to read")
     train = sorted(set(names) - set(test))
     if not train or not test:
-        raise ValueError(f"need at least one train and one test package; got train {train}, test {sorted(test)}")
+        raise UserError(f"need at least one train and one test package; got train {train}, test {sorted(test)}")
     return found, train, sorted(test)
 
 
@@ -208,7 +209,7 @@ def _known(names: Sequence[str], found: dict[str, Package]) -> list[str]:
     if excluded:
         log.warning("never read: %s", ", ".join(excluded))
     if unknown := sorted(set(names) - set(found) - set(excluded)):
-        raise ValueError(f"no installed package or module named {', '.join(unknown)}; "
+        raise UserError(f"no installed package or module named {', '.join(unknown)}; "
                          f"see code_corpus.installed_packages() for the names")
     return sorted(set(names) - set(excluded))
 

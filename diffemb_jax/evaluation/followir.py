@@ -21,6 +21,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from diffemb_jax.embedding.files import InputError
+from diffemb_jax.errors import ConfigError
 from diffemb_jax.evaluation import hub_data
 from diffemb_jax.evaluation.beir import document_text
 from diffemb_jax.evaluation.benchmark import Embeds, checked_set, markdown_table, mean, rerank
@@ -156,7 +157,7 @@ def load_followir(source=None, tasks: Sequence[str] = tuple(TASKS)) -> dict[str,
     """Every task's data, read and checked (before any model is loaded)."""
     unknown = [t for t in tasks if t not in TASKS]
     if unknown:
-        raise ValueError(f"unknown FollowIR task(s) {unknown}; choose from {list(TASKS)}")
+        raise ConfigError(f"unknown FollowIR task(s) {unknown}; choose from {list(TASKS)}")
     return {task: load_task(task_folder(source, task), task) for task in tasks}
 
 

@@ -141,7 +141,10 @@ def _read_file(path: Path) -> list[dict]:
     if path.suffix == ".json":
         text = path.read_text(encoding="utf-8-sig")
         if text.lstrip().startswith("["):
-            rows = json.loads(text)
+            try:
+                rows = json.loads(text)
+            except json.JSONDecodeError as e:
+                raise InputError(f"{path}: not valid JSON ({e.msg} at line {e.lineno})") from None
             if not all(isinstance(r, dict) for r in rows):
                 raise InputError(f"{path}: expected a JSON list of objects")
             return rows

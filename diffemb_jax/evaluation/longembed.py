@@ -14,6 +14,7 @@ from __future__ import annotations
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 
+from diffemb_jax.errors import ConfigError
 from diffemb_jax.evaluation import hub_data
 from diffemb_jax.evaluation.benchmark import Embeds, checked_set, markdown_table, mean, retrieve
 from diffemb_jax.evaluation.retrieval import RetrievalSet, evaluate_run
@@ -75,10 +76,10 @@ def load_longembed(source=DEFAULT_SOURCE, tasks: Sequence[str] = tuple(TASKS),
     """Every task's retrieval set(s), read and checked (before any model is loaded)."""
     unknown = [t for t in tasks if t not in TASKS]
     if unknown:
-        raise ValueError(f"unknown LongEmbed task(s) {unknown}; choose from {list(TASKS)}")
+        raise ConfigError(f"unknown LongEmbed task(s) {unknown}; choose from {list(TASKS)}")
     bad = [n for n in lengths if n not in LENGTHS]
     if bad or not lengths:
-        raise ValueError(f"context lengths must be among {list(LENGTHS)}, got {list(lengths)}")
+        raise ConfigError(f"context lengths must be among {list(LENGTHS)}, got {list(lengths)}")
     root = hub_data.open_dataset(source)
     return {task: load_task(root, task, lengths) for task in tasks}
 

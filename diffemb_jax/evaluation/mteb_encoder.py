@@ -26,6 +26,7 @@ from mteb.models.model_meta import ModelMeta, ScoringFunction
 from mteb.types import PromptType
 
 from diffemb_jax.embedding import Embedder
+from diffemb_jax.errors import UserError
 
 
 class MTEBEncoder(AbsEncoder):
@@ -39,7 +40,7 @@ class MTEBEncoder(AbsEncoder):
         name: "organisation/model" under which MTEB files the results (default "diffemb-jax/<folder>")."""
         if isinstance(model_name, Embedder):
             if embedder_kwargs:
-                raise ValueError(f"embedder options {sorted(embedder_kwargs)} only apply when loading from a path")
+                raise UserError(f"embedder options {sorted(embedder_kwargs)} only apply when loading from a path")
             self.model = model_name
             default_name = "diffemb-jax/embedder"
         else:

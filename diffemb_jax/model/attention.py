@@ -23,6 +23,8 @@ import logging
 import jax
 import jax.numpy as jnp
 
+from diffemb_jax.errors import ConfigError
+
 KERNELS = ("auto", "xla", "cudnn", "splash")
 SPLASH_BLOCK = 128
 QUERY_CHUNK = 1024
@@ -76,7 +78,7 @@ def _xla(q, k, v, segment_ids, causal: bool, sliding_window: int | None, chunk: 
 def resolve_kernel(kernel: str, backend: str, dtype: str, head_dim: int, sliding_window: int | None) -> str:
     """The kernel that will run; `auto` falls back to xla (and says why) where another cannot serve."""
     if kernel not in KERNELS:
-        raise ValueError(f"unknown attention kernel {kernel!r}; choose one of {KERNELS}")
+        raise ConfigError(f"unknown attention kernel {kernel!r}; choose one of {KERNELS}")
     if kernel != "auto":
         return kernel
     if backend == "gpu":
@@ -104,7 +106,7 @@ def attend(q, k, v, segment_ids, *, causal: bool, sliding_window: int | None = N
         return _xla(q, k, v, segment_ids, causal, sliding_window, QUERY_CHUNK, packed)
     if kernel == "cudnn":
         if jax.default_backend() != "gpu":
-            raise ValueError(f"the cudnn attention kernel needs an NVIDIA GPU; this backend is "
+            raise ConfigError(f"the cudnn attention kernel needs an NVIDIA GPU; this backend is "
                              f"{jax.default_backend()!r}: use kernel='xla'")
         window = None if (sliding_window is None or not causal) else (sliding_window - 1, 0)
         if packed:  # the texts' block-diagonal mask, which cuDNN takes as a bias
@@ -116,7 +118,7 @@ def attend(q, k, v, segment_ids, *, causal: bool, sliding_window: int | None = N
             q, k, v, is_causal=causal, query_seq_lengths=lengths, key_value_seq_lengths=lengths,
             local_window_size=window, implementation="cudnn")
     if sliding_window is not None:
-        raise ValueError("the splash attention kernel here has no sliding window; use kernel='xla'")
+        raise ConfigError("the splash attention kernel here has no sliding window; use kernel='xla'")
     mesh = jax.sharding.get_abstract_mesh()
     if mesh.empty:
         return _splash(q, k, v, segment_ids, causal)

@@ -12,8 +12,10 @@ import dataclasses
 import json
 from pathlib import Path
 
+from diffemb_jax.errors import UserError
 
-class UnsupportedConfigError(ValueError):
+
+class UnsupportedConfigError(UserError):
     """A config.json the decoder cannot reproduce faithfully."""
 
 

@@ -12,6 +12,7 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
+from diffemb_jax.errors import UserError
 from diffemb_jax.model.attention import attend
 from diffemb_jax.model.config import ModelConfig
 from diffemb_jax.model.lora_linear import LoraLinear
@@ -175,7 +176,7 @@ exists only when cfg.lm_head (a bare checkpoint has none)."""
         if self.cfg.tie_word_embeddings:
             return self.embed.attend(hidden)
         if not self.cfg.lm_head:
-            raise ValueError(
+            raise UserError(
                 f"this {self.cfg.model_type} decoder has no LM head: its checkpoint is a bare decoder (the "
                 "AutoModel layout, no lm_head.weight). Encoding needs none; logits (diffemb adapt) do: load "
                 "the checkpoint that carries the head (the ForCausalLM one)")

@@ -16,6 +16,7 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
+from diffemb_jax.errors import ConfigError
 from diffemb_jax.model.decoder import BLOCK_PROJECTIONS, Decoder
 from diffemb_jax.model.lora_linear import LoraLinear
 
@@ -49,11 +50,11 @@ def _targeted(model: Decoder, targets: str) -> list[tuple[nnx.Module, str]]:
 def apply_lora(model: Decoder, lora: LoraConfig, *, seed: int = 0) -> Decoder:
     """A copy of the model (sharing its weights) with LoRA adapters on the targeted projections."""
     if lora.rank < 1:
-        raise ValueError(f"LoRA rank must be >= 1, got {lora.rank}")
+        raise ConfigError(f"LoRA rank must be >= 1, got {lora.rank}")
     adapted = nnx.merge(*nnx.split(model))
     targeted = _targeted(adapted, lora.targets)
     if not targeted:
-        raise ValueError(f"the LoRA target pattern {lora.targets!r} matches no projection of the model")
+        raise ConfigError(f"the LoRA target pattern {lora.targets!r} matches no projection of the model")
     key = jax.random.key(seed)
     for draw, (parent, name) in enumerate(targeted):
         # A's key: the (2 * draw)-th of the seed's stream, as when qwix made the adapters (the same values)

@@ -11,6 +11,7 @@ import dataclasses
 
 import jax
 
+from diffemb_jax.errors import ConfigError
 from diffemb_jax.model.attention import KERNELS
 
 ATTENTION_MODES = ("bidirectional", "causal")
@@ -29,11 +30,11 @@ class ForwardOptions:
 
     def __post_init__(self):
         if self.attention not in ATTENTION_MODES:
-            raise ValueError(f"attention must be one of {ATTENTION_MODES}, got {self.attention!r}")
+            raise ConfigError(f"attention must be one of {ATTENTION_MODES}, got {self.attention!r}")
         if self.kernel not in KERNELS:
-            raise ValueError(f"unknown attention kernel {self.kernel!r}; choose one of {KERNELS}")
+            raise ConfigError(f"unknown attention kernel {self.kernel!r}; choose one of {KERNELS}")
         if self.remat not in REMAT_POLICIES:
-            raise ValueError(f"remat must be one of {tuple(REMAT_POLICIES)}, got {self.remat!r}")
+            raise ConfigError(f"remat must be one of {tuple(REMAT_POLICIES)}, got {self.remat!r}")
 
     @property
     def causal(self) -> bool:

@@ -11,6 +11,7 @@ import time
 
 import uvicorn
 
+from diffemb_jax.errors import UserError
 from diffemb_jax.serve.app import Service, create_app
 from diffemb_jax.serve.batching import Batcher
 from diffemb_jax.serve.metrics import Metrics, compiles, count_compiles
@@ -21,10 +22,13 @@ log = logging.getLogger(__name__)
 
 
 def read_api_key(path) -> str:
-    with open(path, encoding="utf-8") as f:
-        key = f.read().strip()
+    try:
+        with open(path, encoding="utf-8") as f:
+            key = f.read().strip()
+    except (OSError, UnicodeDecodeError) as e:
+        raise UserError(f"--api-key-file {path}: cannot read it ({getattr(e, 'strerror', None) or e})") from None
     if not key:
-        raise ValueError(f"--api-key-file {path} is empty: write the key on its first line")
+        raise UserError(f"--api-key-file {path} is empty: write the key on its first line")
     return key
 
 
@@ -32,7 +36,7 @@ def build_service(embedder, *, model_name: str, max_batch_tokens: int, max_wait_
                   max_queue: int, prompts: dict[str, str] | None = None, attention: str = "bidirectional") -> Service:
     """Warm the embedder up and start its device loop."""
     if max_inputs > max_queue:
-        raise ValueError(f"--max-inputs {max_inputs} is more than --max-queue {max_queue}: a full request "
+        raise UserError(f"--max-inputs {max_inputs} is more than --max-queue {max_queue}: a full request "
                          "could never be queued")
     count_compiles()
     started = time.monotonic()

@@ -33,9 +33,11 @@ from tqdm.auto import tqdm
 from diffemb_jax import parallel
 from diffemb_jax.checkpoints import load_model
 from diffemb_jax.checkpoints.checkpoint import save_converted
+from diffemb_jax.errors import ConfigError, MissingPathError, UserError
 from diffemb_jax.model import Decoder, ForwardOptions
 from diffemb_jax.model.lora import LoraConfig, apply_lora, merge_lora
 from diffemb_jax.model.vocab import with_vocab_rows
+from diffemb_jax.training.config import check_choices
 from diffemb_jax.training.masked_lm import OBJECTIVES, corrupt, masked_lm_loss
 from diffemb_jax.training.step import make_optimizer, placed_with_optimizer
 from diffemb_jax.training.text_blocks import BlockBatches, build_blocks
@@ -60,22 +62,23 @@ def with_mask_token(model: Decoder, tokenizer: tokenizers.Tokenizer, token: str)
 
 
 def check_adapt_config(config) -> None:
+    check_choices(config)
     if not config.model.path:
-        raise ValueError("config.model.path is empty: set --config.model.path=MODEL (converted dir, HF dir or .gguf)")
+        raise ConfigError("config.model.path is empty: set --config.model.path=MODEL (converted dir, HF dir or .gguf)")
     if config.objective.kind not in OBJECTIVES:
-        raise ValueError(f"config.objective.kind must be one of {OBJECTIVES}, got {config.objective.kind!r}")
+        raise ConfigError(f"config.objective.kind must be one of {OBJECTIVES}, got {config.objective.kind!r}")
     if not 0 < config.objective.eps < 1 or not 0 < config.objective.ratio < 1:
-        raise ValueError(f"config.objective.eps and .ratio must lie in (0, 1), got {config.objective.eps} and "
+        raise ConfigError(f"config.objective.eps and .ratio must lie in (0, 1), got {config.objective.eps} and "
                          f"{config.objective.ratio}")
     if config.lora.rank < 0:
-        raise ValueError(f"config.lora.rank must be >= 0 (0: full-parameter), got {config.lora.rank}")
+        raise ConfigError(f"config.lora.rank must be >= 0 (0: full-parameter), got {config.lora.rank}")
     data_shards, fsdp, _ = parallel.mesh_shape(**config.mesh)
     if config.train.global_batch_size % (data_shards * fsdp):
-        raise ValueError(f"train.global_batch_size={config.train.global_batch_size} is not divisible by the "
+        raise ConfigError(f"train.global_batch_size={config.train.global_batch_size} is not divisible by the "
                          f"{data_shards * fsdp} batch shards of mesh {dict(config.mesh)}")
     for f in (*config.data.files, *config.data.eval_files):
         if not Path(f).is_file():
-            raise FileNotFoundError(f"config.data: {f} does not exist")
+            raise MissingPathError(f"config.data: {f} does not exist")
 
 
 def _lora(config) -> LoraConfig:
@@ -181,7 +184,7 @@ class Adaptation:
             state=ocp.args.StandardRestore({"params": self.params, "opt": self.opt_state}),
             data=ocp.args.JsonRestore()))
         if restored["data"] != self._order():
-            raise ValueError(f"{self.workdir / 'checkpoints'} was made with data {restored['data']}, this run has "
+            raise UserError(f"{self.workdir / 'checkpoints'} was made with data {restored['data']}, this run has "
                              f"{self._order()}: resume with the same files, length, seed and batch size")
         self.params, self.opt_state = restored["state"]["params"], restored["state"]["opt"]
         log.warning("resumed from %s at step %d", self.workdir / "checkpoints", step)

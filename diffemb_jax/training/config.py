@@ -5,7 +5,13 @@ from __future__ import annotations
 
 import ml_collections
 
+from diffemb_jax.checkpoints.checkpoint import DTYPES
+from diffemb_jax.embedding.pooling import POOLING_MODES
+from diffemb_jax.errors import check_choice
+from diffemb_jax.model import ATTENTION_MODES, REMAT_POLICIES
+from diffemb_jax.model.attention import KERNELS
 from diffemb_jax.model.lora import DEFAULT_TARGETS
+from diffemb_jax.parallel import DISTRIBUTED_MODES
 from diffemb_jax.training.loss import SCALE
 
 
@@ -98,3 +104,15 @@ def adapt_config() -> ml_collections.ConfigDict:
     ))
     c.lock()
     return c
+
+
+def check_choices(config: ml_collections.ConfigDict) -> None:
+    """Every field of a train or adapt config that takes one of a few values (the model's dtype,
+    attention, kernel and pooling, the remat policy, ...), checked before any weight loads."""
+    check_choice("config.model.dtype", config.model.dtype, DTYPES)
+    check_choice("config.model.attention", config.model.attention, ATTENTION_MODES)
+    check_choice("config.model.kernel", config.model.kernel, KERNELS)
+    check_choice("config.train.remat", config.train.remat, REMAT_POLICIES)
+    check_choice("config.distributed", config.distributed, DISTRIBUTED_MODES)
+    if "pooling" in config.model:  # train; adapt pools nothing
+        check_choice("config.model.pooling", config.model.pooling, POOLING_MODES)

@@ -29,6 +29,7 @@ import tokenizers
 
 from diffemb_jax.batching import pad_batch
 from diffemb_jax.embedding import prompts
+from diffemb_jax.errors import ConfigError, MissingPathError, UserError
 
 logger = logging.getLogger(__name__)
 
@@ -39,7 +40,7 @@ FORMATS = ("echo", "reasonaug", "msmarco_instructions", "simcse")
 READ_OPTIONS = grain.ReadOptions(num_threads=4, prefetch_buffer_size=8)
 
 
-class BadRowError(ValueError):
+class BadRowError(UserError):
     """A JSONL row that cannot be used; the message names FILE:LINE and the field."""
 
 
@@ -165,7 +166,7 @@ class ContrastivePairs(tfds.core.GeneratorBasedBuilder):
                 count += 1
                 yield f"{file_index}:{line_no}", record
         if not count:
-            raise ValueError(f"no usable rows in {', '.join(map(str, self._files))}")
+            raise UserError(f"no usable rows in {', '.join(map(str, self._files))}")
 
 
 def _fingerprint(files: Sequence[Path], fmt: str, num_negatives: int, skip_bad_rows: bool) -> str:
@@ -176,17 +177,17 @@ def _fingerprint(files: Sequence[Path], fmt: str, num_negatives: int, skip_bad_r
 
 def _check_build_args(files: Sequence[Path], fmt: str, num_negatives: int) -> None:
     if fmt not in FORMATS:
-        raise ValueError(f"unknown training data format {fmt!r}; expected one of {', '.join(FORMATS)}")
+        raise ConfigError(f"unknown training data format {fmt!r}; expected one of {', '.join(FORMATS)}")
     if not files:
-        raise ValueError("no training files given")
+        raise ConfigError("no training files given")
     allowed = {"msmarco_instructions": ("1 or more", num_negatives >= 1),
                "simcse": ("exactly 0 (in-batch negatives only)", num_negatives == 0)}
     wanted, ok = allowed.get(fmt, ("exactly 1", num_negatives == 1))
     if not ok:
-        raise ValueError(f"num_negatives={num_negatives}: format {fmt!r} supports {wanted}")
+        raise ConfigError(f"num_negatives={num_negatives}: format {fmt!r} supports {wanted}")
     for f in files:
         if not f.is_file():
-            raise FileNotFoundError(f"training file {f} does not exist")
+            raise MissingPathError(f"training file {f} does not exist")
 
 
 def build_dataset(files: Sequence[str | Path], fmt: str, cache_dir: str | Path, *,
@@ -232,11 +233,11 @@ def _encode_batch(records: Sequence[dict], tokenizer: tokenizers.Tokenizer, *, q
 
 def _host_batch_size(global_batch_size: int, process_index: int, process_count: int) -> int:
     if global_batch_size < 1:
-        raise ValueError(f"global_batch_size={global_batch_size} must be positive")
+        raise ConfigError(f"global_batch_size={global_batch_size} must be positive")
     if not 0 <= process_index < process_count:
-        raise ValueError(f"process_index={process_index} is not in [0, process_count={process_count})")
+        raise ConfigError(f"process_index={process_index} is not in [0, process_count={process_count})")
     if global_batch_size % process_count:
-        raise ValueError(f"global_batch_size={global_batch_size} is not divisible by process_count={process_count}")
+        raise ConfigError(f"global_batch_size={global_batch_size} is not divisible by process_count={process_count}")
     return global_batch_size // process_count
 
 
@@ -244,7 +245,7 @@ def _open_rows(dataset_dir: str | Path, num_negatives: int):
     builder = tfds.builder_from_directory(str(dataset_dir))
     stored = builder.info.metadata["num_negatives"]
     if num_negatives > stored:
-        raise ValueError(f"{dataset_dir} holds {stored} negatives per query, fewer than num_negatives={num_negatives};"
+        raise UserError(f"{dataset_dir} holds {stored} negatives per query, fewer than num_negatives={num_negatives};"
                          f" rebuild it with build_dataset(..., num_negatives={num_negatives})")
     return builder.as_data_source(split="train")
 
@@ -267,7 +268,7 @@ class TrainBatches(grain.DatasetIterator):
         rows = _open_rows(source, num_negatives)
         steps_per_epoch = len(rows) // global_batch_size
         if not steps_per_epoch:
-            raise ValueError(f"{source} has {len(rows)} rows, fewer than global_batch_size={global_batch_size}")
+            raise UserError(f"{source} has {len(rows)} rows, fewer than global_batch_size={global_batch_size}")
 
         def encode(records):
             return _encode_batch(records, tokenizer, query_max_length=query_max_length,
@@ -287,6 +288,6 @@ class TrainBatches(grain.DatasetIterator):
 
     def set_state(self, state: dict[str, Any]) -> None:
         if state["order"] != self._order:
-            raise ValueError(f"the saved data iterator state was made with {state['order']}, this pipeline uses "
+            raise UserError(f"the saved data iterator state was made with {state['order']}, this pipeline uses "
                              f"{self._order}; resume with the same data, seed, batch size and negatives")
         self._parent.set_state(state["grain"])

@@ -22,6 +22,8 @@ import jax
 import jax.numpy as jnp
 import optax
 
+from diffemb_jax.errors import ConfigError
+
 SCALE = 50.0  # the recipe's cosine scale: temperature 0.02
 
 
@@ -76,14 +78,14 @@ def check_matryoshka(dims: Sequence[int], weights: Sequence[float] = (), width: 
     given) and weights are none (all 1) or one a dimension."""
     where = "loss.matryoshka_dims"
     if not dims:
-        raise ValueError(f"{where} is empty: give one or more embedding dimensions, e.g. (64, 128, 256)")
+        raise ConfigError(f"{where} is empty: give one or more embedding dimensions, e.g. (64, 128, 256)")
     if any(not isinstance(d, numbers.Integral) or isinstance(d, bool) or d < 1 for d in dims):
-        raise ValueError(f"{where}={tuple(dims)}: every dimension must be a positive integer")
+        raise ConfigError(f"{where}={tuple(dims)}: every dimension must be a positive integer")
     if len(set(dims)) != len(dims):
-        raise ValueError(f"{where}={tuple(dims)}: each dimension may appear once")
+        raise ConfigError(f"{where}={tuple(dims)}: each dimension may appear once")
     if width is not None and max(dims) > width:
-        raise ValueError(f"{where}={tuple(dims)}: {max(dims)} exceeds the model's embedding size {width}; "
+        raise ConfigError(f"{where}={tuple(dims)}: {max(dims)} exceeds the model's embedding size {width}; "
                          f"give dimensions of at most {width}")
     if weights and len(weights) != len(dims):
-        raise ValueError(f"loss.matryoshka_weights={tuple(weights)} has {len(weights)} weights for the "
+        raise ConfigError(f"loss.matryoshka_weights={tuple(weights)} has {len(weights)} weights for the "
                          f"{len(dims)} dimensions of {where}={tuple(dims)}: give one a dimension, or none (all 1)")

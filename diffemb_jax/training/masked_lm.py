@@ -18,6 +18,8 @@ from __future__ import annotations
 import jax
 import jax.numpy as jnp
 
+from diffemb_jax.errors import ConfigError
+
 OBJECTIVES = ("diffusion", "mntp")
 
 
@@ -32,7 +34,7 @@ def corrupt(key: jax.Array, ids: jax.Array, segments: jax.Array, *, objective: s
     """(noisy ids, masked [B, L] bool, weight [B]): the input with tokens masked, which to predict,
     and each row's loss weight. Only predictable tokens are masked (never pads or a text's first)."""
     if objective not in OBJECTIVES:
-        raise ValueError(f"objective must be one of {OBJECTIVES}, got {objective!r}")
+        raise ConfigError(f"objective must be one of {OBJECTIVES}, got {objective!r}")
     b, l = ids.shape
     k_t, k_mask, k_kind, k_random = jax.random.split(key, 4)
     can = predictable(segments)

@@ -27,6 +27,7 @@ from flax import nnx
 from jax.sharding import NamedSharding, PartitionSpec as P
 
 from diffemb_jax.embedding.pooling import pool
+from diffemb_jax.errors import ConfigError
 from diffemb_jax.model import ForwardOptions
 from diffemb_jax.training.loss import check_matryoshka, in_batch_info_nce, matryoshka_loss, per_query_negatives_loss
 
@@ -50,7 +51,7 @@ class StepConfig:
 
     def __post_init__(self):
         if self.loss not in LOSSES:
-            raise ValueError(f"loss must be one of {LOSSES}, got {self.loss!r}")
+            raise ConfigError(f"loss must be one of {LOSSES}, got {self.loss!r}")
         if self.matryoshka_dims or self.matryoshka_weights:
             check_matryoshka(self.matryoshka_dims, self.matryoshka_weights)
 
@@ -153,7 +154,7 @@ def make_optimizer(lr: float, warmup_steps: int, total_steps: int, grad_clip: fl
         decay = optax.linear_schedule(lr, 0.0, max((decay_steps or total_steps) - warmup_steps, 1))
         schedule = optax.join_schedules([warmup, decay], [warmup_steps])
     else:
-        raise ValueError(f"train.schedule must be linear or constant, got {schedule!r}")
+        raise ConfigError(f"train.schedule must be linear or constant, got {schedule!r}")
     tx = optax.chain(optax.clip_by_global_norm(grad_clip), optax.adamw(schedule, weight_decay=weight_decay))
     return tx, schedule
 

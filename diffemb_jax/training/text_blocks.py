@@ -23,19 +23,20 @@ from tqdm.auto import tqdm
 
 from diffemb_jax import atomic
 from diffemb_jax.batching import pack_rows
+from diffemb_jax.errors import ConfigError, MissingPathError, UserError
 
 MIN_PIECE = 2  # a piece must hold a token to predict from the one before it
 IDS, SEGMENTS = "input_ids.npy", "segments.npy"
 
 
-class BadTextError(ValueError):
+class BadTextError(UserError):
     """A text file or JSONL line that cannot be used; the message names FILE:LINE."""
 
 
 def read_documents(files: Sequence[str | Path]) -> Iterator[str]:
     for f in map(Path, files):
         if not f.is_file():
-            raise FileNotFoundError(f"config.data.files: {f} does not exist")
+            raise MissingPathError(f"config.data.files: {f} does not exist")
         if f.suffix != ".jsonl":
             yield f.read_text(encoding="utf-8")
             continue
@@ -86,15 +87,15 @@ def build_blocks(files: Sequence[str | Path], tokenizer: tokenizers.Tokenizer, l
                  *, progress: bool = True) -> Path:
     """The folder of token rows for `files` (built unless it is there already)."""
     if length < MIN_PIECE:
-        raise ValueError(f"data.length must be at least {MIN_PIECE}, got {length}")
+        raise ConfigError(f"data.length must be at least {MIN_PIECE}, got {length}")
     if not [f for f in files if f]:
-        raise ValueError("config.data.files is empty: set --config.data.files=corpus.jsonl (repeat for more)")
+        raise ConfigError("config.data.files is empty: set --config.data.files=corpus.jsonl (repeat for more)")
     out = Path(cache_dir) / f"blocks-{_fingerprint(files, tokenizer, length)}"
     if (out / SEGMENTS).exists():
         return out
     pieces = list(_pieces(read_documents(files), tokenizer, length, progress))
     if not pieces:
-        raise ValueError(f"config.data.files {list(map(str, files))} hold no text of {MIN_PIECE} or more tokens")
+        raise UserError(f"config.data.files {list(map(str, files))} hold no text of {MIN_PIECE} or more tokens")
     rows = pack_rows([len(p) for p in pieces], length)
     ids, segments = np.zeros((len(rows), length), np.int32), np.zeros((len(rows), length), np.int32)
     for r, row in enumerate(rows):
@@ -124,10 +125,10 @@ class BlockBatches:
         self.segments = np.load(folder / SEGMENTS, mmap_mode="r")
         rows = len(self.ids)
         if rows < global_batch_size:
-            raise ValueError(f"the text makes {rows} rows of {self.ids.shape[1]} tokens, fewer than "
+            raise UserError(f"the text makes {rows} rows of {self.ids.shape[1]} tokens, fewer than "
                              f"train.global_batch_size={global_batch_size}: give more text or a smaller batch")
         if global_batch_size % process_count:
-            raise ValueError(f"global_batch_size={global_batch_size} is not divisible by {process_count} processes")
+            raise ConfigError(f"global_batch_size={global_batch_size} is not divisible by {process_count} processes")
         share = global_batch_size // process_count
         epoch = grain.MapDataset.range(rows).shuffle(seed=seed)[: rows // global_batch_size * global_batch_size]
         self._batches = epoch.batch(global_batch_size).repeat()

@@ -28,8 +28,10 @@ from diffemb_jax import atomic, parallel
 from diffemb_jax.batching import pack_step, pad_rows, padded_rows, row_length
 from diffemb_jax.checkpoints import load_model
 from diffemb_jax.checkpoints.peft_adapters import save_peft_adapter
+from diffemb_jax.errors import ConfigError, MissingPathError
 from diffemb_jax.model import ForwardOptions
 from diffemb_jax.model.lora import LoraConfig, apply_lora
+from diffemb_jax.training.config import check_choices
 from diffemb_jax.training.data import TrainBatches, build_dataset
 from diffemb_jax.training.loss import check_matryoshka
 from diffemb_jax.training.step import StepConfig, batch_tokens, make_optimizer, placed_train_step, split_model
@@ -84,23 +86,24 @@ def optimizer_and_step(config, graphdef, lora, mesh):
 
 def check_config(config, *, data: bool = True) -> None:
     """Errors a run would meet later, at once; `data=False` (the plan) leaves the data files unchecked."""
+    check_choices(config)
     if not config.model.path:
-        raise ValueError("config.model.path is empty: set --config.model.path=MODEL (converted dir, HF dir or .gguf)")
+        raise ConfigError("config.model.path is empty: set --config.model.path=MODEL (converted dir, HF dir or .gguf)")
     data_shards, fsdp, _ = parallel.mesh_shape(**config.mesh)
     if config.train.global_batch_size % (data_shards * fsdp):
-        raise ValueError(f"train.global_batch_size={config.train.global_batch_size} is not divisible by the "
+        raise ConfigError(f"train.global_batch_size={config.train.global_batch_size} is not divisible by the "
                          f"{data_shards * fsdp} batch shards of mesh {dict(config.mesh)}")
     step_config(config)  # its own checks: the loss kind, the matryoshka dimensions and weights
     if config.train.profile_from < 0 or config.train.profile_steps < 1:
-        raise ValueError(f"train.profile_from must be >= 0 (0: no profile) and train.profile_steps >= 1, got "
+        raise ConfigError(f"train.profile_from must be >= 0 (0: no profile) and train.profile_steps >= 1, got "
                          f"{config.train.profile_from} and {config.train.profile_steps}")
     if not data:
         return
     if not [f for f in config.data.files if f]:
-        raise ValueError("config.data.files is empty: set --config.data.files=train.jsonl (repeat for more files)")
+        raise ConfigError("config.data.files is empty: set --config.data.files=train.jsonl (repeat for more files)")
     for f in config.data.files:
         if not Path(f).is_file():
-            raise FileNotFoundError(f"config.data.files: {f} does not exist")
+            raise MissingPathError(f"config.data.files: {f} does not exist")
 
 
 class ProfileWindow:
