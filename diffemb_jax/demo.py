@@ -26,6 +26,7 @@ from pathlib import Path
 
 from diffemb_jax.cache import cache_dir
 from diffemb_jax.checkpoints.bundled import converted_smollm2
+from diffemb_jax.errors import ConfigError
 from diffemb_jax.evaluation.held_out import HeldOut, adaptation_table, adapted_model, eval_subset, fine_tune_and_score
 from diffemb_jax.evaluation.stdlib_task import INSTRUCTION, StdlibTask, build_stdlib_task, write_jsonl
 from diffemb_jax.training.config import base_config
@@ -126,7 +127,7 @@ def run(settings: Settings | None = None) -> dict[str, dict]:
     rows = {key: row for key, *row in ROWS}
     unknown = [key for key in settings.rows if key not in rows]
     if unknown:
-        raise ValueError(f"demo rows must be among {tuple(rows)}, got {unknown}")
+        raise ConfigError(f"demo rows must be among {tuple(rows)}, got {unknown}")
     started = time.perf_counter()
     workdir = Path(settings.workdir) if settings.workdir else cache_dir() / "demo"
     workdir.mkdir(parents=True, exist_ok=True)
