@@ -4,14 +4,17 @@ nothing, but lowering runs every kernel's own checks and the lowering rules of t
 attention to XLA's fused-attention calls, forward and backward). CI has neither device; this is
 what it can know of their paths before a run there."""
 
+import functools
 import re
 
 import jax
 import jax._src.cudnn.fused_attention_stablehlo as cudnn_attention
 import jax.numpy as jnp
+import numpy as np
 import pytest
 from flax import nnx
 
+from diffemb_jax.batching import SIDES, pack_step, packs, pad_rows, padded_rows, row_length
 from diffemb_jax.embedding.pooling import pool
 from diffemb_jax.model import Decoder, ForwardOptions
 from diffemb_jax.model.config import ModelConfig
@@ -121,3 +124,50 @@ def _dot_operand_types(text: str) -> list[list[str]]:
     """The operand types of each dot_general in a StableHLO module, as 'AxBxdtype'."""
     return [re.findall(r"tensor<([^>]*)>", line.split(" : ")[-1])[:2]
             for line in text.splitlines() if "stablehlo.dot_general" in line]
+
+
+def _sides(lengths: dict[str, list[int]], width: int) -> dict:
+    """A step's sides as the data pipeline gives them: texts of the given token counts, right-padded."""
+    sides = {}
+    for side, counts in lengths.items():
+        mask = (np.arange(width)[None, :] < np.asarray(counts)[:, None]).astype(np.int32)
+        sides[side] = {"input_ids": mask * 7, "padding_mask": mask, "embed_mask": mask}
+    return sides
+
+
+def _square_tensors(text: str, length: int) -> list[str]:
+    """The [..., length, length] tensor types in a StableHLO module: the texts' mask and its gradient."""
+    return re.findall(rf"tensor<(?:\d+x)*{length}x{length}x\w+>", text)
+
+
+@pytest.mark.parametrize("tokens,packed", [(150, False), (12, True)])
+def test_cudnn_step_takes_a_mask_only_where_packing_saves_rows(tokens, packed, on_device):
+    """cuDNN takes packed rows' texts as a [rows, 1, L, L] bias a layer (before jax 0.12 its gradient
+    too). Texts over half a row leave a row for each: the step goes one text a row (batching.packs,
+    as the trainer lays it) and its lowered program holds no L x L tensor at all; short texts share
+    rows, and the mask stays (README: GPU)."""
+    sides = _sides({side: [tokens] * 2 for side in SIDES}, LENGTH)  # 2 queries, a positive and a negative each
+    length = row_length(sides)
+    batch = pack_step(sides, global_batch_size=2, num_negatives=1)
+    rows = padded_rows(len(batch["input_ids"]), 1, 6)
+    assert packs(rows, 6) == packed
+    if not packed:
+        batch = pack_step(sides, global_batch_size=2, num_negatives=1, pack=False, length=length)
+    batch = pad_rows(batch, rows)
+    model = apply_lora(_model(), LoraConfig(rank=4, alpha=8, dropout=0.1))
+    graphdef, lora, frozen = split_model(model)
+    tx, schedule = make_optimizer(1e-4, warmup_steps=0, total_steps=10, grad_clip=1.0, weight_decay=0.0)
+    step = make_train_step(graphdef, tx, schedule, StepConfig(batch_size=2, forward=ForwardOptions(kernel="cudnn")))
+
+    on_device("gpu")
+    exported = jax.export.export(jax.jit(functools.partial(step, packed=packed)), platforms=["cuda"],
+                                 disabled_checks=CUDNN_CALLS)(
+        _abstract(lora), _abstract(tx.init(lora)), _abstract(frozen), jax.ShapeDtypeStruct((), jnp.int32),
+        _abstract(batch))
+    text = exported.mlir_module()
+    assert text.count("__cudnn$fmhaSoftmaxBackward(" if not packed else "__cudnn$fmhaScaleBiasSoftmaxBackward(") > 0
+    square = _square_tensors(text, length)
+    if packed:
+        assert f"tensor<{rows}x1x{length}x{length}xbf16>" in square, square
+    else:
+        assert square == [], square

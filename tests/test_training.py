@@ -1,6 +1,7 @@
 """Training: the step's exactness (GradCache, remat, data parallel on 8 devices), LoRA-only updates,
 a run that lowers the loss, resume after SIGKILL, NaN stop, and config errors."""
 
+import dataclasses
 import json
 import os
 import signal
@@ -514,6 +515,43 @@ def test_the_step_compiles_once_per_shape_and_keeps_placements(tmp_path):
             assert np.array_equal(np.sort(packed[key][packed[key] > 0]), np.sort(alone[key][alone[key] > 0]))
 
 
+def test_a_step_with_a_row_for_each_text_goes_one_a_row_with_the_same_embeddings(tmp_path):
+    """Where packing's rows, padded, leave a row for each text, the trainer lays the step one text a row
+    (cuDNN then takes each row's length, not the texts' [rows, 1, L, L] mask: test_accelerator_lowering):
+    the layout changes, not the embeddings (xla kernel, float32, to 1e-5); where packing saves rows, it packs."""
+    from diffemb_jax.training.step import _embed
+    from diffemb_jax.training.trainer import Trainer, step_config
+
+    trainer = Trainer(_tiny_config(*tiny_setup(tmp_path), steps=1), tmp_path / "run")
+    rng = np.random.RandomState(3)
+
+    def sides(query_lengths):  # 8 queries, positives and negatives (the tiny config's global batch)
+        counts = {"query": query_lengths, "positive": [38] * 8, "negative": [38] * 8}
+        out = {}
+        for side, lengths in counts.items():
+            mask = (np.arange(64)[None, :] < np.asarray(lengths)[:, None]).astype(np.int32)
+            out[side] = {"input_ids": rng.randint(1, 97, mask.shape).astype(np.int32) * mask,
+                         "padding_mask": mask, "embed_mask": mask}
+        return out
+
+    # 20 texts of 38 tokens, 4 of 20 in rows of 64: packed, 20 rows (4 of them hold two), padded to 24.
+    step = sides([20] * 4 + [38] * 4)
+    batch = trainer.packed(step)
+    assert not trainer.packs(len(batch["input_ids"]))
+    assert max(len(set(row[row > 0].tolist())) for row in batch["segments"]) == 1  # one text a row
+    packed = pack_step(step, global_batch_size=8, num_negatives=1, length=batch["input_ids"].shape[1])
+    assert max(len(set(row[row > 0].tolist())) for row in packed["segments"]) == 2
+    packed = pad_rows(packed, len(batch["input_ids"]))
+    cfg = step_config(trainer.config)
+    alone = _embed(trainer.graphdef, trainer.lora, trainer.frozen, batch, dataclasses.replace(cfg, packed=False), None)
+    together = _embed(trainer.graphdef, trainer.lora, trainer.frozen, packed, cfg, None)
+    assert bool((jnp.abs(together).sum(axis=1) > 0).all())  # every one of the 24 texts embedded
+    np.testing.assert_allclose(np.asarray(alone), np.asarray(together), atol=1e-5)
+
+    short = trainer.packed(sides([4] * 8))  # 8 short queries fill the rows' room: 16 rows, fewer than 24 texts
+    assert trainer.packs(len(short["input_ids"]))
+
+
 def test_the_next_batch_is_packed_while_the_step_runs(tmp_path):
     """The host reads and packs step n+1's batch after dispatching step n and before waiting for its
     metrics, so the device is not left idle meanwhile."""
@@ -530,8 +568,8 @@ def test_the_next_batch_is_packed_while_the_step_runs(tmp_path):
             events.append(f"wait {self.n}")
             return float(self.value)
 
-    def traced_step(*args):
-        lora, opt_state, metrics = step(*args)
+    def traced_step(*args, **layout):
+        lora, opt_state, metrics = step(*args, **layout)
         events.append(f"step {args[3]}")
         return lora, opt_state, {k: Fetched(v, args[3]) for k, v in metrics.items()}
 

@@ -14,7 +14,9 @@ holds them, so the step finds every embedding at a fixed place however the rows 
 
 Row counts vary with the texts; the caller pads them to padded_rows (rows.py) with pad_rows
 (arrays.py), so the step compiles a few programs at most (one a row count and length met), and
-every host takes the same length and pads to the same count.
+every host takes the same length and pads to the same count. Where that count leaves a row for
+every text, packing saves nothing and the texts go one a row (`packs`): one text a row, cuDNN takes
+each row's length rather than the texts' [rows, 1, L, L] mask.
 """
 
 from __future__ import annotations
@@ -43,6 +45,13 @@ def _texts(sides: dict) -> tuple[list[list[int]], list[int]]:
             ids.append(row[real > 0].tolist())
             embed_lengths.append(int(embed.sum()))
     return ids, embed_lengths
+
+
+def packs(rows: int, texts: int) -> bool:
+    """Whether a step's `texts`, packed into `rows` rows (padded, rows.py), stay several to a row:
+    only when the rows are fewer than the texts. With a row for each, one text a row computes the
+    same tokens and spares the attention kernel the texts' mask."""
+    return rows < texts
 
 
 def row_length(sides: dict, pack: bool = True) -> int:

@@ -160,8 +160,10 @@ def make_optimizer(lr: float, warmup_steps: int, total_steps: int, grad_clip: fl
 
 
 def make_train_step(graphdef, tx: optax.GradientTransformation, schedule, cfg: StepConfig, out_shardings=None):
-    """jit-compiled (lora, opt_state, frozen, step, batch) -> (lora, opt_state, metrics).
+    """jit-compiled (lora, opt_state, frozen, step, batch, packed=None) -> (lora, opt_state, metrics).
 
+    `packed` (static; None: cfg.packed) says whether this batch's rows hold several texts: the trainer
+    lays a step one text a row where packing saves no rows (batching.packs), whatever cfg.packed says.
     `out_shardings` (a prefix of the outputs) pins updated parameters and moments to where they came
     from; left to GSPMD, they may come back laid out otherwise, and the next step compiles again.
 
@@ -169,9 +171,10 @@ def make_train_step(graphdef, tx: optax.GradientTransformation, schedule, cfg: S
     caller can stop and save the last good state.
     """
 
-    def step_fn(lora, opt_state, frozen, step, batch):
+    def step_fn(lora, opt_state, frozen, step, batch, packed=None):
         key = jax.random.fold_in(jax.random.key(cfg.seed), step)
-        metrics, grads = loss_and_grads(graphdef, lora, frozen, batch, cfg, key)
+        layout = cfg if packed is None else dataclasses.replace(cfg, packed=packed)
+        metrics, grads = loss_and_grads(graphdef, lora, frozen, batch, layout, key)
         updates, new_opt = tx.update(grads, opt_state, lora)
         new_lora = optax.apply_updates(lora, updates)
         grad_norm = optax.global_norm(grads)
@@ -181,8 +184,8 @@ def make_train_step(graphdef, tx: optax.GradientTransformation, schedule, cfg: S
         return keep(new_lora, lora), keep(new_opt, opt_state), metrics
 
     if out_shardings is None:
-        return jax.jit(step_fn, donate_argnums=(0, 1))
-    return jax.jit(step_fn, donate_argnums=(0, 1), out_shardings=out_shardings)
+        return jax.jit(step_fn, donate_argnums=(0, 1), static_argnames="packed")
+    return jax.jit(step_fn, donate_argnums=(0, 1), static_argnames="packed", out_shardings=out_shardings)
 
 
 def placed_train_step(graphdef, lora, tx: optax.GradientTransformation, schedule, cfg: StepConfig, mesh):

@@ -25,7 +25,7 @@ from flax import nnx
 from tqdm.auto import tqdm
 
 from diffemb_jax import atomic, parallel
-from diffemb_jax.batching import pack_step, pad_rows, padded_rows, row_length
+from diffemb_jax.batching import pack_step, packs, pad_rows, padded_rows, row_length
 from diffemb_jax.checkpoints import load_model
 from diffemb_jax.checkpoints.peft_adapters import save_peft_adapter
 from diffemb_jax.errors import ConfigError, MissingPathError
@@ -222,17 +222,27 @@ class Trainer:
 
     def packed(self, sides: dict) -> dict:
         """This host's share of a step, packed into rows as long and as many as every other host's
-        (batching/step.py)."""
+        (batching/step.py); one text a row where those rows leave a row for each (batching.packs)."""
         c = self.config
         length = parallel.max_over_processes(row_length(sides, c.data.pack))
-        batch = pack_step(sides, global_batch_size=c.train.global_batch_size, num_negatives=c.data.num_negatives,
-                          process_index=jax.process_index(), pack=c.data.pack, length=length)
+
+        def lay(pack: bool) -> dict:
+            return pack_step(sides, global_batch_size=c.train.global_batch_size, num_negatives=c.data.num_negatives,
+                             process_index=jax.process_index(), pack=pack, length=length)
+
+        batch = lay(c.data.pack)
         rows = padded_rows(parallel.max_over_processes(len(batch["input_ids"])), *row_bounds(c, self.mesh))
+        if c.data.pack and not self.packs(rows):  # the same rows, and no texts' mask for the kernel
+            batch = lay(False)
         if (rows, length) not in self._shapes:
             self._shapes.add((rows, length))
             log.info("a step of %d rows of %d tokens a host: the train step compiles for it (shapes so far: %s)",
                      rows, length, sorted(self._shapes))
         return pad_rows(batch, rows)
+
+    def packs(self, rows: int) -> bool:
+        """Whether a step of `rows` rows a host (from `packed`) holds several texts a row."""
+        return self.config.data.pack and packs(rows, row_bounds(self.config, self.mesh)[1])
 
     # ------------------------------------------------------------------ checkpoints
 
@@ -274,7 +284,8 @@ class Trainer:
                 profile.before(self.step + 1)
                 with jax.set_mesh(self.mesh):  # kernels that need it (splash) find the mesh
                     self.lora, self.opt_state, metrics = self.train_step(
-                        self.lora, self.opt_state, self.frozen, self.step, parallel.global_batch(batch, self.mesh))
+                        self.lora, self.opt_state, self.frozen, self.step, parallel.global_batch(batch, self.mesh),
+                        packed=self.packs(len(batch["input_ids"])))
                 after = self.batches.get_state()
                 # The device runs the step (dispatch is asynchronous) while the host reads and packs the
                 # next batch; an error there is raised once this step is logged (and saved, when due).
