@@ -343,19 +343,21 @@ def test_merge_is_kernel_by_kernel_and_equals_peft(tmp_path, monkeypatch):
     peft_model = _peft_adapter(tiny.oracle_model("qwen2"), tmp_path / "adapter")
     model, tok = load_model(hf_dir, progress=False)
     old = []  # weak references to the kernels merged so far
-    alive_at_each_merge = []
+    alive_at_each_merge, donated = [], []
     merge_one = peft_adapters._merged_kernel
 
     def counting(kernel, *args):
         gc.collect()
         alive_at_each_merge.append(sum(ref() is not None for ref in old))
         old.append(weakref.ref(kernel))
-        return merge_one(kernel, *args)
+        merged = merge_one(kernel, *args)
+        donated.append(kernel.is_deleted())  # its buffer now holds the merged kernel
+        return merged
 
     monkeypatch.setattr(peft_adapters, "_merged_kernel", counting)
     merged = merged_from_peft(model, tmp_path / "adapter")
     assert merged is model and len(alive_at_each_merge) == 14
-    assert alive_at_each_merge == [0] * 14  # each old kernel was gone before the next merge began
+    assert alive_at_each_merge == [0] * 14 and all(donated)  # each old kernel gone before the next merge
     want = peft_model.merge_and_unload().state_dict()
     got = _weights(export_hf(merged, tok, tmp_path / "merged", progress=False))
     assert sorted(got) == sorted(want)

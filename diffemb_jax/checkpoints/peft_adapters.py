@@ -264,18 +264,19 @@ def _unrun_modules(where: Path, names: list[str]) -> CheckpointError:
                            f"{', '.join(names)}")
 
 
-@functools.partial(jax.jit, static_argnums=3)
+@functools.partial(jax.jit, static_argnums=3, donate_argnums=0)
 def _merged_kernel(kernel, a, b, scale: float):
-    """W + A B * scale in float32, back in W's dtype (merge_lora's arithmetic; peft's merge)."""
+    """W + A B * scale in float32, back in W's dtype (merge_lora's arithmetic; peft's merge), written
+    over W's own buffer (donated), so that merging allocates no second kernel."""
     delta = (a.astype(jnp.float32) @ b.astype(jnp.float32)) * scale
     return (kernel.astype(jnp.float32) + delta).astype(kernel.dtype)
 
 
 def merged_from_peft(model: Decoder, adapter_dir: str | Path) -> Decoder:
     """`model` with a PEFT adapter folded into its kernels (for inference or export_hf): merged in
-    place, kernel by kernel, each old kernel let go as its merged one is made, so that the host
+    place, kernel by kernel, each merged kernel written over the old one's buffer, so that the host
     holds the model and one kernel's update at a time, never a second model. The model given is the
-    model returned (its kernels are replaced)."""
+    model returned: its old kernels are gone (an array sharing them, e.g. an apply_lora copy, with them)."""
     where = Path(adapter_dir)
     lora, plan = _checked_adapter(model, where)
     run = {("layers", i, *projection.split("/"), "kernel") for i in range(model.cfg.num_layers)
@@ -289,8 +290,7 @@ def merged_from_peft(model: Decoder, adapter_dir: str | Path) -> Decoder:
         kernel = variable[...]
         a, b = (jax.device_put(np.ascontiguousarray(ab[leaf].T), _replicated(kernel.sharding))
                 for leaf in ("lora_A", "lora_B"))  # [in, r], [r, out]
-        variable.set_value(_merged_kernel(kernel, a, b, lora.scale))
-        del kernel, a, b  # the old kernel is freed here, before the next is merged
+        variable.set_value(_merged_kernel(kernel, a, b, lora.scale))  # `kernel` is deleted (donated)
     return model
 
 
