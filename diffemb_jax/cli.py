@@ -14,7 +14,7 @@ def _convert(args) -> None:
     from diffemb_jax.checkpoints import convert
 
     out = convert(args.src, args.out, dtype=args.dtype)
-    print(f"converted {args.src} -> {out}")
+    print(f"converted {args.src} -> {out} ({_written_dtype(out)})")
 
 
 def _export(args) -> None:
@@ -22,7 +22,15 @@ def _export(args) -> None:
 
     out = export_model(args.model, args.out, adapter=args.adapter, dtype=args.dtype)
     merged = f" with the adapter {args.adapter} merged" if args.adapter else ""
-    print(f"exported {args.model}{merged} -> {out} (Hugging Face directory)")
+    print(f"exported {args.model}{merged} -> {out} (Hugging Face directory, {_written_dtype(out)})")
+
+
+def _written_dtype(out: Path) -> str:
+    """What convert or export wrote, as --dtype auto reads it back: the dtype auto resolved to."""
+    from diffemb_jax.checkpoints.checkpoint import checkpoint_dtype_bytes
+    from diffemb_jax.checkpoints.dtypes import stored_dtype
+
+    return stored_dtype("auto", lambda: checkpoint_dtype_bytes(out))
 
 
 def _embedder(args):
@@ -330,6 +338,7 @@ def _serve(args) -> None:
 
 def build_parser() -> argparse.ArgumentParser:
     from diffemb_jax.bench import flags as bench_flags
+    from diffemb_jax.checkpoints.dtypes import COMPUTE_DTYPE_HELP, DTYPE_CHOICES, STORED_DTYPE_HELP
     from diffemb_jax.embedding.embedder import DEFAULT_MAX_BATCH_TOKENS, PACK_LENGTH
     from diffemb_jax.embedding.pooling import POOLING_MODES
     from diffemb_jax.model import ATTENTION_MODES
@@ -343,7 +352,7 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("convert", help="HF model directory or .gguf file -> converted directory")
     p.add_argument("src", help="HF model directory (config.json + safetensors/.bin) or a .gguf file")
     p.add_argument("out", help="output directory (must not exist)")
-    p.add_argument("--dtype", choices=("float32", "bfloat16"), default="float32")
+    p.add_argument("--dtype", choices=DTYPE_CHOICES, default="auto", help=STORED_DTYPE_HELP)
     p.set_defaults(func=_convert)
 
     p = sub.add_parser("export", help="model (converted, HF or .gguf), optionally with a PEFT LoRA adapter "
@@ -351,7 +360,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("model", help="converted directory, HF model directory or .gguf file")
     p.add_argument("out", help="output directory (must not exist)")
     p.add_argument("--adapter", default=None, help="PEFT LoRA adapter directory to merge into the weights")
-    p.add_argument("--dtype", choices=("float32", "bfloat16"), default="float32")
+    p.add_argument("--dtype", choices=DTYPE_CHOICES, default="auto", help=STORED_DTYPE_HELP)
     p.set_defaults(func=_export)
 
     p = sub.add_parser("encode", help="embed the lines of a .txt or .jsonl file into a .npy")
@@ -368,7 +377,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--batch-size", type=int, default=16, help=BATCH_SIZE_HELP)
     p.add_argument("--max-batch-tokens", type=int, default=DEFAULT_MAX_BATCH_TOKENS, help=MAX_BATCH_TOKENS_HELP)
     p.add_argument("--pack-length", type=int, default=PACK_LENGTH, help=PACK_LENGTH_HELP)
-    p.add_argument("--dtype", choices=("float32", "bfloat16"), default="float32")
+    p.add_argument("--dtype", choices=DTYPE_CHOICES, default="auto", help=COMPUTE_DTYPE_HELP)
     p.add_argument("--kernel", choices=KERNELS, default="auto",
                    help="attention kernel: auto picks cudnn on GPU, splash on TPU, xla elsewhere")
     p.add_argument("--mesh", type=_mesh_sizes, default=None, metavar="DATA,FSDP,TENSOR",
@@ -391,7 +400,7 @@ def build_parser() -> argparse.ArgumentParser:
     common.add_argument("--batch-size", type=int, default=16, help=BATCH_SIZE_HELP)
     common.add_argument("--max-batch-tokens", type=int, default=DEFAULT_MAX_BATCH_TOKENS, help=MAX_BATCH_TOKENS_HELP)
     common.add_argument("--pack-length", type=int, default=PACK_LENGTH, help=PACK_LENGTH_HELP)
-    common.add_argument("--dtype", choices=("float32", "bfloat16"), default="float32")
+    common.add_argument("--dtype", choices=DTYPE_CHOICES, default="auto", help=COMPUTE_DTYPE_HELP)
     common.add_argument("--kernel", choices=KERNELS, default="auto")
     common.add_argument("--mesh", type=_mesh_sizes, default=None, metavar="DATA,FSDP,TENSOR", help="shard over all devices (as encode)")
     common.add_argument("--output", default=None, help="also write the results to this .json file")
@@ -449,7 +458,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--max-inputs", type=int, default=512, help="most inputs a request may hold")
     p.add_argument("--max-queue", type=int, default=8192, help="most inputs queued; past it: 429 with Retry-After")
     p.add_argument("--pack-length", type=int, default=PACK_LENGTH, help=PACK_LENGTH_HELP)
-    p.add_argument("--dtype", choices=("float32", "bfloat16"), default="float32")
+    p.add_argument("--dtype", choices=DTYPE_CHOICES, default="auto", help=COMPUTE_DTYPE_HELP)
     p.add_argument("--kernel", choices=KERNELS, default="auto")
     p.add_argument("--host", default="127.0.0.1", help="address to bind (default loopback only)")
     p.add_argument("--port", type=int, default=8080)

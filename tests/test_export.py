@@ -326,7 +326,43 @@ def test_adapter_in_headless_one_layer_rslora(tmp_path):
     theirs = _torch_mean(tiny.oracle_hidden(SimpleNamespace(model=peft_model.base_model.model), ids, mask,
                                             "bidirectional"), mask)
     np.testing.assert_allclose(_our_embeddings(merged, ids, mask), theirs, atol=1e-4, rtol=0)
-    assert np.array_equal(merged.layers[0].attn.q_proj.kernel[...], model.layers[0].attn.q_proj.kernel[...])
+    untouched = oracle.model.layers[0].self_attn.q_proj.weight.detach().numpy().T  # layer 0 has no adapter
+    assert np.array_equal(merged.layers[0].attn.q_proj.kernel[...], untouched)
+
+
+def test_merge_is_kernel_by_kernel_and_equals_peft(tmp_path, monkeypatch):
+    """merged_from_peft replaces the model's kernels one at a time: when each is merged, every kernel
+    merged before it is already freed (so the host never holds a second model); the result is peft's
+    merge_and_unload within 1e-6 (oracle: peft on Qwen2ForCausalLM, all seven projections)."""
+    import gc
+    import weakref
+
+    from diffemb_jax.checkpoints import peft_adapters
+
+    hf_dir = tiny.write_checkpoint("qwen2", tmp_path / "hf")
+    peft_model = _peft_adapter(tiny.oracle_model("qwen2"), tmp_path / "adapter")
+    model, tok = load_model(hf_dir, progress=False)
+    old = []  # weak references to the kernels merged so far
+    alive_at_each_merge, donated = [], []
+    merge_one = peft_adapters._merged_kernel
+
+    def counting(kernel, *args):
+        gc.collect()
+        alive_at_each_merge.append(sum(ref() is not None for ref in old))
+        old.append(weakref.ref(kernel))
+        merged = merge_one(kernel, *args)
+        donated.append(kernel.is_deleted())  # its buffer now holds the merged kernel
+        return merged
+
+    monkeypatch.setattr(peft_adapters, "_merged_kernel", counting)
+    merged = merged_from_peft(model, tmp_path / "adapter")
+    assert merged is model and len(alive_at_each_merge) == 14
+    assert alive_at_each_merge == [0] * 14 and all(donated)  # each old kernel gone before the next merge
+    want = peft_model.merge_and_unload().state_dict()
+    got = _weights(export_hf(merged, tok, tmp_path / "merged", progress=False))
+    assert sorted(got) == sorted(want)
+    for name, value in want.items():
+        np.testing.assert_allclose(got[name], value.numpy(), atol=1e-6, rtol=0, err_msg=name)
 
 
 def _edited_adapter(src, dst, edit_config=None, edit_state=None):

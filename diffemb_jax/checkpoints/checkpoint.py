@@ -18,10 +18,10 @@ import tokenizers
 from flax import nnx
 
 from diffemb_jax import atomic
-from diffemb_jax.errors import check_choice
+from diffemb_jax.checkpoints.dtypes import DTYPES, compute_dtype, stored_dtype
 from diffemb_jax.checkpoints.loader import abstract_decoder, load_decoder
 from diffemb_jax.parallel import ShardingFn, placed_shapes, single_device
-from diffemb_jax.checkpoints.sources import CheckpointError, GGUFSource, gguf_config, open_weights
+from diffemb_jax.checkpoints.sources import CheckpointError, GGUFSource, gguf_config, gguf_dtype_bytes, open_weights
 from diffemb_jax.checkpoints.families import config_from_hf, config_from_hf_file
 from diffemb_jax.checkpoints.keymaps import fit_to_checkpoint
 from diffemb_jax.model import Decoder, ModelConfig
@@ -29,7 +29,6 @@ from diffemb_jax.model import Decoder, ModelConfig
 CONVERTED_MARKER = "diffemb.json"
 CONVERTED_KEYS = ("format_version", "source", "param_dtype", "config")  # what CONVERTED_MARKER holds
 FORMAT_VERSION = 1
-DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}
 
 
 def _clean(tok: tokenizers.Tokenizer) -> tokenizers.Tokenizer:
@@ -92,10 +91,11 @@ def open_source(path: str | Path):
     raise CheckpointError(f"{path} is neither a model directory nor a .gguf file")
 
 
-def convert(src: str | Path, out: str | Path, *, dtype: str = "float32", progress: bool = True) -> Path:
-    """HF directory or .gguf -> converted directory at `out` (which must not exist yet)."""
-    check_choice("dtype", dtype, DTYPES)
+def convert(src: str | Path, out: str | Path, *, dtype: str = "auto", progress: bool = True) -> Path:
+    """HF directory or .gguf -> converted directory at `out` (which must not exist yet); dtype auto:
+    the checkpoint's own (dtypes.py)."""
     out = atomic.new_directory(out)  # before any slow loading
+    dtype = stored_dtype(dtype, lambda: checkpoint_dtype_bytes(src))
     cfg, source, tok = open_source(src)
     model = load_decoder(source, cfg, dtype=DTYPES[dtype], param_dtype=DTYPES[dtype], progress=progress)
     return save_converted(model, tok, out, source=str(src))
@@ -172,13 +172,31 @@ def model_config(path: str | Path) -> ModelConfig:
     return open_source(path)[0]  # open_source's error
 
 
-def load_model(path: str | Path, *, dtype: str = "float32", sharding_for: ShardingFn = single_device,
+def checkpoint_dtype_bytes(path: str | Path) -> dict[str, int]:
+    """{dtype name: bytes} of the weights of a converted directory, an HF directory or a .gguf file,
+    from their headers alone (what `--dtype auto` stores: dtypes.stored_dtype)."""
+    path = resolve(path)
+    if is_converted(path):
+        _converted_config(path)  # its files checked
+        name = json.loads((path / CONVERTED_MARKER).read_text()).get("param_dtype")
+        if name not in DTYPES:
+            raise CheckpointError(f"{path / CONVERTED_MARKER}: param_dtype {name!r} is none of "
+                                  f"{', '.join(DTYPES)}; convert the model again")
+        return {name: 1}
+    if path.is_file() and path.suffix == ".gguf":
+        return gguf_dtype_bytes(path)
+    if path.is_dir() and (path / "config.json").exists():
+        return open_weights(path).dtype_bytes()
+    open_source(path)  # a path that is none of these: its error says which
+    raise CheckpointError(f"{path} is neither a model directory nor a .gguf file")
+
+
+def load_model(path: str | Path, *, dtype: str = "auto", sharding_for: ShardingFn = single_device,
                progress: bool = True):
     """(Decoder, Tokenizer) from a converted directory, an HF directory or a .gguf file (or a Hub id
-    in the local Hugging Face cache)."""
-    check_choice("dtype", dtype, DTYPES)
+    in the local Hugging Face cache); dtype auto: the backend's compute dtype (dtypes.py)."""
     path = resolve(path)
-    jdtype = DTYPES[dtype]
+    jdtype = DTYPES[compute_dtype(dtype)]
     if is_converted(path):
         return load_converted(path, dtype=jdtype, param_dtype=jdtype, sharding_for=sharding_for)
     cfg, source, tok = open_source(path)

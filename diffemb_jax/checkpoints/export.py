@@ -19,13 +19,13 @@ from flax import nnx
 from tqdm.auto import tqdm
 
 from diffemb_jax import atomic
-from diffemb_jax.checkpoints.checkpoint import load_model, resolve
+from diffemb_jax.checkpoints.checkpoint import checkpoint_dtype_bytes, load_model, resolve
+from diffemb_jax.checkpoints.dtypes import stored_dtype
 from diffemb_jax.checkpoints.families import CARRIED_FIELDS, FAMILIES, hf_config
 from diffemb_jax.checkpoints.keymaps import KeyMap, is_transposed
-from diffemb_jax.checkpoints.peft_adapters import load_peft_adapter
+from diffemb_jax.checkpoints.peft_adapters import merged_from_peft
 from diffemb_jax.errors import ConfigError, UserError
 from diffemb_jax.model import Decoder
-from diffemb_jax.model.lora import merge_lora
 
 EXPORT_DTYPES = {"float32": np.dtype(np.float32), "bfloat16": np.dtype(ml_dtypes.bfloat16)}
 _SAFETENSORS_DTYPES = {np.dtype(np.float32): "F32", np.dtype(ml_dtypes.bfloat16): "BF16"}
@@ -188,16 +188,15 @@ def _source_fields(src: Path) -> dict:
     return {key: hf[key] for key in CARRIED_FIELDS if hf.get(key) is not None}
 
 
-def export(src: str | Path, out: str | Path, *, adapter: str | Path | None = None, dtype: str = "float32",
+def export(src: str | Path, out: str | Path, *, adapter: str | Path | None = None, dtype: str = "auto",
            max_shard_bytes: int = DEFAULT_MAX_SHARD_BYTES, progress: bool = True) -> Path:
     """Converted directory, HF directory or .gguf -> HF directory at `out`; with `adapter` (a PEFT LoRA
-    directory) the adapter is applied and merged into the weights first."""
-    if dtype not in EXPORT_DTYPES:
-        raise ConfigError(f"dtype must be one of {tuple(EXPORT_DTYPES)}, got {dtype!r}")
+    directory) the adapter is merged into the weights first, kernel by kernel. dtype auto: the
+    checkpoint's own (dtypes.py)."""
     atomic.new_directory(out)  # before any slow loading
+    dtype = stored_dtype(dtype, lambda: checkpoint_dtype_bytes(src))
     model, tokenizer = load_model(src, dtype=dtype, progress=progress)
     if adapter is not None:
-        adapted, lora = load_peft_adapter(model, adapter)
-        model = merge_lora(adapted, lora)
+        model = merged_from_peft(model, adapter)
     return export_hf(model, tokenizer, out, dtype=dtype, max_shard_bytes=max_shard_bytes,
                      extra_config=_source_fields(resolve(src)), progress=progress)

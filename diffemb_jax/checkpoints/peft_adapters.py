@@ -9,6 +9,7 @@ without `.weight`), so Qwen2, LLaMA, Mistral, Dream and LLaDA all use their own 
 
 from __future__ import annotations
 
+import functools
 import json
 import math
 import re
@@ -25,7 +26,8 @@ from diffemb_jax.checkpoints.keymaps import KeyMap
 from diffemb_jax.checkpoints.sources import CheckpointError, _torch_to_numpy
 from diffemb_jax.errors import UserError
 from diffemb_jax.model import Decoder
-from diffemb_jax.model.lora import LoraConfig, apply_lora, merge_lora
+from diffemb_jax.model.decoder import BLOCK_PROJECTIONS
+from diffemb_jax.model.lora import LoraConfig, apply_lora
 
 PEFT_PREFIX = "base_model.model."
 _LEAVES = {"kernel_lora_a": "lora_A", "kernel_lora_b": "lora_B"}
@@ -216,14 +218,8 @@ def _check_shapes(plan: dict, model: Decoder, rank: int, where: Path) -> None:
         raise CheckpointError(f"{where}: LoRA tensors of the wrong shape ({len(wrong)}): " + "; ".join(wrong[:10]))
 
 
-def load_peft_adapter(model: Decoder, adapter_dir: str | Path, *, seed: int = 0):
-    """A PEFT LoRA directory applied onto a plain decoder: (adapted model, LoraConfig).
-
-    The adapter's r, lora_alpha and lora_dropout become the LoraConfig, its tensors (either PEFT
-    naming: for the LM class or the bare decoder) the LoRA params. An adapted model draws no dropout
-    unless its forward pass is given a dropout key; merge_lora(adapted, lora) for faster inference or
-    export."""
-    where = Path(adapter_dir)
+def _checked_adapter(model: Decoder, where: Path) -> tuple[LoraConfig, dict[tuple, dict[str, np.ndarray]]]:
+    """The adapter's LoraConfig (targets not yet filled in) and plan, every check made."""
     config, tensors = _read_adapter(where)
     lora = _check_config(config, where)
     modules = _kernel_modules(model, headless=False)
@@ -231,15 +227,26 @@ def load_peft_adapter(model: Decoder, adapter_dir: str | Path, *, seed: int = 0)
     _check_targets(config, modules | headless, where)
     plan = _plan(tensors, modules, headless, where)
     _check_shapes(plan, model, lora.rank, where)
+    return lora, plan
+
+
+def load_peft_adapter(model: Decoder, adapter_dir: str | Path, *, seed: int = 0):
+    """A PEFT LoRA directory applied onto a plain decoder: (adapted model, LoraConfig).
+
+    The adapter's r, lora_alpha and lora_dropout become the LoraConfig, its tensors (either PEFT
+    naming: for the LM class or the bare decoder) the LoRA params. An adapted model draws no dropout
+    unless its forward pass is given a dropout key; merged_from_peft merges an adapter for inference
+    or export."""
+    where = Path(adapter_dir)
+    lora, plan = _checked_adapter(model, where)
     targets = "|".join(re.escape("/".join(map(str, path[:-1]))) for path in sorted(plan, key=str))
     lora = LoraConfig(rank=lora.rank, alpha=lora.alpha, dropout=lora.dropout, targets=f"(?:{targets})")
     adapted = apply_lora(model, lora, seed=seed)
     state = nnx.state(adapted, nnx.LoRAParam)
     made = {path[:-1] + ("kernel",) for path, _ in nnx.to_flat_state(state)}
     left = sorted(".".join(map(str, p[:-1])) for p in set(plan) - made)
-    if left:  # apply_lora adapts the blocks' projections, which the forward pass runs: not the LM head
-        raise CheckpointError(f"{where}: LoRA on modules the encoder does not run cannot be applied here: "
-                              f"{', '.join(left)}")
+    if left:
+        raise _unrun_modules(where, left)
     values = state.to_pure_dict()
     for path, var in nnx.to_flat_state(state):
         value = plan[path[:-1] + ("kernel",)][_LEAVES[path[-1]]].T
@@ -252,7 +259,44 @@ def load_peft_adapter(model: Decoder, adapter_dir: str | Path, *, seed: int = 0)
     return adapted, lora
 
 
+def _unrun_modules(where: Path, names: list[str]) -> CheckpointError:
+    # apply_lora adapts the blocks' projections, which the forward pass runs: not the LM head
+    return CheckpointError(f"{where}: LoRA on modules the encoder does not run cannot be applied here: "
+                           f"{', '.join(names)}")
+
+
+@functools.partial(jax.jit, static_argnums=3, donate_argnums=0)
+def _merged_kernel(kernel, a, b, scale: float):
+    """W + A B * scale in float32, back in W's dtype (merge_lora's arithmetic; peft's merge), written
+    over W's own buffer (donated), so that merging allocates no second kernel."""
+    delta = (a.astype(jnp.float32) @ b.astype(jnp.float32)) * scale
+    return (kernel.astype(jnp.float32) + delta).astype(kernel.dtype)
+
+
 def merged_from_peft(model: Decoder, adapter_dir: str | Path) -> Decoder:
-    """A plain decoder with a PEFT adapter folded into its kernels (for inference or export_hf)."""
-    adapted, lora = load_peft_adapter(model, adapter_dir)
-    return merge_lora(adapted, lora)
+    """`model` with a PEFT adapter folded into its kernels (for inference or export_hf): merged in
+    place, kernel by kernel, each merged kernel written over the old one's buffer, so that the host
+    holds the model and one kernel's update at a time, never a second model. The model given is the
+    model returned: its old kernels are gone (an array sharing them, e.g. an apply_lora copy, with them)."""
+    where = Path(adapter_dir)
+    lora, plan = _checked_adapter(model, where)
+    run = {("layers", i, *projection.split("/"), "kernel") for i in range(model.cfg.num_layers)
+           for projection in BLOCK_PROJECTIONS}
+    left = sorted(".".join(map(str, p[:-1])) for p in set(plan) - run)
+    if left:
+        raise _unrun_modules(where, left)
+    params = dict(base_params_of(model))
+    for path, ab in plan.items():
+        variable = params[path]
+        kernel = variable[...]
+        a, b = (jax.device_put(np.ascontiguousarray(ab[leaf].T), _replicated(kernel.sharding))
+                for leaf in ("lora_A", "lora_B"))  # [in, r], [r, out]
+        variable.set_value(_merged_kernel(kernel, a, b, lora.scale))  # `kernel` is deleted (donated)
+    return model
+
+
+def _replicated(sharding: jax.sharding.Sharding) -> jax.sharding.Sharding:
+    """The adapter's place beside a kernel: on each of the kernel's devices, whole."""
+    if isinstance(sharding, jax.sharding.NamedSharding):
+        return jax.sharding.NamedSharding(sharding.mesh, jax.sharding.PartitionSpec())
+    return sharding

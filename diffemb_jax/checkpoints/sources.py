@@ -97,6 +97,10 @@ class SafetensorsSource:
     def read(self, name, index):
         return np.array(self._tensors[name][index])
 
+    def dtype_bytes(self) -> dict[str, int]:
+        """{dtype name: bytes stored}, from the headers."""
+        return _bytes_by_dtype((t.dtype.name, t.nbytes) for t in self._tensors.values())
+
 
 def _entry(path: Path, name: str, info, dtypes: dict) -> tuple[int, int, tuple[int, ...]]:
     """(begin, end, shape) of one header entry, checked: a malformed entry names the file and tensor."""
@@ -164,6 +168,11 @@ class TorchBinSource(_TorchTensors):
                 raise CheckpointError(f"{p}: cannot be read as a weights-only PyTorch checkpoint ({e})") from e
             self._tensors.update(state)
 
+    def dtype_bytes(self) -> dict[str, int]:
+        """{dtype name: bytes stored} (the tensors are memory-mapped: nothing is read)."""
+        return _bytes_by_dtype((str(t.dtype).removeprefix("torch."), t.numel() * t.element_size())
+                               for t in self._tensors.values())
+
 
 class GGUFSource(_TorchTensors):
     """A .gguf file, dequantised by transformers' GGUF loader into HF tensor names.
@@ -184,8 +193,35 @@ class GGUFSource(_TorchTensors):
         self._tensors = loaded["tensors"]
 
 
+def _bytes_by_dtype(pairs) -> dict[str, int]:
+    totals: dict[str, int] = {}
+    for dtype, nbytes in pairs:
+        totals[dtype] = totals.get(dtype, 0) + int(nbytes)
+    return totals
+
+
+_GGML_FLOATS = {"F32": "float32", "F16": "float16", "BF16": "bfloat16", "F64": "float64"}
+
+
+def gguf_dtype_bytes(path: Path) -> dict[str, int]:
+    """{dtype name: bytes stored} of a .gguf file, from its tensor table (quantised types by their GGML
+    names, Q4_1 ...); the gguf reader memory-maps the file and reads no tensor data."""
+    try:
+        from gguf import GGUFReader
+    except ImportError:
+        raise CheckpointError("reading .gguf checkpoints needs the gguf package: pip install 'diffemb-jax[torch]'") from None
+    try:
+        reader = GGUFReader(path)
+    except Exception as e:  # the reader raises several types for a file that is not GGUF
+        raise CheckpointError(f"{path}: not a GGUF file whose tensor table can be read ({e})") from e
+    return _bytes_by_dtype((_GGML_FLOATS.get(t.tensor_type.name, t.tensor_type.name), t.n_bytes)
+                           for t in reader.tensors)
+
+
 def gguf_config(path: Path):
-    """The transformers config of a .gguf file, from its header alone (no tensor is dequantised)."""
+    """The transformers config of a .gguf file, from its header alone: transformers reads the metadata
+    through the gguf package's memory-mapped reader and dequantises nothing unless asked for the
+    tensors (tests/test_dtype_defaults.py holds it to that)."""
     _torch()  # transformers' GGUF reader needs it
     from transformers import AutoConfig
 

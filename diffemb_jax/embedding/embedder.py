@@ -84,9 +84,10 @@ class Embedder:
 
     @classmethod
     def from_pretrained(cls, path: str | Path, *, adapter: str | Path | None = None, attention: str = "bidirectional",
-                        dtype: str = "float32", kernel: str = "auto", mesh: jax.sharding.Mesh | None = None,
+                        dtype: str = "auto", kernel: str = "auto", mesh: jax.sharding.Mesh | None = None,
                         **kwargs) -> "Embedder":
-        """A model directory or .gguf, with a PEFT LoRA `adapter` directory merged into its weights if given."""
+        """A model directory or .gguf, with a PEFT LoRA `adapter` directory merged into its weights if given;
+        dtype auto: bfloat16 on a GPU or TPU, float32 on a CPU (checkpoints/dtypes.py)."""
         options = ForwardOptions(attention=attention, kernel=kernel)  # checked before any weight is read
         check_choice("pooling", kwargs.get("pooling", "mean"), POOLING_MODES)
         check_choice("dtype", dtype, DTYPES)
