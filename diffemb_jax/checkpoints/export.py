@@ -19,13 +19,11 @@ from flax import nnx
 from tqdm.auto import tqdm
 
 from diffemb_jax import atomic
-from diffemb_jax.checkpoints.checkpoint import load_model, resolve
+from diffemb_jax.checkpoints.checkpoint import base_and_adapters, load_model
 from diffemb_jax.checkpoints.families import CARRIED_FIELDS, FAMILIES, hf_config
 from diffemb_jax.checkpoints.keymaps import KeyMap, is_transposed
-from diffemb_jax.checkpoints.peft_adapters import load_peft_adapter
 from diffemb_jax.errors import ConfigError, UserError
 from diffemb_jax.model import Decoder
-from diffemb_jax.model.lora import merge_lora
 
 EXPORT_DTYPES = {"float32": np.dtype(np.float32), "bfloat16": np.dtype(ml_dtypes.bfloat16)}
 _SAFETENSORS_DTYPES = {np.dtype(np.float32): "F32", np.dtype(ml_dtypes.bfloat16): "BF16"}
@@ -188,16 +186,14 @@ def _source_fields(src: Path) -> dict:
     return {key: hf[key] for key in CARRIED_FIELDS if hf.get(key) is not None}
 
 
-def export(src: str | Path, out: str | Path, *, adapter: str | Path | None = None, dtype: str = "float32",
+def export(src: str | Path, out: str | Path, *, adapter=None, dtype: str = "float32",
            max_shard_bytes: int = DEFAULT_MAX_SHARD_BYTES, progress: bool = True) -> Path:
-    """Converted directory, HF directory or .gguf -> HF directory at `out`; with `adapter` (a PEFT LoRA
-    directory) the adapter is applied and merged into the weights first."""
+    """Converted directory, HF directory, .gguf or PEFT adapter folder -> HF directory at `out`; with
+    `adapter` (a PEFT LoRA directory, or a list merged in order) the adapters are merged into the
+    weights first."""
     if dtype not in EXPORT_DTYPES:
         raise ConfigError(f"dtype must be one of {tuple(EXPORT_DTYPES)}, got {dtype!r}")
     atomic.new_directory(out)  # before any slow loading
-    model, tokenizer = load_model(src, dtype=dtype, progress=progress)
-    if adapter is not None:
-        adapted, lora = load_peft_adapter(model, adapter)
-        model = merge_lora(adapted, lora)
+    model, tokenizer = load_model(src, adapters=adapter, dtype=dtype, progress=progress)
     return export_hf(model, tokenizer, out, dtype=dtype, max_shard_bytes=max_shard_bytes,
-                     extra_config=_source_fields(resolve(src)), progress=progress)
+                     extra_config=_source_fields(base_and_adapters(src)[0]), progress=progress)
