@@ -8,6 +8,7 @@ share q_proj) at different ranks and alphas, lora_B random; the first is named f
 (as llm2vec's MNTP and supervised adapters, made on its bidirectional AutoModel), the second for the LM.
 """
 
+import importlib.util
 import json
 import shutil
 
@@ -160,6 +161,37 @@ def test_every_command_that_takes_adapters_takes_several_and_one_alone(stack):
         assert parser.parse_args(argv).adapter == [str(mntp), str(supervised)], argv
         assert parser.parse_args(argv[:-2]).adapter == [str(mntp)], argv
         assert parser.parse_args(argv[:-4]).adapter is None, argv
+
+
+
+def test_training_on_an_adapter_folder_starts_from_the_merge_and_its_adapter_stacks_on_it(stack, tmp_path):
+    """llm2vec's supervised step: training on the MNTP folder (config.model.path) starts from the base
+    with the MNTP adapter merged. The adapter it writes names that folder as its base, so `--model
+    WORKDIR/adapter` is the whole stack, as peft builds it. (No step is run: what training does to the
+    adapter is tests/test_export.py's test_trained_adapter_loads_in_peft.)"""
+    from pathlib import Path
+
+    from training_fixtures import write_training_data
+
+    from diffemb_jax.checkpoints.peft_adapters import base_params_of
+    from diffemb_jax.training.trainer import Trainer
+
+    base, mntp, _ = stack
+    spec = importlib.util.spec_from_file_location("tiny_cfg", Path(__file__).parent.parent / "configs" / "tiny.py")
+    tiny_cfg = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(tiny_cfg)
+    config = tiny_cfg.get_config()
+    config.model.path, config.data.files = str(mntp), (str(write_training_data(tmp_path / "train.jsonl")),)
+    trainer = Trainer(config, tmp_path / "run")
+    with_mntp = _peft_merged(base, [(mntp, MNTP)])
+    q0 = with_mntp.state_dict()["model.layers.0.self_attn.q_proj.weight"].numpy().T
+    start = np.asarray(dict(base_params_of(trainer.model))[("layers", 0, "attn", "q_proj", "kernel")][...])
+    np.testing.assert_allclose(start, q0, atol=1e-6, rtol=0)
+    adapter = trainer.write_adapter()
+    assert json.loads((adapter / "adapter_config.json").read_text())["base_model_name_or_path"] == str(mntp)
+    stacked = peft.PeftModel.from_pretrained(with_mntp, adapter).merge_and_unload().eval()
+    np.testing.assert_allclose(_encode(tmp_path, adapter, []), _oracle_vectors(stacked, base, "bidirectional"),
+                               atol=1e-4, rtol=0)
 
 
 # ------------------------------------------------------------------------------ an adapter folder as model
