@@ -196,20 +196,32 @@ def test_training_on_an_adapter_folder_starts_from_the_merge_and_its_adapter_sta
 
 # ------------------------------------------------------------------------------ an adapter folder as model
 
+COMMIT = "0123456789abcdef0123456789abcdef01234567"
+
+
+def _cache_snapshot(cache, repo_id):
+    """The folder huggingface_hub keeps `repo_id` in (models--ORG--NAME/snapshots/<commit>, refs/main)."""
+    repo = cache / ("models--" + repo_id.replace("/", "--"))
+    (repo / "refs").mkdir(parents=True, exist_ok=True)
+    (repo / "refs" / "main").write_text(COMMIT)
+    return repo / "snapshots" / COMMIT
+
+
 @pytest.fixture()
-def hub_llama(tmp_path, monkeypatch):
-    """A tiny LLaMA as the Hub id tiny-org/tiny-llama in a local Hugging Face cache (nothing downloaded)."""
+def hub(tmp_path, monkeypatch):
+    """A local Hugging Face cache (nothing downloaded) holding a tiny LLaMA as tiny-org/tiny-llama."""
     import huggingface_hub.constants
 
     cache = tmp_path / "hub"
     monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_CACHE", str(cache))
     monkeypatch.setenv("HF_HUB_CACHE", str(cache))
-    commit = "0123456789abcdef0123456789abcdef01234567"
-    repo = cache / "models--tiny-org--tiny-llama"
-    snapshot = tiny.write_checkpoint("llama", repo / "snapshots" / commit)
-    (repo / "refs").mkdir()
-    (repo / "refs" / "main").write_text(commit)
-    return snapshot
+    tiny.write_checkpoint("llama", _cache_snapshot(cache, "tiny-org/tiny-llama"))
+    return cache
+
+
+@pytest.fixture()
+def hub_llama(hub):
+    return _cache_snapshot(hub, "tiny-org/tiny-llama")
 
 
 def _mntp_folder(base_dir, directory, base_name):
@@ -220,17 +232,19 @@ def _mntp_folder(base_dir, directory, base_name):
     return directory
 
 
-def test_an_adapter_folder_is_its_base_with_it_merged(hub_llama, tmp_path, capsys):
-    """`--model MNTP_DIR --adapter SUPERVISED_DIR`, the base found through the MNTP folder's
-    adapter_config.json (a Hub id in the local cache); and an adapter whose base is the MNTP folder
-    stands for the whole stack."""
-    mntp = _mntp_folder(hub_llama, tmp_path / "mntp", "tiny-org/tiny-llama")
+def test_an_adapter_folder_is_its_base_with_it_merged(hub, hub_llama, tmp_path, capsys):
+    """`--model ORG/MNTP --adapter ORG/SUPERVISED` (Hub ids in the local cache, as llm2vec's are
+    published), the base found through the MNTP folder's adapter_config.json; an adapter whose base is
+    the MNTP folder stands for the whole stack; `diffemb convert` of the MNTP folder is the merge."""
+    mntp = _mntp_folder(hub_llama, _cache_snapshot(hub, "tiny-org/tiny-llama-mntp"), "tiny-org/tiny-llama")
     supervised = _make_adapter(hub_llama, tmp_path / "supervised", SUPERVISED)
+    shutil.copytree(supervised, _cache_snapshot(hub, "tiny-org/tiny-llama-mntp-supervised"))
     merged = _peft_merged(hub_llama, [(mntp, MNTP), (supervised, SUPERVISED)])
     for attention in ATTENTIONS:
-        np.testing.assert_allclose(_encode(tmp_path, mntp, [supervised], attention),
+        np.testing.assert_allclose(_encode(tmp_path, "tiny-org/tiny-llama-mntp", ["tiny-org/tiny-llama-mntp-supervised"],
+                                           attention),
                                    _oracle_vectors(merged, hub_llama, attention), atol=1e-4, rtol=0)
-    assert model_config(mntp) == model_config(hub_llama)
+    assert model_config("tiny-org/tiny-llama-mntp") == model_config(hub_llama)
 
     _set_base(supervised, str(mntp))  # as a run trained on the MNTP folder writes its adapter
     np.testing.assert_allclose(_encode(tmp_path, supervised, [], name="chained"),
@@ -272,5 +286,7 @@ def test_an_adapter_folder_whose_base_cannot_be_found_says_what_to_do(hub_llama,
     shutil.copy(mntp / "adapter_config.json", both)
     fails(both, "holds both a model (model.safetensors) and a PEFT adapter (adapter_config.json)")
     fails(hub_llama, f"{tmp_path} is no PEFT adapter directory", adapters=[tmp_path])
+    fails(hub_llama, "tiny-org/nothing is neither a local path nor a model in the Hugging Face cache",
+          "hf download tiny-org/nothing", adapters=["tiny-org/nothing"])
     with pytest.raises(CheckpointError, match="names no base model"):
         model_config(_set_base(mntp, "") or mntp)

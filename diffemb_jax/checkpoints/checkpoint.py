@@ -128,11 +128,11 @@ def base_and_adapters(path: str | Path) -> tuple[Path, tuple[Path, ...]]:
 
 
 def _adapter_dirs(adapters) -> list[Path]:
-    """None, one adapter directory or several -> a list, each checked for its adapter_config.json
-    before any weight is read."""
+    """None, one adapter directory (or Hub id in the local cache) or several -> a list, each checked
+    for its adapter_config.json before any weight is read."""
     if adapters is None:
         return []
-    dirs = [Path(adapters)] if isinstance(adapters, (str, Path)) else [Path(a) for a in adapters]
+    dirs = [resolve(a) for a in ([adapters] if isinstance(adapters, (str, Path)) else adapters)]
     for directory in dirs:
         if not (directory / ADAPTER_CONFIG).is_file():
             raise CheckpointError(f"{directory} is no PEFT adapter directory (it has no {ADAPTER_CONFIG})")
