@@ -11,6 +11,7 @@ share q_proj) at different ranks and alphas, lora_B random; the first is named f
 import importlib.util
 import json
 import shutil
+from pathlib import Path
 
 import numpy as np
 import peft
@@ -18,11 +19,15 @@ import pytest
 import tokenizers
 import torch
 import transformers as tf
+from flax import nnx
+from training_fixtures import write_training_data
 
 import tiny
 from diffemb_jax.checkpoints import CheckpointError, load_model, model_config
+from diffemb_jax.checkpoints.peft_adapters import base_params_of
 from diffemb_jax.cli import build_parser, main as cli
 from diffemb_jax.embedding import Embedder
+from diffemb_jax.training.trainer import Trainer
 
 TEXTS = ["the cat plays music", "a big red car fell on the house", "query", "she reads and writes text fast"]
 ATTENTIONS = ("bidirectional", "causal")
@@ -128,14 +133,8 @@ def test_the_order_of_merging_does_not_change_the_model(stack, tmp_path):
     second = Embedder.from_pretrained(base, adapter=[supervised, mntp], batch_size=4).encode(TEXTS)
     np.testing.assert_allclose(second, first, atol=1e-5, rtol=0)
     model, _ = load_model(base, adapters=[mntp, supervised], progress=False)
-    ours = {name: np.asarray(v[...]) for name, v in _flat_kernels(model).items()}
-    np.testing.assert_allclose(ours[("layers", 0, "attn", "q_proj", "kernel")], forward[q0].numpy().T, atol=1e-6)
-
-
-def _flat_kernels(model):
-    from flax import nnx
-
-    return {path: var for path, var in nnx.to_flat_state(nnx.state(model, nnx.Param)) if path[-1] == "kernel"}
+    ours = dict(nnx.to_flat_state(nnx.state(model, nnx.Param)))[("layers", 0, "attn", "q_proj", "kernel")]
+    np.testing.assert_allclose(np.asarray(ours[...]), forward[q0].numpy().T, atol=1e-6, rtol=0)
 
 
 def test_export_merges_both_adapters_as_peft(stack, tmp_path, capsys):
@@ -163,19 +162,11 @@ def test_every_command_that_takes_adapters_takes_several_and_one_alone(stack):
         assert parser.parse_args(argv[:-4]).adapter is None, argv
 
 
-
 def test_training_on_an_adapter_folder_starts_from_the_merge_and_its_adapter_stacks_on_it(stack, tmp_path):
     """llm2vec's supervised step: training on the MNTP folder (config.model.path) starts from the base
     with the MNTP adapter merged. The adapter it writes names that folder as its base, so `--model
     WORKDIR/adapter` is the whole stack, as peft builds it. (No step is run: what training does to the
     adapter is tests/test_export.py's test_trained_adapter_loads_in_peft.)"""
-    from pathlib import Path
-
-    from training_fixtures import write_training_data
-
-    from diffemb_jax.checkpoints.peft_adapters import base_params_of
-    from diffemb_jax.training.trainer import Trainer
-
     base, mntp, _ = stack
     spec = importlib.util.spec_from_file_location("tiny_cfg", Path(__file__).parent.parent / "configs" / "tiny.py")
     tiny_cfg = importlib.util.module_from_spec(spec)
@@ -241,9 +232,8 @@ def test_an_adapter_folder_is_its_base_with_it_merged(hub, hub_llama, tmp_path, 
     shutil.copytree(supervised, _cache_snapshot(hub, "tiny-org/tiny-llama-mntp-supervised"))
     merged = _peft_merged(hub_llama, [(mntp, MNTP), (supervised, SUPERVISED)])
     for attention in ATTENTIONS:
-        np.testing.assert_allclose(_encode(tmp_path, "tiny-org/tiny-llama-mntp", ["tiny-org/tiny-llama-mntp-supervised"],
-                                           attention),
-                                   _oracle_vectors(merged, hub_llama, attention), atol=1e-4, rtol=0)
+        ours = _encode(tmp_path, "tiny-org/tiny-llama-mntp", ["tiny-org/tiny-llama-mntp-supervised"], attention)
+        np.testing.assert_allclose(ours, _oracle_vectors(merged, hub_llama, attention), atol=1e-4, rtol=0)
     assert model_config("tiny-org/tiny-llama-mntp") == model_config(hub_llama)
 
     _set_base(supervised, str(mntp))  # as a run trained on the MNTP folder writes its adapter

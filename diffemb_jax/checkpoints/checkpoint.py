@@ -93,7 +93,7 @@ def _adapter_base_name(folder: Path) -> str | None:
     weights = [name for name in MODEL_FILES if (folder / name).exists()]
     if weights:
         raise CheckpointError(f"{folder} holds both a model ({weights[0]}) and a PEFT adapter ({ADAPTER_CONFIG}): "
-                              "give the model as the model and the adapter apart (--adapter), or move one out")
+                              "which one is meant is unclear: move the adapter out and give it with --adapter")
     try:
         name = json.loads(config.read_text()).get("base_model_name_or_path")
     except (ValueError, UnicodeDecodeError, AttributeError) as e:
