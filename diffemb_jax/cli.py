@@ -21,7 +21,7 @@ def _export(args) -> None:
     from diffemb_jax.checkpoints import export_model
 
     out = export_model(args.model, args.out, adapter=args.adapter, dtype=args.dtype)
-    merged = f" with the adapter {args.adapter} merged" if args.adapter else ""
+    merged = f" with {', then '.join(args.adapter)} merged" if args.adapter else ""
     print(f"exported {args.model}{merged} -> {out} (Hugging Face directory, {_written_dtype(out)})")
 
 
@@ -75,6 +75,10 @@ EVALUATE_MAX_LENGTH = {"longembed": 32768, "bright": 4096}
 MAX_BATCH_TOKENS_HELP = ("at most this many padded tokens per batch, so long documents go fewer at a time "
                          "(one text that is longer goes alone); 0: no limit")
 BATCH_SIZE_HELP = "rows per batch (a row holds one text, or several short ones packed)"
+MODEL_HELP = ("converted directory, HF model directory, .gguf file, or a PEFT adapter folder (llm2vec's MNTP "
+              "checkpoints: the base it names, with it merged)")
+ADAPTER_HELP = ("PEFT LoRA adapter directory merged into the model's weights; repeat to stack several, merged "
+                "in the order given (llm2vec: --adapter MNTP_DIR --adapter SUPERVISED_DIR)")
 PACK_LENGTH_HELP = ("texts of at most this many tokens are packed several to a row, each attending within "
                     "itself (no compute on padding); 0: one text a row")
 
@@ -357,16 +361,16 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("export", help="model (converted, HF or .gguf), optionally with a PEFT LoRA adapter "
                        "merged in -> Hugging Face directory (config.json, safetensors, tokenizer.json)")
-    p.add_argument("model", help="converted directory, HF model directory or .gguf file")
+    p.add_argument("model", help=MODEL_HELP)
     p.add_argument("out", help="output directory (must not exist)")
-    p.add_argument("--adapter", default=None, help="PEFT LoRA adapter directory to merge into the weights")
+    p.add_argument("--adapter", action="append", default=None, help=ADAPTER_HELP)
     p.add_argument("--dtype", choices=DTYPE_CHOICES, default="auto", help=STORED_DTYPE_HELP)
     p.set_defaults(func=_export)
 
     p = sub.add_parser("encode", help="embed the lines of a .txt or .jsonl file into a .npy")
-    p.add_argument("--model", required=True, help="converted directory, HF model directory or .gguf file")
-    p.add_argument("--adapter", default=None, help="PEFT LoRA adapter directory (e.g. WORKDIR/adapter of a "
-                   "training run) merged into the model's weights")
+    p.add_argument("--model", required=True, help=MODEL_HELP)
+    p.add_argument("--adapter", action="append", default=None, help=ADAPTER_HELP + " (e.g. WORKDIR/adapter of "
+                   "a training run)")
     p.add_argument("--input", required=True, help=".txt (one text a line) or .jsonl (field \"text\")")
     p.add_argument("--output", required=True, help="OUT.npy; row i is line i of the input")
     p.add_argument("--attention", choices=ATTENTION_MODES, default="bidirectional")
@@ -390,8 +394,8 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("evaluate", help="retrieval metrics on a BEIR folder, or similarity correlations on pairs")
     tasks = p.add_subparsers(dest="task", required=True)
     common = argparse.ArgumentParser(add_help=False)
-    common.add_argument("--model", required=True, help="converted directory, HF model directory or .gguf file")
-    common.add_argument("--adapter", default=None, help="PEFT LoRA adapter directory merged into the weights")
+    common.add_argument("--model", required=True, help=MODEL_HELP)
+    common.add_argument("--adapter", action="append", default=None, help=ADAPTER_HELP)
     common.add_argument("--attention", choices=ATTENTION_MODES, default="bidirectional")
     common.add_argument("--pooling", choices=POOLING_MODES, default="mean")
     common.add_argument("--skip-instruction", action="store_true", help="pool only the tokens after the instruction")
@@ -440,8 +444,8 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("serve", help="an HTTP embedding server: OpenAI's POST /v1/embeddings, TEI's POST /embed, "
                        "/health, /info, /metrics; requests batched together on the device")
-    p.add_argument("--model", required=True, help="converted directory, HF model directory or .gguf file")
-    p.add_argument("--adapter", default=None, help="PEFT LoRA adapter directory merged into the model's weights")
+    p.add_argument("--model", required=True, help=MODEL_HELP)
+    p.add_argument("--adapter", action="append", default=None, help=ADAPTER_HELP)
     p.add_argument("--model-name", default=None, help="the name /v1/embeddings answers with (default: --model)")
     p.add_argument("--attention", choices=ATTENTION_MODES, default="bidirectional")
     p.add_argument("--pooling", choices=POOLING_MODES, default="mean")

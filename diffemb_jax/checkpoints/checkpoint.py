@@ -1,14 +1,19 @@
-"""Open any model path (HF directory, .gguf file, converted directory) and write converted ones.
+"""Open any model path (HF directory, .gguf file, converted directory, PEFT adapter folder) and write
+converted ones.
 
 A converted directory holds `diffemb.json` (the ModelConfig and where it came from), `params/` (an
 orbax checkpoint) and `tokenizer.json`. It is written under a temporary name and renamed into place,
-so a reader never sees half of one.
+so a reader never sees half of one. A PEFT adapter folder (llm2vec's MNTP checkpoints are such
+folders) stands for its base model with the adapter merged in; PEFT adapters given beside a model
+are merged after it, one after another in their order, as llm2vec stacks its supervised adapter on
+the MNTP-merged model.
 """
 
 from __future__ import annotations
 
 import dataclasses
 import json
+from collections.abc import Sequence
 from pathlib import Path
 
 import jax
@@ -24,9 +29,14 @@ from diffemb_jax.parallel import ShardingFn, placed_shapes, single_device
 from diffemb_jax.checkpoints.sources import CheckpointError, GGUFSource, gguf_config, gguf_dtype_bytes, open_weights
 from diffemb_jax.checkpoints.families import config_from_hf, config_from_hf_file
 from diffemb_jax.checkpoints.keymaps import fit_to_checkpoint
+from diffemb_jax.checkpoints.peft_adapters import merged_from_peft
 from diffemb_jax.model import Decoder, ModelConfig
 
 CONVERTED_MARKER = "diffemb.json"
+ADAPTER_CONFIG = "adapter_config.json"  # what makes a directory a PEFT adapter
+# A directory holding one of these is a model itself, whatever else it holds.
+MODEL_FILES = (CONVERTED_MARKER, "model.safetensors", "model.safetensors.index.json", "pytorch_model.bin",
+               "pytorch_model.bin.index.json")
 CONVERTED_KEYS = ("format_version", "source", "param_dtype", "config")  # what CONVERTED_MARKER holds
 FORMAT_VERSION = 1
 
@@ -73,6 +83,61 @@ def is_converted(path: Path) -> bool:
     return path.is_dir() and (path / CONVERTED_MARKER).exists()
 
 
+def _adapter_base_name(folder: Path) -> str | None:
+    """The base model a PEFT adapter folder was made on (its adapter_config.json's
+    base_model_name_or_path, a path or a Hub id), or None when `folder` is no adapter folder."""
+    config = folder / ADAPTER_CONFIG
+    if not (folder.is_dir() and config.exists()):
+        return None
+    weights = [name for name in MODEL_FILES if (folder / name).exists()]
+    if weights:
+        raise CheckpointError(f"{folder} holds both a model ({weights[0]}) and a PEFT adapter ({ADAPTER_CONFIG}): "
+                              "which one is meant is unclear: move the adapter out and give it with --adapter")
+    try:
+        name = json.loads(config.read_text()).get("base_model_name_or_path")
+    except (ValueError, UnicodeDecodeError, AttributeError) as e:
+        raise CheckpointError(f"{config} is not a JSON object ({e})") from None
+    if not isinstance(name, str) or not name:
+        raise CheckpointError(f"{config} names no base model (base_model_name_or_path is {name!r}): give the "
+                              f"base model as the model and {folder} as an adapter (--adapter)")
+    return name
+
+
+def base_and_adapters(path: str | Path) -> tuple[Path, tuple[Path, ...]]:
+    """A model path as (the model that holds weights, the PEFT adapters to merge onto it in order):
+    (path, ()) for a model; for an adapter folder, its base (a local path, relative ones from the
+    current directory as PEFT takes them, or a Hub id in the local cache; an adapter folder again,
+    perhaps) and the folder after that base's own adapters."""
+    path, adapters = resolve(path), []
+    while (name := _adapter_base_name(path)) is not None:
+        adapters.insert(0, path)
+        try:
+            base = resolve(name)
+        except CheckpointError as e:
+            raise CheckpointError(f"{path / ADAPTER_CONFIG}: the base model {name!r}: {e}") from None
+        if not base.exists():
+            raise CheckpointError(f"{path / ADAPTER_CONFIG} names the base model {name!r}, which does not exist "
+                                  f"(from {Path.cwd()}): give the base model as the model and {path} as an "
+                                  "adapter (--adapter)")
+        if any(base.resolve() == a.resolve() for a in adapters):
+            raise CheckpointError(f"{path / ADAPTER_CONFIG} names {name!r} as its base, an adapter of this very "
+                                  "chain: give the base model as the model")
+        path = base
+    return path, tuple(adapters)
+
+
+def _adapter_dirs(adapters) -> list[Path]:
+    """None, one adapter directory (or Hub id in the local cache) or several -> a list, each checked
+    for its adapter_config.json before any weight is read."""
+    if adapters is None:
+        return []
+    dirs = [resolve(a) for a in ([adapters] if isinstance(adapters, (str, Path)) else adapters)]
+    for directory in dirs:
+        if not (directory / ADAPTER_CONFIG).is_file():
+            raise CheckpointError(f"{directory} is no PEFT adapter directory (it has no {ADAPTER_CONFIG})")
+    return dirs
+
+
 def open_source(path: str | Path):
     """(ModelConfig, TensorSource, Tokenizer) for an HF directory or a .gguf file; the ModelConfig says
     whether the checkpoint holds its untied LM head (a bare decoder's save has none)."""
@@ -92,12 +157,11 @@ def open_source(path: str | Path):
 
 
 def convert(src: str | Path, out: str | Path, *, dtype: str = "auto", progress: bool = True) -> Path:
-    """HF directory or .gguf -> converted directory at `out` (which must not exist yet); dtype auto:
-    the checkpoint's own (dtypes.py)."""
+    """HF directory, .gguf or PEFT adapter folder (merged into its base) -> converted directory at
+    `out` (which must not exist yet); dtype auto: the checkpoint's own (dtypes.py)."""
     out = atomic.new_directory(out)  # before any slow loading
     dtype = stored_dtype(dtype, lambda: checkpoint_dtype_bytes(src))
-    cfg, source, tok = open_source(src)
-    model = load_decoder(source, cfg, dtype=DTYPES[dtype], param_dtype=DTYPES[dtype], progress=progress)
+    model, tok = load_model(src, dtype=dtype, progress=progress)
     return save_converted(model, tok, out, source=str(src))
 
 
@@ -157,8 +221,9 @@ def load_converted(path: Path, *, dtype=jnp.float32, param_dtype=jnp.float32,
 
 
 def model_config(path: str | Path) -> ModelConfig:
-    """The ModelConfig of a converted directory, an HF directory or a .gguf file; no weights are read."""
-    path = resolve(path)
+    """The ModelConfig of a converted directory, an HF directory, a .gguf file or a PEFT adapter
+    folder (its base's); no weights are read."""
+    path = base_and_adapters(path)[0]
     if is_converted(path):
         return _converted_config(path)
     if path.is_dir() and (path / "config.json").exists():
@@ -175,7 +240,7 @@ def model_config(path: str | Path) -> ModelConfig:
 def checkpoint_dtype_bytes(path: str | Path) -> dict[str, int]:
     """{dtype name: bytes} of the weights of a converted directory, an HF directory or a .gguf file,
     from their headers alone (what `--dtype auto` stores: dtypes.stored_dtype)."""
-    path = resolve(path)
+    path = base_and_adapters(path)[0]  # an adapter folder: its base's weights
     if is_converted(path):
         _converted_config(path)  # its files checked
         name = json.loads((path / CONVERTED_MARKER).read_text()).get("param_dtype")
@@ -191,14 +256,21 @@ def checkpoint_dtype_bytes(path: str | Path) -> dict[str, int]:
     raise CheckpointError(f"{path} is neither a model directory nor a .gguf file")
 
 
-def load_model(path: str | Path, *, dtype: str = "auto", sharding_for: ShardingFn = single_device,
-               progress: bool = True):
-    """(Decoder, Tokenizer) from a converted directory, an HF directory or a .gguf file (or a Hub id
-    in the local Hugging Face cache); dtype auto: the backend's compute dtype (dtypes.py)."""
-    path = resolve(path)
+def load_model(path: str | Path, *, adapters: str | Path | Sequence[str | Path] | None = None, dtype: str = "auto",
+               sharding_for: ShardingFn = single_device, progress: bool = True):
+    """(Decoder, Tokenizer) from a converted directory, an HF directory, a .gguf file (or a Hub id in
+    the local Hugging Face cache) or a PEFT adapter folder (its base, merged with it); `adapters`, a
+    PEFT LoRA directory or a list of them, are then merged into the weights one after another.
+    dtype auto: the backend's compute dtype (dtypes.py)."""
     jdtype = DTYPES[compute_dtype(dtype)]
+    path, stacked = base_and_adapters(path)
+    adapters = [*stacked, *_adapter_dirs(adapters)]
     if is_converted(path):
-        return load_converted(path, dtype=jdtype, param_dtype=jdtype, sharding_for=sharding_for)
-    cfg, source, tok = open_source(path)
-    return load_decoder(source, cfg, dtype=jdtype, param_dtype=jdtype, sharding_for=sharding_for,
-                        progress=progress), tok
+        model, tok = load_converted(path, dtype=jdtype, param_dtype=jdtype, sharding_for=sharding_for)
+    else:
+        cfg, source, tok = open_source(path)
+        model = load_decoder(source, cfg, dtype=jdtype, param_dtype=jdtype, sharding_for=sharding_for,
+                             progress=progress)
+    for adapter in adapters:  # the previous weights are dropped as each merge is made
+        model = merged_from_peft(model, adapter)
+    return model, tok

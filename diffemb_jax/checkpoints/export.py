@@ -19,11 +19,10 @@ from flax import nnx
 from tqdm.auto import tqdm
 
 from diffemb_jax import atomic
-from diffemb_jax.checkpoints.checkpoint import checkpoint_dtype_bytes, load_model, resolve
+from diffemb_jax.checkpoints.checkpoint import base_and_adapters, checkpoint_dtype_bytes, load_model
 from diffemb_jax.checkpoints.dtypes import stored_dtype
 from diffemb_jax.checkpoints.families import CARRIED_FIELDS, FAMILIES, hf_config
 from diffemb_jax.checkpoints.keymaps import KeyMap, is_transposed
-from diffemb_jax.checkpoints.peft_adapters import merged_from_peft
 from diffemb_jax.errors import ConfigError, UserError
 from diffemb_jax.model import Decoder
 
@@ -188,15 +187,13 @@ def _source_fields(src: Path) -> dict:
     return {key: hf[key] for key in CARRIED_FIELDS if hf.get(key) is not None}
 
 
-def export(src: str | Path, out: str | Path, *, adapter: str | Path | None = None, dtype: str = "auto",
+def export(src: str | Path, out: str | Path, *, adapter=None, dtype: str = "auto",
            max_shard_bytes: int = DEFAULT_MAX_SHARD_BYTES, progress: bool = True) -> Path:
-    """Converted directory, HF directory or .gguf -> HF directory at `out`; with `adapter` (a PEFT LoRA
-    directory) the adapter is merged into the weights first, kernel by kernel. dtype auto: the
-    checkpoint's own (dtypes.py)."""
+    """Converted directory, HF directory, .gguf or PEFT adapter folder -> HF directory at `out`; with
+    `adapter` (a PEFT LoRA directory, or a list merged in order) the adapters are merged into the
+    weights first, kernel by kernel. dtype auto: the checkpoint's own (dtypes.py)."""
     atomic.new_directory(out)  # before any slow loading
     dtype = stored_dtype(dtype, lambda: checkpoint_dtype_bytes(src))
-    model, tokenizer = load_model(src, dtype=dtype, progress=progress)
-    if adapter is not None:
-        model = merged_from_peft(model, adapter)
+    model, tokenizer = load_model(src, adapters=adapter, dtype=dtype, progress=progress)
     return export_hf(model, tokenizer, out, dtype=dtype, max_shard_bytes=max_shard_bytes,
-                     extra_config=_source_fields(resolve(src)), progress=progress)
+                     extra_config=_source_fields(base_and_adapters(src)[0]), progress=progress)

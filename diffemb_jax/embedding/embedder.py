@@ -34,8 +34,7 @@ from diffemb_jax import parallel
 from diffemb_jax.batching import (DEFAULT_MAX_BATCH_TOKENS, PACK_LENGTH, bucket_lengths, pack_batch, plan_batches,
                                   row_capacity)
 from diffemb_jax.checkpoints import load_model
-from diffemb_jax.checkpoints.checkpoint import DTYPES
-from diffemb_jax.checkpoints.peft_adapters import merged_from_peft
+from diffemb_jax.checkpoints.dtypes import DTYPE_CHOICES
 from diffemb_jax.embedding.pooling import POOLING_MODES, l2_normalize, pool
 from diffemb_jax.embedding.prompts import tokenize, with_instruction
 from diffemb_jax.errors import ConfigError, UserError, check_choice
@@ -83,20 +82,17 @@ class Embedder:
         self._embed = _embed_program(graphdef, options, pooling, skip_instruction)
 
     @classmethod
-    def from_pretrained(cls, path: str | Path, *, adapter: str | Path | None = None, attention: str = "bidirectional",
+    def from_pretrained(cls, path: str | Path, *, adapter=None, attention: str = "bidirectional",
                         dtype: str = "auto", kernel: str = "auto", mesh: jax.sharding.Mesh | None = None,
                         **kwargs) -> "Embedder":
-        """A model directory or .gguf, with a PEFT LoRA `adapter` directory merged into its weights if given;
-        dtype auto: bfloat16 on a GPU or TPU, float32 on a CPU (checkpoints/dtypes.py)."""
+        """A model path (checkpoints.load_model's: a PEFT adapter folder too), with a PEFT LoRA `adapter`
+        directory, or a list of them in order, merged into its weights if given; dtype auto: bfloat16
+        on a GPU or TPU, float32 on a CPU (checkpoints/dtypes.py)."""
         options = ForwardOptions(attention=attention, kernel=kernel)  # checked before any weight is read
         check_choice("pooling", kwargs.get("pooling", "mean"), POOLING_MODES)
-        check_choice("dtype", dtype, DTYPES)
-        if mesh is None:
-            model, tokenizer = load_model(path, dtype=dtype)
-        else:
-            model, tokenizer = load_model(path, dtype=dtype, sharding_for=parallel.param_sharding(mesh))
-        if adapter is not None:
-            model = merged_from_peft(model, adapter)
+        check_choice("dtype", dtype, DTYPE_CHOICES)
+        sharding_for = parallel.single_device if mesh is None else parallel.param_sharding(mesh)
+        model, tokenizer = load_model(path, adapters=adapter, dtype=dtype, sharding_for=sharding_for)
         return cls(model, tokenizer, mesh=mesh, options=options, **kwargs)
 
     def compiled_for(self, length: int, rows: int = 1):
