@@ -23,6 +23,7 @@ from diffemb_jax.parallel import ShardingFn, placed_shapes, single_device
 from diffemb_jax.checkpoints.sources import CheckpointError, GGUFSource, gguf_config, open_weights
 from diffemb_jax.checkpoints.families import config_from_hf, config_from_hf_file
 from diffemb_jax.checkpoints.keymaps import fit_to_checkpoint
+from diffemb_jax.checkpoints.sentence_transformers import is_sentence_transformers, read_folder
 from diffemb_jax.model import Decoder, ModelConfig
 
 CONVERTED_MARKER = "diffemb.json"
@@ -69,6 +70,12 @@ def resolve(path: str | Path) -> Path:
                               f"({HF_HUB_CACHE}); download it first: hf download {text}") from None
 
 
+def model_directory(path: Path) -> Path:
+    """Where a model's weights are: a sentence-transformers folder's Transformer module (its other
+    modules checked to be ones this project reproduces), else the path itself."""
+    return read_folder(path).transformer if is_sentence_transformers(path) else path
+
+
 def is_converted(path: Path) -> bool:
     return path.is_dir() and (path / CONVERTED_MARKER).exists()
 
@@ -76,7 +83,7 @@ def is_converted(path: Path) -> bool:
 def open_source(path: str | Path):
     """(ModelConfig, TensorSource, Tokenizer) for an HF directory or a .gguf file; the ModelConfig says
     whether the checkpoint holds its untied LM head (a bare decoder's save has none)."""
-    path = resolve(path)
+    path = model_directory(resolve(path))
     if not path.exists():
         raise CheckpointError(f"{path} does not exist")
     if path.is_file() and path.suffix == ".gguf":
@@ -156,7 +163,7 @@ def load_converted(path: Path, *, dtype=jnp.float32, param_dtype=jnp.float32,
 
 def model_config(path: str | Path) -> ModelConfig:
     """The ModelConfig of a converted directory, an HF directory or a .gguf file; no weights are read."""
-    path = resolve(path)
+    path = model_directory(resolve(path))
     if is_converted(path):
         return _converted_config(path)
     if path.is_dir() and (path / "config.json").exists():
@@ -173,8 +180,8 @@ def model_config(path: str | Path) -> ModelConfig:
 def load_model(path: str | Path, *, dtype: str = "float32", sharding_for: ShardingFn = single_device,
                progress: bool = True):
     """(Decoder, Tokenizer) from a converted directory, an HF directory or a .gguf file (or a Hub id
-    in the local Hugging Face cache)."""
-    path = resolve(path)
+    in the local Hugging Face cache, or a sentence-transformers folder of one)."""
+    path = model_directory(resolve(path))
     jdtype = DTYPES[dtype]
     if is_converted(path):
         return load_converted(path, dtype=jdtype, param_dtype=jdtype, sharding_for=sharding_for)
