@@ -51,7 +51,7 @@ def _st_vectors(folder, texts=TEXTS, **kwargs):
 
 
 @pytest.mark.parametrize("pooling_mode,include_prompt,normalize", [("mean", False, True), ("lasttoken", True, False),
-                                                                   ("mean", True, True)])
+                                                                   ("mean", True, True), ("weightedmean", True, True)])
 def test_encode_equals_sentence_transformers(base, tmp_path, pooling_mode, include_prompt, normalize):
     folder = _st_folder(base, tmp_path / "st", pooling_mode=pooling_mode, include_prompt=include_prompt,
                         normalize=normalize)
@@ -67,7 +67,7 @@ def test_encode_equals_sentence_transformers(base, tmp_path, pooling_mode, inclu
     assert not np.allclose(documents, want, atol=1e-3)  # the prompt mattered
 
 
-def test_cli_encode_and_transformer_in_a_subfolder(base, tmp_path):
+def test_cli_encode_and_export_with_the_transformer_in_a_subfolder(base, tmp_path):
     """Older sentence-transformers versions keep the Transformer in 0_Transformer/: modules.json says where."""
     folder = _st_folder(base, tmp_path / "st", include_prompt=False)
     sub = folder / "0_Transformer"
@@ -83,6 +83,10 @@ def test_cli_encode_and_transformer_in_a_subfolder(base, tmp_path):
     out = tmp_path / "vectors.npy"
     assert cli(["encode", "--model", str(folder), "--input", str(tmp_path / "texts.txt"), "--output", str(out)]) == 0
     np.testing.assert_allclose(np.load(out), want, atol=1e-4)
+    # exported again: the folder's pooling, include_prompt, length and prompts are the export's defaults
+    again = tmp_path / "again"
+    assert cli(["export", str(folder), str(again), "--format", "sentence-transformers", "--attention", "causal"]) == 0
+    np.testing.assert_allclose(_st_vectors(again), want, atol=1e-4)
 
 
 @pytest.mark.parametrize("pooling,skip", [("mean", True), ("last_token", False)])

@@ -70,6 +70,9 @@ def _folder_settings(path: Path, prompt_name: str | None) -> dict:
                              "modules.json), so it has no named prompts; give an instruction instead")
         return {}
     folder = read_folder(path)
+    if not folder.normalize:
+        log.warning("%s has no Normalize module: sentence-transformers gives its vectors unnormalised, this project "
+                    "L2-normalised (the same directions)", path)
     settings = {"attention": "causal", "pooling": folder.pooling, "skip_instruction": not folder.include_prompt,
                 "prompt": folder.prompt(prompt_name)}
     if folder.max_seq_length is not None:
