@@ -158,3 +158,16 @@ def test_unknown_prompt_name(base, tmp_path):
         Embedder.from_pretrained(folder, prompt_name="passage")
     with pytest.raises(ValueError, match="not a sentence-transformers folder"):
         Embedder.from_pretrained(base, prompt_name="query")
+
+
+def test_served_inputs_get_the_folder_prompt(base, tmp_path):
+    """diffemb serve tokenises each request itself: with a folder's prompt its rows (cut by truncate
+    too) encode as SentenceTransformer does."""
+    from diffemb_jax.serve.schemas import EmbedRequest
+    from diffemb_jax.serve.tokens import request_tokens
+
+    folder = _st_folder(base, tmp_path / "st", include_prompt=False)
+    embedder = Embedder.from_pretrained(folder)
+    request = EmbedRequest(texts=TEXTS, token_ids=None, truncate=True)
+    ids, embed_lengths = request_tokens(embedder.tokenizer, request, embedder.max_length, "input", embedder.prompt)
+    np.testing.assert_allclose(embedder.encode_tokens(ids, embed_lengths), _st_vectors(folder), atol=1e-4)
