@@ -409,7 +409,8 @@ def build_parser() -> argparse.ArgumentParser:
     common = argparse.ArgumentParser(add_help=False)
     common.add_argument("--model", required=True, help="converted directory, HF model directory or .gguf file")
     common.add_argument("--adapter", default=None, help="PEFT LoRA adapter directory merged into the weights")
-    common.add_argument("--attention", choices=ATTENTION_MODES, default=None, help=FOLDER_DEFAULT_HELP % "bidirectional")
+    common.add_argument("--attention", choices=ATTENTION_MODES, default=None,
+                        help=FOLDER_DEFAULT_HELP % "bidirectional")
     common.add_argument("--pooling", choices=POOLING_MODES, default=None, help=FOLDER_DEFAULT_HELP % "mean")
     common.add_argument("--skip-instruction", action="store_true", default=None,
                         help="pool only the tokens after the instruction")

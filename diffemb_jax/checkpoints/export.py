@@ -257,7 +257,10 @@ def export_sentence_transformers(src: str | Path, out: str | Path, *, attention:
     source = resolve(src)
     folder = st.read_folder(source) if st.is_sentence_transformers(source) else None
     pooling = pooling or (folder.pooling if folder else "mean")
-    include_prompt = (not skip_instruction) if skip_instruction is not None else (folder.include_prompt if folder else True)
+    if skip_instruction is not None:
+        include_prompt = not skip_instruction
+    else:
+        include_prompt = folder.include_prompt if folder else True
     max_length = max_length or (folder and folder.max_seq_length) or 512
     if prompts is None and folder is not None:
         prompts, default_prompt_name = folder.prompts, default_prompt_name or folder.default_prompt_name

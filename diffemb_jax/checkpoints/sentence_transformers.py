@@ -41,7 +41,8 @@ _TRANSFORMER_FIELDS = {
     "query_length": lambda v: v is None, "document_length": lambda v: v is None,  # multi-vector encoders
     "query_expansion": lambda v: v is None,
     "max_seq_length": lambda v: v is None or (isinstance(v, int) and v > 0),
-    "modality_config": lambda v: v is None or (isinstance(v, dict) and set(v) == {"text"} and isinstance(v["text"], dict)
+    "modality_config": lambda v: v is None or (isinstance(v, dict) and set(v) == {"text"}
+                                               and isinstance(v["text"], dict)
                                                and v["text"].get("method", "forward") == "forward"
                                                and v["text"].get("method_output_name") in (None, "last_hidden_state")),
     "unpad_inputs": lambda v: True,  # flash-attention unpadding: the same numbers
@@ -88,7 +89,8 @@ def _json(path: Path, what: str):
 def _modules(root: Path) -> dict[str, Path]:
     """kind (Transformer, Pooling, Normalize) -> module folder, checked to be the chain this project runs."""
     entries = _json(root / MODULES_FILE, "a sentence-transformers folder lists its modules there")
-    if not isinstance(entries, list) or not all(isinstance(e, dict) and isinstance(e.get("type"), str) for e in entries):
+    if not isinstance(entries, list) or not all(isinstance(e, dict) and isinstance(e.get("type"), str)
+                                                for e in entries):
         raise CheckpointError(f"{root / MODULES_FILE}: expected a list of modules, each with a \"type\"")
     kinds = [e["type"].rsplit(".", 1)[-1] for e in entries]
     expected = ["Transformer", "Pooling"] + (["Normalize"] if kinds[2:3] == ["Normalize"] else [])
@@ -186,7 +188,8 @@ def write_modules(directory: Path, *, hidden_size: int, pooling: str, include_pr
     Pooling, Normalize (this project's vectors are always L2-normalised), prompts, and a
     tokenizer_config.json that loads tokenizer.json as it is, right-padded with `pad_token`."""
     if pooling not in POOLING_TO_ST:
-        raise ValueError(f"pooling {pooling!r} has no sentence-transformers equal; choose one of {tuple(POOLING_TO_ST)}")
+        raise ValueError(f"pooling {pooling!r} has no sentence-transformers equal; "
+                         f"choose one of {tuple(POOLING_TO_ST)}")
     if pooling == "weighted_mean" and not include_prompt:
         raise ValueError("weighted_mean without the prompt pooled has no sentence-transformers equal")
     prompts = dict(prompts or {})
@@ -223,7 +226,7 @@ def model_card(model_type: str, dtype: str, *, pooling: str, include_prompt: boo
         "    from sentence_transformers import SentenceTransformer",
         "    model = SentenceTransformer(THIS_FOLDER)",
         "    vectors = model.encode(texts)", "",
-        f"Pooling: {POOLING_TO_ST[pooling]} ({'prompt tokens pooled' if include_prompt else 'prompt tokens not pooled'}), "
+        f"Pooling: {POOLING_TO_ST[pooling]} (prompt tokens {'' if include_prompt else 'not '}pooled), "
         f"L2-normalised; at most {max_seq_length} tokens a text. Prompts (put verbatim before the text):",
         *prompt_lines, "",
         "**Attention is causal.** sentence-transformers runs a decoder as transformers does, each token "
