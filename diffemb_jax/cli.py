@@ -19,10 +19,19 @@ def _convert(args) -> None:
 
 def _export(args) -> None:
     from diffemb_jax.checkpoints import export_model
+    from diffemb_jax.checkpoints.export import export_sentence_transformers
 
-    out = export_model(args.model, args.out, adapter=args.adapter, dtype=args.dtype)
     merged = f" with {', then '.join(args.adapter)} merged" if args.adapter else ""
-    print(f"exported {args.model}{merged} -> {out} (Hugging Face directory, {_written_dtype(out)})")
+    if args.format == "hf":
+        out = export_model(args.model, args.out, adapter=args.adapter, dtype=args.dtype)
+        print(f"exported {args.model}{merged} -> {out} (Hugging Face directory, {_written_dtype(out)})")
+        return
+    prompts = _named_prompts(args.prompt, "--prompt") if args.prompt else None
+    out = export_sentence_transformers(
+        args.model, args.out, attention=args.attention or "bidirectional", pooling=args.pooling,
+        skip_instruction=args.skip_instruction, max_length=args.max_length, prompts=prompts,
+        default_prompt_name=args.default_prompt, adapter=args.adapter, dtype=args.dtype)
+    print(f"exported {args.model}{merged} -> {out} (sentence-transformers folder: SentenceTransformer({str(out)!r}))")
 
 
 def _written_dtype(out: Path) -> str:
@@ -31,6 +40,17 @@ def _written_dtype(out: Path) -> str:
     from diffemb_jax.checkpoints.dtypes import stored_dtype
 
     return stored_dtype("auto", lambda: checkpoint_dtype_bytes(out))
+
+
+def _named_prompts(items: list[str], flag: str) -> dict[str, str]:
+    """NAME=TEXT items -> {NAME: TEXT}."""
+    prompts = {}
+    for item in items:
+        name, sep, text = item.partition("=")
+        if not sep or not name:
+            raise UserError(f"{flag} {item!r}: give NAME=TEXT")
+        prompts[name] = text
+    return prompts
 
 
 def _embedder(args):
@@ -44,7 +64,7 @@ def _embedder(args):
         mesh = parallel.make_mesh(*args.mesh)
     return Embedder.from_pretrained(
         args.model, adapter=args.adapter, attention=args.attention, dtype=args.dtype, kernel=args.kernel,
-        pooling=args.pooling,
+        pooling=args.pooling, prompt_name=getattr(args, "prompt_name", None),
         skip_instruction=args.skip_instruction, max_length=args.max_length, batch_size=args.batch_size,
         max_batch_tokens=args.max_batch_tokens or None, pack_length=args.pack_length, mesh=mesh)
 
@@ -79,6 +99,7 @@ MODEL_HELP = ("converted directory, HF model directory, .gguf file, or a PEFT ad
               "checkpoints: the base it names, with it merged)")
 ADAPTER_HELP = ("PEFT LoRA adapter directory merged into the model's weights; repeat to stack several, merged "
                 "in the order given (llm2vec: --adapter MNTP_DIR --adapter SUPERVISED_DIR)")
+FOLDER_DEFAULT_HELP = "default: a sentence-transformers folder's own setting, else %s"
 PACK_LENGTH_HELP = ("texts of at most this many tokens are packed several to a row, each attending within "
                     "itself (no compute on padding); 0: one text a row")
 
@@ -93,7 +114,7 @@ def _evaluate(args) -> None:
 
     output = check_output_path(args.output, ".json") if args.output else None
     if args.max_length is None:
-        args.max_length = EVALUATE_MAX_LENGTH.get(args.task, 512)
+        args.max_length = EVALUATE_MAX_LENGTH.get(args.task)  # None: the model's (sentence-transformers), or 512
     evaluate = {"retrieval": _evaluate_retrieval, "similarity": _evaluate_similarity, "longembed": _evaluate_longembed,
                 "bright": _evaluate_bright, "followir": _evaluate_followir}[args.task]
     run = evaluate(args)  # reads the data; returns the work that needs the model
@@ -194,10 +215,10 @@ def _evaluate_followir(args):
 
     def run(embedder):
         result = followir.score_followir(embedder, data, args.query_instruction or None)
-        report = {"query_instruction": args.query_instruction, "max_length": args.max_length,
+        report = {"query_instruction": args.query_instruction, "max_length": embedder.max_length,
                   "sizes": result.sizes, "metrics": result.scores,
                   "average": {"base": result.average("base"), "p-MRR": result.average("p-MRR")}}
-        return report, f"FollowIR, {args.model} (max length {args.max_length}):\n{followir.table(result)}"
+        return report, f"FollowIR, {args.model} (max length {embedder.max_length}):\n{followir.table(result)}"
     return run
 
 
@@ -324,19 +345,15 @@ def _bench(args) -> None:
 def _serve(args) -> None:
     from diffemb_jax.serve.server import build_service, read_api_key, serve
 
-    prompts = {}
-    for item in args.prompt:
-        name, sep, instruction = item.partition("=")
-        if not sep or not name:
-            raise UserError(f"--prompt {item!r}: give NAME=INSTRUCTION")
-        prompts[name] = instruction
+    prompts = _named_prompts(args.prompt, "--prompt")
     if args.max_wait_ms < 0 or args.max_inputs < 1 or args.max_queue < 1:
         raise UserError("--max-wait-ms must be >= 0, --max-inputs and --max-queue >= 1")
     api_key = read_api_key(args.api_key_file) if args.api_key_file else None
-    service = build_service(_embedder(args), model_name=args.model_name or args.model,
+    embedder = _embedder(args)
+    service = build_service(embedder, model_name=args.model_name or args.model,
                             max_batch_tokens=args.max_batch_tokens or 2**62, max_wait_ms=args.max_wait_ms,
                             max_inputs=args.max_inputs, max_queue=args.max_queue, prompts=prompts,
-                            attention=args.attention)
+                            attention=embedder.options.attention)
     serve(service, host=args.host, port=args.port, api_key=api_key)
 
 
@@ -365,6 +382,21 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("out", help="output directory (must not exist)")
     p.add_argument("--adapter", action="append", default=None, help=ADAPTER_HELP)
     p.add_argument("--dtype", choices=DTYPE_CHOICES, default="auto", help=STORED_DTYPE_HELP)
+    p.add_argument("--format", choices=("hf", "sentence-transformers"), default="hf",
+                   help="hf: the Hugging Face directory; sentence-transformers: that directory with Pooling and "
+                   "Normalize modules and prompts, which SentenceTransformer(OUT) loads (needs --attention causal)")
+    p.add_argument("--attention", choices=ATTENTION_MODES, default=None, help="sentence-transformers: the attention "
+                   "the model is used with; it runs decoders causally, so only causal is written")
+    p.add_argument("--pooling", choices=POOLING_MODES, default=None, help="sentence-transformers: default the "
+                   "source folder's, else mean")
+    p.add_argument("--skip-instruction", action="store_true", default=None,
+                   help="sentence-transformers: the prompt's tokens are not pooled (include_prompt false)")
+    p.add_argument("--max-length", type=int, default=None, help="sentence-transformers: max_seq_length (default "
+                   "the source folder's, else 512)")
+    p.add_argument("--prompt", action="append", default=[], metavar="NAME=TEXT",
+                   help="sentence-transformers: a prompt put verbatim before texts; repeatable")
+    p.add_argument("--default-prompt", default=None, metavar="NAME", help="sentence-transformers: the prompt "
+                   "encode uses when none is named")
     p.set_defaults(func=_export)
 
     p = sub.add_parser("encode", help="embed the lines of a .txt or .jsonl file into a .npy")
@@ -373,11 +405,14 @@ def build_parser() -> argparse.ArgumentParser:
                    "a training run)")
     p.add_argument("--input", required=True, help=".txt (one text a line) or .jsonl (field \"text\")")
     p.add_argument("--output", required=True, help="OUT.npy; row i is line i of the input")
-    p.add_argument("--attention", choices=ATTENTION_MODES, default="bidirectional")
-    p.add_argument("--pooling", choices=POOLING_MODES, default="mean")
-    p.add_argument("--skip-instruction", action="store_true", help="pool only the tokens after the instruction")
+    p.add_argument("--attention", choices=ATTENTION_MODES, default=None, help=FOLDER_DEFAULT_HELP % "bidirectional")
+    p.add_argument("--pooling", choices=POOLING_MODES, default=None, help=FOLDER_DEFAULT_HELP % "mean")
+    p.add_argument("--skip-instruction", action="store_true", default=None,
+                   help="pool only the tokens after the instruction")
     p.add_argument("--instruction", default=None, help="task instruction prepended to every text")
-    p.add_argument("--max-length", type=int, default=512)
+    p.add_argument("--prompt-name", default=None, help="a sentence-transformers folder's prompt to use instead of "
+                   "its default one")
+    p.add_argument("--max-length", type=int, default=None, help=FOLDER_DEFAULT_HELP % 512)
     p.add_argument("--batch-size", type=int, default=16, help=BATCH_SIZE_HELP)
     p.add_argument("--max-batch-tokens", type=int, default=DEFAULT_MAX_BATCH_TOKENS, help=MAX_BATCH_TOKENS_HELP)
     p.add_argument("--pack-length", type=int, default=PACK_LENGTH, help=PACK_LENGTH_HELP)
@@ -396,9 +431,11 @@ def build_parser() -> argparse.ArgumentParser:
     common = argparse.ArgumentParser(add_help=False)
     common.add_argument("--model", required=True, help=MODEL_HELP)
     common.add_argument("--adapter", action="append", default=None, help=ADAPTER_HELP)
-    common.add_argument("--attention", choices=ATTENTION_MODES, default="bidirectional")
-    common.add_argument("--pooling", choices=POOLING_MODES, default="mean")
-    common.add_argument("--skip-instruction", action="store_true", help="pool only the tokens after the instruction")
+    common.add_argument("--attention", choices=ATTENTION_MODES, default=None,
+                        help=FOLDER_DEFAULT_HELP % "bidirectional")
+    common.add_argument("--pooling", choices=POOLING_MODES, default=None, help=FOLDER_DEFAULT_HELP % "mean")
+    common.add_argument("--skip-instruction", action="store_true", default=None,
+                        help="pool only the tokens after the instruction")
     common.add_argument("--max-length", type=int, default=None, help="tokens per text; default: 512, longembed "
                         f"{EVALUATE_MAX_LENGTH['longembed']}, bright {EVALUATE_MAX_LENGTH['bright']}")
     common.add_argument("--batch-size", type=int, default=16, help=BATCH_SIZE_HELP)
@@ -447,13 +484,14 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--model", required=True, help=MODEL_HELP)
     p.add_argument("--adapter", action="append", default=None, help=ADAPTER_HELP)
     p.add_argument("--model-name", default=None, help="the name /v1/embeddings answers with (default: --model)")
-    p.add_argument("--attention", choices=ATTENTION_MODES, default="bidirectional")
-    p.add_argument("--pooling", choices=POOLING_MODES, default="mean")
-    p.add_argument("--skip-instruction", action="store_true", help="pool only the tokens after the instruction")
+    p.add_argument("--attention", choices=ATTENTION_MODES, default=None, help=FOLDER_DEFAULT_HELP % "bidirectional")
+    p.add_argument("--pooling", choices=POOLING_MODES, default=None, help=FOLDER_DEFAULT_HELP % "mean")
+    p.add_argument("--skip-instruction", action="store_true", default=None,
+                   help="pool only the tokens after the instruction")
     p.add_argument("--prompt", action="append", default=[], metavar="NAME=INSTRUCTION",
                    help="an instruction a request can name (TEI's prompt_name); repeatable")
-    p.add_argument("--max-length", type=int, default=512, help="longest input in tokens (longer: 400, or cut "
-                   "when the request says truncate)")
+    p.add_argument("--max-length", type=int, default=None, help="longest input in tokens (longer: 400, or cut "
+                   "when the request says truncate); " + FOLDER_DEFAULT_HELP % 512)
     p.add_argument("--batch-size", type=int, default=16, help=BATCH_SIZE_HELP)
     p.add_argument("--max-batch-tokens", type=int, default=DEFAULT_MAX_BATCH_TOKENS,
                    help="tokens the device loop takes from the queue at once, and " + MAX_BATCH_TOKENS_HELP)

@@ -30,6 +30,7 @@ from diffemb_jax.checkpoints.sources import CheckpointError, GGUFSource, gguf_co
 from diffemb_jax.checkpoints.families import config_from_hf, config_from_hf_file
 from diffemb_jax.checkpoints.keymaps import fit_to_checkpoint
 from diffemb_jax.checkpoints.peft_adapters import merged_from_peft
+from diffemb_jax.checkpoints.sentence_transformers import is_sentence_transformers, read_folder
 from diffemb_jax.model import Decoder, ModelConfig
 
 CONVERTED_MARKER = "diffemb.json"
@@ -79,6 +80,12 @@ def resolve(path: str | Path) -> Path:
                               f"({HF_HUB_CACHE}); download it first: hf download {text}") from None
 
 
+def model_directory(path: Path) -> Path:
+    """Where a model's weights are: a sentence-transformers folder's Transformer module (its other
+    modules checked to be ones this project reproduces), else the path itself."""
+    return read_folder(path).transformer if is_sentence_transformers(path) else path
+
+
 def is_converted(path: Path) -> bool:
     return path.is_dir() and (path / CONVERTED_MARKER).exists()
 
@@ -107,7 +114,8 @@ def base_and_adapters(path: str | Path) -> tuple[Path, tuple[Path, ...]]:
     """A model path as (the model that holds weights, the PEFT adapters to merge onto it in order):
     (path, ()) for a model; for an adapter folder, its base (a local path, relative ones from the
     current directory as PEFT takes them, or a Hub id in the local cache; an adapter folder again,
-    perhaps) and the folder after that base's own adapters."""
+    perhaps) and the folder after that base's own adapters. A sentence-transformers folder holds its
+    weights in its Transformer module (model_directory)."""
     path, adapters = resolve(path), []
     while (name := _adapter_base_name(path)) is not None:
         adapters.insert(0, path)
@@ -123,7 +131,7 @@ def base_and_adapters(path: str | Path) -> tuple[Path, tuple[Path, ...]]:
             raise CheckpointError(f"{path / ADAPTER_CONFIG} names {name!r} as its base, an adapter of this very "
                                   "chain: give the base model as the model")
         path = base
-    return path, tuple(adapters)
+    return model_directory(path), tuple(adapters)
 
 
 def _adapter_dirs(adapters) -> list[Path]:
@@ -141,7 +149,7 @@ def _adapter_dirs(adapters) -> list[Path]:
 def open_source(path: str | Path):
     """(ModelConfig, TensorSource, Tokenizer) for an HF directory or a .gguf file; the ModelConfig says
     whether the checkpoint holds its untied LM head (a bare decoder's save has none)."""
-    path = resolve(path)
+    path = model_directory(resolve(path))
     if not path.exists():
         raise CheckpointError(f"{path} does not exist")
     if path.is_file() and path.suffix == ".gguf":

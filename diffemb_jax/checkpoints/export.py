@@ -10,6 +10,7 @@ key maps give, and `tokenizer.json`. Everything is written into a temporary dire
 from __future__ import annotations
 
 import json
+from collections.abc import Callable
 from pathlib import Path
 
 import jax
@@ -19,10 +20,12 @@ from flax import nnx
 from tqdm.auto import tqdm
 
 from diffemb_jax import atomic
-from diffemb_jax.checkpoints.checkpoint import base_and_adapters, checkpoint_dtype_bytes, load_model
+from diffemb_jax.checkpoints import sentence_transformers as st
+from diffemb_jax.checkpoints.checkpoint import base_and_adapters, checkpoint_dtype_bytes, load_model, model_config, resolve
 from diffemb_jax.checkpoints.dtypes import stored_dtype
 from diffemb_jax.checkpoints.families import CARRIED_FIELDS, FAMILIES, hf_config
 from diffemb_jax.checkpoints.keymaps import KeyMap, is_transposed
+from diffemb_jax.checkpoints.sources import CheckpointError
 from diffemb_jax.errors import ConfigError, UserError
 from diffemb_jax.model import Decoder
 
@@ -119,7 +122,7 @@ def _write_weights(directory: Path, tensors: list[_Tensor], max_shard_bytes: int
 
 def export_hf(model: Decoder, tokenizer, out_dir: str | Path, *, dtype: str = "float32",
               max_shard_bytes: int = DEFAULT_MAX_SHARD_BYTES, extra_config: dict | None = None,
-              progress: bool = True) -> Path:
+              progress: bool = True, finish: Callable[[Path], None] | None = None) -> Path:
     """A plain (or merged) decoder -> a Hugging Face directory at `out_dir`, which must not exist yet.
 
     qwen2/qwen3/llama/mistral load with transformers' AutoModelForCausalLM; Dream and LLaDA get their own
@@ -127,7 +130,8 @@ def export_hf(model: Decoder, tokenizer, out_dir: str | Path, *, dtype: str = "f
     A model without its untied head (loaded from a bare decoder's checkpoint) is written as that bare
     decoder: its AutoModel class in `architectures` (Qwen2Model, LlamaModel, ...), names without
     "model.", no head; Dream and LLaDA, whose code has no such class, refuse.
-    `extra_config` adds fields the ModelConfig does not hold (bos/eos/pad token ids)."""
+    `extra_config` adds fields the ModelConfig does not hold (bos/eos/pad token ids); `finish(folder)`
+    writes more files (a sentence-transformers folder's modules) before the folder is renamed into place."""
     if dtype not in EXPORT_DTYPES:
         raise ConfigError(f"dtype must be one of {tuple(EXPORT_DTYPES)}, got {dtype!r}")
     if max_shard_bytes < 1:
@@ -141,6 +145,8 @@ def export_hf(model: Decoder, tokenizer, out_dir: str | Path, *, dtype: str = "f
         (tmp / "README.md").write_text(model_card(model.cfg.model_type, dtype, lm_head=model.cfg.lm_head))
         tokenizer.save(str(tmp / "tokenizer.json"))
         _write_weights(tmp, tensors, max_shard_bytes, progress)
+        if finish is not None:
+            finish(tmp)
 
     return atomic.write_new_directory(out_dir, fill)
 
@@ -197,3 +203,69 @@ def export(src: str | Path, out: str | Path, *, adapter=None, dtype: str = "auto
     model, tokenizer = load_model(src, adapters=adapter, dtype=dtype, progress=progress)
     return export_hf(model, tokenizer, out, dtype=dtype, max_shard_bytes=max_shard_bytes,
                      extra_config=_source_fields(base_and_adapters(src)[0]), progress=progress)
+
+
+
+def _pad_token(tokenizer, fields: dict) -> str:
+    """A token for sentence-transformers to pad with (masked, so any will do): the model's pad or eos
+    token, else its first special token, else token 0."""
+    for key in ("pad_token_id", "eos_token_id"):
+        ids = fields.get(key)
+        ids = ids[0] if isinstance(ids, list) and ids else ids
+        if isinstance(ids, int) and tokenizer.id_to_token(ids) is not None:
+            return tokenizer.id_to_token(ids)
+    special = sorted(i for i, token in tokenizer.get_added_tokens_decoder().items() if token.special)
+    return tokenizer.id_to_token(special[0] if special else 0)
+
+
+def export_sentence_transformers(src: str | Path, out: str | Path, *, attention: str = "bidirectional",
+                                 pooling: str | None = None, skip_instruction: bool | None = None,
+                                 max_length: int | None = None, prompts: dict[str, str] | None = None,
+                                 default_prompt_name: str | None = None, adapter=None,
+                                 dtype: str = "auto", max_shard_bytes: int = DEFAULT_MAX_SHARD_BYTES,
+                                 progress: bool = True) -> Path:
+    """`src` -> a sentence-transformers folder at `out` whose `SentenceTransformer(out).encode` equals
+    this project's encoding with causal attention, `pooling` (mean, last_token, weighted_mean),
+    `skip_instruction` (include_prompt false), `max_length` and the prompts. A sentence-transformers
+    source gives the defaults of all four; else mean, pooled whole, 512, none.
+
+    sentence-transformers runs a decoder causally and cannot run it bidirectionally, so `attention`
+    must be "causal": the caller says the model is meant to be used so. Refused otherwise, rather
+    than written with a note, because a folder that loads and silently gives other vectors than the
+    model was trained to give is worse than none. Dream and LLaDA (remote code) are refused too."""
+    if attention != "causal":
+        raise ConfigError(f"attention {attention!r}: sentence-transformers runs a decoder with causal attention only, "
+                         "so a model embedded bidirectionally (diffemb's default) gives other vectors there. If the "
+                         "model is meant to be used causally, pass --attention causal; else export the plain Hugging "
+                         "Face directory (--format hf)")
+    atomic.new_directory(out)  # before any slow loading
+    dtype = stored_dtype(dtype, lambda: checkpoint_dtype_bytes(src))
+    cfg = model_config(src)
+    if FAMILIES[cfg.model_type].remote_code:
+        raise CheckpointError(f"{src}: {cfg.model_type} runs its own remote code in transformers, which "
+                              "sentence-transformers would have to trust and which attends bidirectionally; "
+                              "export the plain Hugging Face directory (--format hf) instead")
+    source = resolve(src)
+    folder = st.read_folder(source) if st.is_sentence_transformers(source) else None
+    pooling = pooling or (folder.pooling if folder else "mean")
+    if skip_instruction is not None:
+        include_prompt = not skip_instruction
+    else:
+        include_prompt = folder.include_prompt if folder else True
+    max_length = max_length or (folder and folder.max_seq_length) or 512
+    if prompts is None and folder is not None:
+        prompts, default_prompt_name = folder.prompts, default_prompt_name or folder.default_prompt_name
+    prompts = prompts or {}
+    model, tokenizer = load_model(src, adapters=adapter, dtype=dtype, progress=progress)
+    fields = _source_fields(base_and_adapters(src)[0])
+
+    def finish(directory: Path) -> None:
+        st.write_modules(directory, hidden_size=cfg.hidden_size, pooling=pooling, include_prompt=include_prompt,
+                         max_seq_length=max_length, prompts=prompts, default_prompt_name=default_prompt_name,
+                         pad_token=_pad_token(tokenizer, fields))
+        (directory / "README.md").write_text(st.model_card(
+            cfg.model_type, dtype, pooling=pooling, include_prompt=include_prompt, max_seq_length=max_length,
+            prompts=prompts, default_prompt_name=default_prompt_name))
+
+    return export_hf(model, tokenizer, out, dtype=dtype, max_shard_bytes=max_shard_bytes, extra_config=fields,
+                     progress=progress, finish=finish)

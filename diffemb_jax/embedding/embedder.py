@@ -34,9 +34,11 @@ from diffemb_jax import parallel
 from diffemb_jax.batching import (DEFAULT_MAX_BATCH_TOKENS, PACK_LENGTH, bucket_lengths, pack_batch, plan_batches,
                                   row_capacity)
 from diffemb_jax.checkpoints import load_model
+from diffemb_jax.checkpoints.checkpoint import resolve
 from diffemb_jax.checkpoints.dtypes import DTYPE_CHOICES
+from diffemb_jax.checkpoints.sentence_transformers import is_sentence_transformers, read_folder
 from diffemb_jax.embedding.pooling import POOLING_MODES, l2_normalize, pool
-from diffemb_jax.embedding.prompts import tokenize, with_instruction
+from diffemb_jax.embedding.prompts import tokenize, tokenize_with_prompt, with_instruction
 from diffemb_jax.errors import ConfigError, UserError, check_choice
 from diffemb_jax.model import Decoder, ForwardOptions
 
@@ -58,11 +60,35 @@ def _embed_program(graphdef, options: ForwardOptions, pooling: str, skip_instruc
     return jax.jit(embed, static_argnums=4)
 
 
+FOLDER_SETTINGS = ("pooling", "skip_instruction", "max_length", "prompt")  # what a sentence-transformers folder sets
+
+
+def _folder_settings(path: Path, prompt_name: str | None) -> dict:
+    """The attention and Embedder settings a sentence-transformers folder gives; {} for other models."""
+    if not is_sentence_transformers(path):
+        if prompt_name is not None:
+            raise ValueError(f"prompt name {prompt_name!r}: {path} is not a sentence-transformers folder (it has no "
+                             "modules.json), so it has no named prompts; give an instruction instead")
+        return {}
+    folder = read_folder(path)
+    if not folder.normalize:
+        log.warning("%s has no Normalize module: sentence-transformers gives its vectors unnormalised, this project "
+                    "L2-normalised (the same directions)", path)
+    settings = {"attention": "causal", "pooling": folder.pooling, "skip_instruction": not folder.include_prompt,
+                "prompt": folder.prompt(prompt_name)}
+    if folder.max_seq_length is not None:
+        settings["max_length"] = folder.max_seq_length
+    return settings
+
+
 class Embedder:
     def __init__(self, model: Decoder, tokenizer: tokenizers.Tokenizer, *, pooling: str = "mean",
                  skip_instruction: bool = False, max_length: int = 512, batch_size: int = 16,
                  max_batch_tokens: int | None = DEFAULT_MAX_BATCH_TOKENS, pack_length: int = PACK_LENGTH,
-                 mesh: jax.sharding.Mesh | None = None, options: ForwardOptions = ForwardOptions()):
+                 mesh: jax.sharding.Mesh | None = None, options: ForwardOptions = ForwardOptions(),
+                 prompt: str | None = None):
+        """`prompt`: a sentence-transformers prompt, put verbatim before every text encoded without an
+        instruction (its tokens are the instruction skip_instruction skips); None: the recipe's format."""
         if pooling not in POOLING_MODES:
             raise ConfigError(f"unknown pooling {pooling!r}; choose one of {POOLING_MODES}")
         if max_length < 1 or batch_size < 1 or (max_batch_tokens is not None and max_batch_tokens < 1):
@@ -75,19 +101,30 @@ class Embedder:
         self.shards, self.max_batch_tokens, self.pack_length = shards, max_batch_tokens, pack_length
         self.mesh = mesh
         self.model, self.tokenizer, self.options = model, tokenizer, options
-        self.pooling, self.skip_instruction = pooling, skip_instruction
+        self.pooling, self.skip_instruction, self.prompt = pooling, skip_instruction, prompt
         self.max_length, self.batch_size = max_length, batch_size
         self.buckets = bucket_lengths(max_length)
         graphdef, self._state = nnx.split(model)
         self._embed = _embed_program(graphdef, options, pooling, skip_instruction)
 
     @classmethod
-    def from_pretrained(cls, path: str | Path, *, adapter=None, attention: str = "bidirectional",
+    def from_pretrained(cls, path: str | Path, *, adapter=None, attention: str | None = None,
                         dtype: str = "auto", kernel: str = "auto", mesh: jax.sharding.Mesh | None = None,
-                        **kwargs) -> "Embedder":
+                        prompt_name: str | None = None, **kwargs) -> "Embedder":
         """A model path (checkpoints.load_model's: a PEFT adapter folder too), with a PEFT LoRA `adapter`
         directory, or a list of them in order, merged into its weights if given; dtype auto: bfloat16
-        on a GPU or TPU, float32 on a CPU (checkpoints/dtypes.py)."""
+        on a GPU or TPU, float32 on a CPU (checkpoints/dtypes.py).
+        A sentence-transformers folder sets what it says (causal attention, as sentence-transformers runs
+        a decoder; its pooling, include_prompt, max_seq_length and default prompt, or `prompt_name`'s);
+        attention, pooling, skip_instruction, max_length and prompt given (not None) win. Elsewhere
+        attention defaults to bidirectional."""
+        settings = _folder_settings(resolve(path), prompt_name)
+        attention = attention or settings.get("attention", "bidirectional")
+        for key in FOLDER_SETTINGS:
+            if kwargs.get(key) is None:  # not given: the folder's, else the constructor's default
+                kwargs.pop(key, None)
+                if key in settings:
+                    kwargs[key] = settings[key]
         options = ForwardOptions(attention=attention, kernel=kernel)  # checked before any weight is read
         check_choice("pooling", kwargs.get("pooling", "mean"), POOLING_MODES)
         check_choice("dtype", dtype, DTYPE_CHOICES)
@@ -123,7 +160,10 @@ class Embedder:
     def encode(self, texts: list[str], instruction: str | None = None, *, progress: bool = True) -> np.ndarray:
         if not texts:
             return np.zeros((0, self.model.cfg.hidden_size), np.float32)
-        tokens = tokenize(self.tokenizer, [with_instruction(t, instruction) for t in texts], self.max_length)
+        if instruction is None and self.prompt is not None:
+            tokens = tokenize_with_prompt(self.tokenizer, texts, self.prompt, self.max_length)
+        else:
+            tokens = tokenize(self.tokenizer, [with_instruction(t, instruction) for t in texts], self.max_length)
         empty = [i for i, row in enumerate(tokens.ids) if not row]
         if empty:
             raise UserError(f"texts at positions {empty[:10]} give no tokens at all; remove or fill them")

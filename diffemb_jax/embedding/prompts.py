@@ -1,4 +1,5 @@
-"""Prompt format of the reference recipe and its tokenisation, with how many tokens are embedded.
+"""Prompt formats (the reference recipe's, sentence-transformers') and their tokenisation, with how many
+tokens are embedded.
 
 Query: "{instruction}; " + SEPARATOR + text; document: SEPARATOR + text. The separator is removed
 before tokenising; the tokens of the part after it form `embed_mask`, counted as llm2vec counts them
@@ -40,3 +41,19 @@ def tokenize(tokenizer: tokenizers.Tokenizer, texts: list[str], max_length: int)
         ids.append(row)
         embed_lengths.append(min(len(tail.ids), len(row)))
     return Tokenized(ids, embed_lengths, truncated)
+
+
+def tokenize_with_prompt(tokenizer: tokenizers.Tokenizer, texts: list[str], prompt: str, max_length: int) -> Tokenized:
+    """sentence-transformers' prompts: `prompt + text` tokenised whole, cut at max_length; the tokens
+    after the prompt's own count form the embed mask, counted as sentence-transformers counts them
+    (the prompt tokenised alone with special tokens, less a trailing special token; no prompt, none),
+    so skip_instruction pools what its include_prompt=False pools."""
+    rows = [enc.ids for enc in tokenizer.encode_batch([prompt + t for t in texts])]
+    prompt_length = 0
+    if prompt:
+        prompt_ids = tokenizer.encode(prompt).ids
+        special = {i for i, token in tokenizer.get_added_tokens_decoder().items() if token.special}
+        prompt_length = len(prompt_ids) - (1 if prompt_ids and prompt_ids[-1] in special else 0)
+    truncated = sum(len(row) > max_length for row in rows)
+    rows = [row[:max_length] for row in rows]
+    return Tokenized(rows, [max(len(row) - prompt_length, 0) for row in rows], truncated)

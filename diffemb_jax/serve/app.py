@@ -53,6 +53,7 @@ class Service:
     info: dict
     metrics: Metrics
     warmup_compiles: int = 0
+    prompt: str | None = None  # the Embedder's sentence-transformers prompt
 
     def timed_compiles(self) -> int:
         return compiles() - self.warmup_compiles
@@ -77,7 +78,7 @@ async def _body(request: Request):
 async def _embed(service: Service, request, field: str) -> tuple[np.ndarray, int]:
     """(vectors of the request's inputs, its prompt tokens)."""
     ids, embed_lengths = await anyio.to_thread.run_sync(request_tokens, service.tokenizer, request,
-                                                        service.max_length, field)
+                                                        service.max_length, field, service.prompt)
     vectors, waited = await service.batcher.embed(ids, embed_lengths)
     tokens = sum(map(len, ids))
     service.metrics.queue_time.observe(waited)

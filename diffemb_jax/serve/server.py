@@ -56,7 +56,8 @@ def build_service(embedder, *, model_name: str, max_batch_tokens: int, max_wait_
             "max_client_batch_size": max_inputs, "max_queue_inputs": max_queue, "prompts": sorted(prompts),
             "batch_shapes": shapes}
     limits = Limits(max_inputs=max_inputs, vocab_size=embedder.model.cfg.vocab_size, width=width, prompts=prompts)
-    return Service(embedder.tokenizer, batcher, limits, embedder.max_length, model_name, info, metrics, warm)
+    return Service(embedder.tokenizer, batcher, limits, embedder.max_length, model_name, info, metrics, warm,
+                   prompt=embedder.prompt)
 
 
 def serve(service: Service, *, host: str = "127.0.0.1", port: int = 8080, api_key: str | None = None,
