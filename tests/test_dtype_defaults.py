@@ -24,6 +24,7 @@ from diffemb_jax.checkpoints.checkpoint import checkpoint_dtype_bytes
 from diffemb_jax.checkpoints.dtypes import compute_dtype, stored_dtype
 from diffemb_jax.cli import main as cli
 from diffemb_jax.embedding import Embedder
+from diffemb_jax.errors import ConfigError
 
 
 @pytest.fixture(scope="module")
@@ -47,7 +48,7 @@ def test_compute_dtype_follows_the_backend(monkeypatch):
         _on(monkeypatch, backend)
         assert compute_dtype("auto") == "bfloat16"
         assert compute_dtype("float32") == "float32"  # a name given is kept
-    with pytest.raises(ValueError, match="auto, float32, bfloat16.*'float16'"):
+    with pytest.raises(ConfigError, match="dtype='float16' is not offered; choose one of auto, float32, bfloat16"):
         compute_dtype("float16")
 
 
@@ -189,5 +190,5 @@ def test_checkpoint_dtype_errors(tmp_path):
         checkpoint_dtype_bytes(tmp_path / "broken.gguf")
     with pytest.raises(CheckpointError, match="does not exist"):
         convert(tmp_path / "missing", tmp_path / "out")
-    with pytest.raises(ValueError, match="dtype must be one of"):
+    with pytest.raises(ConfigError, match="dtype=.fp8. is not offered"):
         export_model(tmp_path / "missing", tmp_path / "out", dtype="fp8")
