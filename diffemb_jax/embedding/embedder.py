@@ -83,9 +83,10 @@ class Embedder:
     @classmethod
     def from_pretrained(cls, path: str | Path, *, adapter: str | Path | None = None, attention: str = "bidirectional",
                         dtype: str = "float32", kernel: str = "auto", mesh: jax.sharding.Mesh | None = None,
-                        **kwargs) -> "Embedder":
+                        scan_layers: bool = False, **kwargs) -> "Embedder":
         """A model directory or .gguf, with a PEFT LoRA `adapter` directory merged into its weights if given."""
-        options = ForwardOptions(attention=attention, kernel=kernel)  # checked before any weight is read
+        # checked before any weight is read
+        options = ForwardOptions(attention=attention, kernel=kernel, scan_layers=scan_layers)
         if mesh is None:
             model, tokenizer = load_model(path, dtype=dtype)
         else:

@@ -18,6 +18,9 @@ def base_config() -> ml_collections.ConfigDict:
         dtype="bfloat16",  # base weights and activations; LoRA and optimizer state are float32
         pooling="mean",  # mean | weighted_mean | last_token
         skip_instruction=False,
+        # the layers as one lax.scan: one layer compiled per step shape, not each (model/scan.py); the
+        # 7-8B recipes turn it on (configs/recipe.py)
+        scan_layers=False,
     ))
     c.lora = ml_collections.ConfigDict(dict(
         rank=16, alpha=32.0, dropout=0.05,

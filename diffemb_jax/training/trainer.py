@@ -25,7 +25,7 @@ from flax import nnx
 from tqdm.auto import tqdm
 
 from diffemb_jax import atomic, parallel
-from diffemb_jax.batching import pack_step, pad_rows, padded_rows, row_length
+from diffemb_jax.batching import pack_step, pad_rows, padded_rows, row_length, step_shapes
 from diffemb_jax.checkpoints import load_model
 from diffemb_jax.checkpoints.peft_adapters import save_peft_adapter
 from diffemb_jax.model import ForwardOptions
@@ -55,7 +55,8 @@ def lora_config(config) -> LoraConfig:
 
 
 def forward_options(config) -> ForwardOptions:
-    return ForwardOptions(attention=config.model.attention, kernel=config.model.kernel, remat=config.train.remat)
+    return ForwardOptions(attention=config.model.attention, kernel=config.model.kernel, remat=config.train.remat,
+                          scan_layers=config.model.scan_layers)
 
 
 def step_config(config) -> StepConfig:
@@ -196,6 +197,10 @@ class Trainer:
                                                  enable_async_checkpointing=True))
         self.step = 0
         self._shapes: set[tuple[int, int]] = set()  # (rows, length) of the steps so far: a program each
+        possible = step_shapes(max(config.data.query_max_length, config.data.doc_max_length),
+                               row_bounds(config, self.mesh)[1], row_bounds(config, self.mesh)[0], config.data.pack)
+        log.info("the steps take at most %d shapes (rows x length a host), a compiled program each: rows %s x "
+                 "lengths %s", len(possible), sorted({r for r, _ in possible}), sorted({n for _, n in possible}))
 
     def _batches(self) -> TrainBatches:
         c = self.config

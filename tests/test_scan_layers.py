@@ -1,0 +1,111 @@
+"""The decoder's layers as one lax.scan (ForwardOptions.scan_layers) against transformers and against
+the unrolled decoder: hidden states, LoRA gradients with dropout and remat, and a training run whose
+checkpoints and adapter carry the unrolled decoder's per-layer names (the unrolled decoder resumes it)."""
+
+import json
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import orbax.checkpoint as ocp
+import pytest
+from flax import nnx
+from safetensors.numpy import load_file
+
+import tiny
+from conftest import padded_batch
+from diffemb_jax.checkpoints import load_model
+from diffemb_jax.cli import main as cli
+from diffemb_jax.model import Decoder, ForwardOptions, ModelConfig
+from diffemb_jax.model.lora import LoraConfig, apply_lora
+from diffemb_jax.training.step import StepConfig, loss_and_grads, split_model
+from test_training import BATCH, _assert_grads_equal
+from training_fixtures import tiny_setup, train_args
+
+LAYERS = 3  # a scan of more than two bodies; every layer's draw offset differs
+CFG = ModelConfig("qwen2", 97, 32, LAYERS, 4, 2, 8, 64, qkv_bias=True)
+
+
+@pytest.mark.parametrize("attention", ["bidirectional", "causal"])
+def test_scanned_hidden_states_match_transformers_and_the_unrolled_decoder(tmp_path, attention):
+    """Oracle: transformers' Qwen2 (float32), 3 layers, left-padded rows; atol 1e-5."""
+    oracle = tiny.oracle_model("qwen2", num_hidden_layers=LAYERS)
+    model, _ = load_model(tiny.write_checkpoint("qwen2", tmp_path / "m", model=oracle), dtype="float32")
+    ids, mask = padded_batch([9, 5, 12], 12, "left")
+    graphdef, state = nnx.split(model)
+    forward = jax.jit(lambda s, o: nnx.merge(graphdef, s)(ids, mask, o), static_argnums=1)
+    scanned = np.asarray(forward(state, ForwardOptions(attention=attention, scan_layers=True)))
+    unrolled = np.asarray(forward(state, ForwardOptions(attention=attention)))
+    expected = tiny.oracle_hidden(oracle, ids, mask, attention)
+    real = mask.astype(bool)
+    np.testing.assert_allclose(scanned[real], expected[real], atol=1e-5, rtol=0)
+    np.testing.assert_allclose(scanned, unrolled, atol=1e-5, rtol=0)
+
+
+def _adapted(dropout):
+    model = apply_lora(Decoder(CFG, rngs=nnx.Rngs(0)), LoraConfig(rank=4, alpha=8, dropout=dropout))
+    graphdef, lora, frozen = split_model(model)
+    keys = iter(jax.random.split(jax.random.key(1), 64))  # trained-looking adapters: B is zero at init
+    return graphdef, jax.tree.map(lambda x: x + 0.02 * jax.random.normal(next(keys), x.shape), lora), frozen
+
+
+@pytest.mark.parametrize("remat", ["none", "full"])
+def test_scanned_lora_gradients_equal_unrolled(remat):
+    """The packed train step's loss and every LoRA gradient, scanned or not, remat per scanned layer,
+    the same dropout masks in every layer (each layer's own: with dropout they change the gradient)."""
+    graphdef, lora, frozen = _adapted(0.3)
+
+    def grads(scan):
+        cfg = StepConfig(batch_size=8, forward=ForwardOptions(remat=remat, scan_layers=scan))
+        metrics, grads = jax.jit(lambda l: loss_and_grads(graphdef, l, frozen, BATCH, cfg, jax.random.key(7)))(lora)
+        return float(metrics["loss"]), grads
+
+    (loss, unrolled), (scanned_loss, scanned) = grads(False), grads(True)
+    assert abs(loss - scanned_loss) <= 1e-5
+    assert jax.tree.structure(unrolled) == jax.tree.structure(scanned)  # per-layer paths, not stacked
+    _assert_grads_equal(unrolled, scanned)
+    if remat != "none":
+        return
+    without, lora_without, frozen_without = _adapted(0.0)  # the same adapters, no dropout: the masks matter
+    step = StepConfig(batch_size=8, forward=ForwardOptions(scan_layers=True))
+    _, plain = jax.jit(lambda l: loss_and_grads(without, l, frozen_without, BATCH, step, jax.random.key(7)))(lora_without)
+    assert max(float(jnp.abs(a - b).max()) for a, b in zip(jax.tree.leaves(plain), jax.tree.leaves(scanned))) > 1e-3
+
+
+def test_layers_adapted_unlike_cannot_be_scanned():
+    model = apply_lora(Decoder(CFG, rngs=nnx.Rngs(0)), LoraConfig(rank=4, alpha=8, targets=r"layers/0/.*"))
+    ids = jnp.ones((1, 8), jnp.int32)
+    with pytest.raises(ValueError, match="layer 1's parameters differ from layer 0's.*scan_layers=False"):
+        model(ids, ids, ForwardOptions(scan_layers=True))
+    with pytest.raises(ValueError, match="scan_layers must be True or False"):
+        ForwardOptions(scan_layers="yes")
+
+
+def _restored_lora(workdir, step):
+    restored = ocp.CheckpointManager((workdir / "checkpoints").absolute()).restore(
+        step, args=ocp.args.Composite(state=ocp.args.StandardRestore()))
+    return restored["state"]["lora"]
+
+
+def test_a_scanned_run_saves_per_layer_names_and_an_unrolled_run_resumes_it(tmp_path):
+    """Train 2 steps scanned (dropout on), then resume the workdir unrolled to step 3: the checkpoint
+    and PEFT adapter hold the unrolled names, and every value equals a straight unrolled run's."""
+    model, data = tiny_setup(tmp_path)
+    common = ["--config.lora.dropout=0.1", "--config.train.checkpoint_every=1"]
+    scanned, unrolled = tmp_path / "scanned", tmp_path / "unrolled"
+    assert cli(train_args(model, data, scanned, *common, "--config.train.steps=2",
+                          "--config.model.scan_layers=True")) == 0
+    assert "0" in _restored_lora(scanned, 2)["layers"]  # per layer on disk, not stacked
+    adapter = load_file(scanned / "adapter" / "adapter_model.safetensors")
+    assert cli(train_args(model, data, scanned, *common, "--config.train.steps=3")) == 0  # unrolled resumes
+    assert cli(train_args(model, data, unrolled, *common, "--config.train.steps=3")) == 0
+    assert adapter.keys() == load_file(unrolled / "adapter" / "adapter_model.safetensors").keys()
+    a, b = _restored_lora(scanned, 3), _restored_lora(unrolled, 3)
+    assert jax.tree.structure(a) == jax.tree.structure(b)
+    for x, y in zip(jax.tree.leaves(a), jax.tree.leaves(b)):
+        np.testing.assert_allclose(x, y, atol=1e-5, rtol=0)
+    losses = [{r["step"]: r["loss"] for r in map(json.loads, (w / "metrics.jsonl").read_text().splitlines())}
+              for w in (scanned, unrolled)]
+    assert sorted(losses[0]) == [1, 2, 3]
+    for step in (1, 2, 3):
+        assert losses[0][step] == pytest.approx(losses[1][step], abs=1e-5)
