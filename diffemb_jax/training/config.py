@@ -33,6 +33,8 @@ def base_config() -> ml_collections.ConfigDict:
         doc_max_length=512,
         num_negatives=1,
         pack=True,  # a step's texts several to a row (a few compiled row counts); False: one a row, one shape
+        # packed rows are at least this long (a power of two): fewer lengths, so fewer programs to compile
+        min_row_length=32,
         skip_bad_rows=False,
         cache_dir="",  # where the ArrayRecord dataset is built; default: WORKDIR/data
     ))

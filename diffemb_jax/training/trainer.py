@@ -92,6 +92,9 @@ def check_config(config, *, data: bool = True) -> None:
         raise ValueError(f"train.global_batch_size={config.train.global_batch_size} is not divisible by the "
                          f"{data_shards * fsdp} batch shards of mesh {dict(config.mesh)}")
     step_config(config)  # its own checks: the loss kind, the matryoshka dimensions and weights
+    if config.data.min_row_length < 1:
+        raise ValueError(f"data.min_row_length must be >= 1 (packed rows are at least this long), got "
+                         f"{config.data.min_row_length}")
     if config.train.profile_from < 0 or config.train.profile_steps < 1:
         raise ValueError(f"train.profile_from must be >= 0 (0: no profile) and train.profile_steps >= 1, got "
                          f"{config.train.profile_from} and {config.train.profile_steps}")
@@ -198,7 +201,8 @@ class Trainer:
         self.step = 0
         self._shapes: set[tuple[int, int]] = set()  # (rows, length) of the steps so far: a program each
         possible = step_shapes(max(config.data.query_max_length, config.data.doc_max_length),
-                               row_bounds(config, self.mesh)[1], row_bounds(config, self.mesh)[0], config.data.pack)
+                               row_bounds(config, self.mesh)[1], row_bounds(config, self.mesh)[0], config.data.pack,
+                               config.data.min_row_length)
         log.info("the steps take at most %d shapes (rows x length a host), a compiled program each: rows %s x "
                  "lengths %s", len(possible), sorted({r for r, _ in possible}), sorted({n for _, n in possible}))
 
@@ -226,7 +230,7 @@ class Trainer:
         """This host's share of a step, packed into rows as long and as many as every other host's
         (batching/step.py)."""
         c = self.config
-        length = parallel.max_over_processes(row_length(sides, c.data.pack))
+        length = parallel.max_over_processes(row_length(sides, c.data.pack, c.data.min_row_length))
         batch = pack_step(sides, global_batch_size=c.train.global_batch_size, num_negatives=c.data.num_negatives,
                           process_index=jax.process_index(), pack=c.data.pack, length=length)
         rows = padded_rows(parallel.max_over_processes(len(batch["input_ids"])), *row_bounds(c, self.mesh))
