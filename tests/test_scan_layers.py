@@ -81,6 +81,12 @@ def test_layers_adapted_unlike_cannot_be_scanned():
         ForwardOptions(scan_layers="yes")
 
 
+def _shapes(tree) -> dict:
+    """{"layers/0/attn/q_proj/kernel_lora_a": shape, ...} (a saved State's trailing "value" dropped)"""
+    return {"/".join(str(getattr(k, "key", k)) for k in path).removesuffix("/value"): np.shape(leaf)
+            for path, leaf in jax.tree_util.tree_flatten_with_path(tree)[0]}
+
+
 def _restored_lora(workdir, step):
     restored = ocp.CheckpointManager((workdir / "checkpoints").absolute()).restore(
         step, args=ocp.args.Composite(state=ocp.args.StandardRestore()))
@@ -88,24 +94,20 @@ def _restored_lora(workdir, step):
 
 
 def test_a_scanned_run_saves_per_layer_names_and_an_unrolled_run_resumes_it(tmp_path):
-    """Train 2 steps scanned (dropout on), then resume the workdir unrolled to step 3: the checkpoint
-    and PEFT adapter hold the unrolled names, and every value equals a straight unrolled run's."""
+    """Train 2 steps scanned (dropout on), then resume the workdir unrolled (orbax restores into the
+    unrolled decoder's LoRA state, so the names must be its own) to step 3. Values are not compared
+    after AdamW, whose first steps take the sign of near-zero gradient entries; the step's gradients are
+    compared above."""
     model, data = tiny_setup(tmp_path)
+    workdir = tmp_path / "run"
     common = ["--config.lora.dropout=0.1", "--config.train.checkpoint_every=1"]
-    scanned, unrolled = tmp_path / "scanned", tmp_path / "unrolled"
-    assert cli(train_args(model, data, scanned, *common, "--config.train.steps=2",
+    assert cli(train_args(model, data, workdir, *common, "--config.train.steps=2",
                           "--config.model.scan_layers=True")) == 0
-    assert "0" in _restored_lora(scanned, 2)["layers"]  # per layer on disk, not stacked
-    adapter = load_file(scanned / "adapter" / "adapter_model.safetensors")
-    assert cli(train_args(model, data, scanned, *common, "--config.train.steps=3")) == 0  # unrolled resumes
-    assert cli(train_args(model, data, unrolled, *common, "--config.train.steps=3")) == 0
-    assert adapter.keys() == load_file(unrolled / "adapter" / "adapter_model.safetensors").keys()
-    a, b = _restored_lora(scanned, 3), _restored_lora(unrolled, 3)
-    assert jax.tree.structure(a) == jax.tree.structure(b)
-    for x, y in zip(jax.tree.leaves(a), jax.tree.leaves(b)):
-        np.testing.assert_allclose(x, y, atol=1e-5, rtol=0)
-    losses = [{r["step"]: r["loss"] for r in map(json.loads, (w / "metrics.jsonl").read_text().splitlines())}
-              for w in (scanned, unrolled)]
-    assert sorted(losses[0]) == [1, 2, 3]
-    for step in (1, 2, 3):
-        assert losses[0][step] == pytest.approx(losses[1][step], abs=1e-5)
+    loaded, _ = load_model(model, dtype="float32")
+    unrolled = nnx.state(apply_lora(loaded, LoraConfig(rank=4, alpha=8)), nnx.LoRAParam).to_pure_dict()
+    assert _shapes(_restored_lora(workdir, 2)) == _shapes(unrolled)  # "layers/0/attn/q_proj/...": per layer
+    names = load_file(workdir / "adapter" / "adapter_model.safetensors").keys()
+    assert len(names) == 2 * 7 * 2 and {n.split(".layers.")[1].split(".")[0] for n in names} == {"0", "1"}
+    assert cli(train_args(model, data, workdir, *common, "--config.train.steps=3")) == 0  # unrolled resumes
+    steps = [json.loads(line)["step"] for line in (workdir / "metrics.jsonl").read_text().splitlines()]
+    assert steps == [1, 2, 3]

@@ -53,6 +53,8 @@ def _stacked(blocks: Sequence[nnx.Module]):
 def scan_blocks(blocks: Sequence[nnx.Module], x: jax.Array, run: Callable, policy, remat: bool) -> jax.Array:
     """x through every block in order as one lax.scan; run(block, x, draw_offset) is one block's pass.
     With `remat`, each layer's body is rematerialised under `policy` (jax.checkpoint per layer)."""
+    if not blocks:
+        return x
     graphdef, states, offsets = _stacked(blocks)
 
     def body(x, layer):
