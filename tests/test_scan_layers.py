@@ -68,7 +68,8 @@ def test_scanned_lora_gradients_equal_unrolled(remat):
         return
     without, lora_without, frozen_without = _adapted(0.0)  # the same adapters, no dropout: the masks matter
     step = StepConfig(batch_size=8, forward=ForwardOptions(scan_layers=True))
-    _, plain = jax.jit(lambda l: loss_and_grads(without, l, frozen_without, BATCH, step, jax.random.key(7)))(lora_without)
+    _, plain = jax.jit(lambda l: loss_and_grads(without, l, frozen_without, BATCH, step, jax.random.key(7)))(
+        lora_without)
     assert max(float(jnp.abs(a - b).max()) for a, b in zip(jax.tree.leaves(plain), jax.tree.leaves(scanned))) > 1e-3
 
 
