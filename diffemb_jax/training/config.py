@@ -18,8 +18,8 @@ def base_config() -> ml_collections.ConfigDict:
         dtype="bfloat16",  # base weights and activations; LoRA and optimizer state are float32
         pooling="mean",  # mean | weighted_mean | last_token
         skip_instruction=False,
-        # the layers as one lax.scan: one layer compiled per step shape, not each (model/scan.py); the
-        # 7-8B recipes turn it on (configs/recipe.py)
+        # the layers as one lax.scan: one layer compiled per step shape, not each (model/scan.py), for a
+        # copy of the layers' weights while a step runs; off: the unrolled program, as before
         scan_layers=False,
     ))
     c.lora = ml_collections.ConfigDict(dict(
