@@ -44,3 +44,33 @@ def test_pack_batch_numbers_each_rows_texts_and_marks_their_embedded_tails():
 def test_bucket_lengths_are_powers_of_two_and_the_max_length():
     assert batching.bucket_lengths(100) == [32, 64, 100]
     assert batching.bucket_lengths(32) == [32]
+
+
+def _random_sides(rng, queries, length):
+    """A step's sides, every text between a random floor and cap, one perhaps longer."""
+    cap = rng.randint(1, length + 1)
+    lengths = rng.randint(rng.randint(1, cap + 1), cap + 1, 3 * queries)
+    if rng.rand() < 0.5:
+        lengths[rng.randint(3 * queries)] = rng.randint(cap, length + 1)
+    mask = (np.arange(length)[None] < lengths[:, None]).astype(np.int32)
+    return {side: {"input_ids": m * 5, "padding_mask": m, "embed_mask": m.copy()}
+            for side, m in zip(("query", "positive", "negative"), np.split(mask, 3))}
+
+
+@pytest.mark.parametrize("multiple,shortest", [(1, 32), (2, 32), (1, 64)])
+def test_step_shapes_are_every_shape_a_packed_step_takes(multiple, shortest):
+    """Random steps packed as the trainer packs them (pack_step, then padded_rows): every shape met is
+    in step_shapes, and random search meets every one of them (the bound is tight)."""
+    rng = np.random.RandomState(0)
+    queries, most = 4, 12  # 12 texts a step: rows 1 ... 12
+    possible = batching.step_shapes(96, most, multiple, shortest=shortest)
+    met = set()
+    for _ in range(3000):
+        sides = _random_sides(rng, queries, 96)
+        batch = batching.pack_step(sides, global_batch_size=queries, num_negatives=1,
+                                   length=batching.row_length(sides, shortest=shortest))
+        met.add((batching.padded_rows(len(batch["input_ids"]), multiple, most), batch["input_ids"].shape[1]))
+    assert met == set(possible)
+    assert min(n for _, n in possible) == shortest and len(possible) == (3 if shortest == 32 else 2) * len(
+        {r for r, _ in possible})  # lengths 32, 64, 96, or 64, 96: the cap drops the shortest
+    assert batching.step_shapes(96, most, multiple, pack=False) == [(most, 96)]

@@ -512,6 +512,29 @@ def test_bench_long_compile_only_plans_from_the_shape_alone(tmp_path, monkeypatc
     assert report["longest_fitting"] == 4096
 
 
+def test_bench_long_compile_only_scan_layers_holds_a_copy_of_the_blocks_weights(tmp_path):
+    """--scan-layers: the same arguments, and temporaries larger by about the stacked copy of the
+    blocks' weights (transformers' count of the parameters under layers., float32)."""
+    import transformers
+
+    from diffemb_jax.bench import shapes
+
+    reports = []
+    for flags in ([], ["--scan-layers"]):
+        out = tmp_path / f"plan{len(flags)}.json"
+        assert cli.main(["bench", "long", "--compile-only", "--shape", "tiny", "--lengths", "256",
+                         "--json", str(out), *flags]) == 0
+        reports.append(json.loads(out.read_text()))
+    unrolled, scanned = (r["results"]["JAX 256"] for r in reports)
+    assert reports[1]["settings"]["scan_layers"] is True and "--scan-layers" in reports[1]["command"]
+    model_type, fields = shapes.SHAPES["tiny"]
+    model = transformers.AutoModel.from_config(transformers.AutoConfig.for_model(model_type, **fields))
+    blocks = sum(p.numel() for name, p in model.named_parameters() if name.startswith("layers.")) * 4 / 2**30
+    assert scanned["arguments_gib"] == unrolled["arguments_gib"]
+    assert 0.9 * blocks <= scanned["temporaries_gib"] - unrolled["temporaries_gib"] <= 1.5 * blocks + unrolled[
+        "temporaries_gib"]
+
+
 def test_bench_long_compile_only_reads_a_models_config_not_its_weights(tmp_path, monkeypatch, capsys):
     import diffemb_jax.checkpoints.checkpoint as checkpoint_module
 

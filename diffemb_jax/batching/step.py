@@ -25,9 +25,11 @@ import numpy as np
 
 from diffemb_jax.batching.arrays import pack_batch
 from diffemb_jax.batching.layout import bucket_lengths, pack_rows
+from diffemb_jax.batching.rows import padded_rows
 
 SIDES = ("query", "positive", "negative")  # the data pipeline's, in text-number order
 STEP_KEYS = ("input_ids", "segments", "embed_mask")  # the step's batch, each [rows, length] int32
+SHORTEST_ROW = 32  # the shortest bucket a packed step's rows take (the config's data.min_row_length)
 
 
 def text_numbers(global_batch_size: int, num_negatives: int, process_index: int, host_batch_size: int) -> np.ndarray:
@@ -54,13 +56,26 @@ def packs(rows: int, texts: int) -> bool:
     return rows < texts
 
 
-def row_length(sides: dict, pack: bool = True) -> int:
-    """The length of a step's rows: packed, the bucket of its longest text; else the longer max length."""
+def row_length(sides: dict, pack: bool = True, shortest: int = SHORTEST_ROW) -> int:
+    """The length of a step's rows: packed, the bucket (from `shortest` up) of its longest text; else the
+    longer max length."""
     longest_allowed = max(sides[side]["input_ids"].shape[1] for side in SIDES)
     if not pack:
         return longest_allowed
     longest = max(int(sides[side]["padding_mask"].sum(1).max()) for side in SIDES if len(sides[side]["input_ids"]))
-    return next(b for b in bucket_lengths(longest_allowed) if b >= longest)
+    return next(b for b in bucket_lengths(longest_allowed, shortest) if b >= longest)
+
+
+def step_shapes(max_length: int, most_rows: int, multiple: int = 1, pack: bool = True,
+                shortest: int = SHORTEST_ROW) -> list[tuple[int, int]]:
+    """Every (rows, length) a host's step can take, so every program a run can compile: packed, a bucket
+    of max_length (the longer side's; `shortest` the first) by a padded_rows count of 1 ... most_rows
+    (one text a row), each pair reachable (texts can fill any number of rows of their bucket, one text
+    a row at most); one text a row, just one. A longer `shortest` is the cap: fewer lengths."""
+    if not pack:
+        return [(padded_rows(most_rows, multiple, most_rows), max_length)]
+    rows = sorted({padded_rows(n, multiple, most_rows) for n in range(1, most_rows + 1)})
+    return [(r, length) for length in bucket_lengths(max_length, shortest) for r in rows]
 
 
 def pack_step(sides: dict, *, global_batch_size: int, num_negatives: int, process_index: int = 0,

@@ -26,6 +26,9 @@ initialisations and dropout masks, so losses only stay close.
 plain step's loss and gradients for one more forward pass, with one chunk's activations live at a
 time; PyTorch runs its plain step.
 
+--scan-layers runs JAX's decoder layers as one lax.scan (ForwardOptions.scan_layers): one layer compiled
+instead of each, the same numbers, and a copy of the layers' weights while it runs.
+
 --remat picks what JAX keeps for the backward pass (the decoder's REMAT_POLICIES: none, full =
 nothing saved, dots = projection outputs saved, dots_all = attention's matmuls too), or compares a
 comma-separated list of them (all: every one): one JAX run per policy. PyTorch runs once per

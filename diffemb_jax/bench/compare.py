@@ -50,6 +50,7 @@ def compare(args, kind: Kind) -> dict:
         tokenizer = tokenizer_for(model)
         settings, payload = kind.prepare(args, tokenizer)
         settings = {"model": str(model), "shape": args.shape, "vs_torch": args.vs_torch,
+                    "scan_layers": args.scan_layers,
                     "torch_source": str(torch_source(model)) if args.vs_torch else None, **settings,
                     "versions": _versions(), "python": platform.python_version(), "cpu_count": os.cpu_count(),
                     "load_average_at_start": [round(x, 2) for x in os.getloadavg()]}

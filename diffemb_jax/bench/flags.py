@@ -103,6 +103,8 @@ def _long_flags(p) -> list:
 def _report_flags(p) -> list:
     return [
         p.add_argument("--dtype", choices=("float32", "bfloat16"), default="float32"),
+        p.add_argument("--scan-layers", action="store_true",
+                       help="JAX runs the decoder's layers as one lax.scan (one layer compiled, not each)"),
         p.add_argument("--peak-tflops", type=float, default=None,
                        help="the device's peak TFLOP/s at --dtype, for MFU (default: known GPUs only)"),
         p.add_argument("--profile", default=None, metavar="DIR",

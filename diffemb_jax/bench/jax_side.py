@@ -33,7 +33,8 @@ def encoder(job: dict):
     mesh = parallel.make_mesh(**job["mesh"]) if job.get("mesh") else None  # else the default device alone
     embedder = Embedder.from_pretrained(job["model"], attention="bidirectional", dtype=job["dtype"], mesh=mesh,
                                         max_length=job["max_length"], batch_size=job["batch_size"],
-                                        max_batch_tokens=job["max_batch_tokens"], pack_length=job["pack_length"])
+                                        max_batch_tokens=job["max_batch_tokens"], pack_length=job["pack_length"],
+                                        scan_layers=job["scan_layers"])
     return lambda texts: embedder.encode(texts, progress=False), _device(), _info(embedder.model, mesh)
 
 
@@ -53,7 +54,8 @@ def trainer(job: dict):
                                   grad_clip=opt["grad_clip"], weight_decay=opt["weight_decay"])
     step_cfg = StepConfig(batch_size=len(job["batch"]["query"]["input_ids"]), loss="in_batch", scale=job["scale"],
                           seed=job["seed"], grad_cache_chunk=job["grad_cache_chunk"],
-                          forward=ForwardOptions(attention="bidirectional", remat=job["remat"]))
+                          forward=ForwardOptions(attention="bidirectional", remat=job["remat"],
+                                                 scan_layers=job["scan_layers"]))
     # Placed as the Trainer places them, and kept there by the step: state placed otherwise than the
     # step's outputs would make step 1 compile again.
     lora, opt_state, train_step = placed_train_step(graphdef, lora, tx, schedule, step_cfg, mesh)

@@ -35,9 +35,10 @@ def long_plan(args) -> dict:
     lengths = lengths_of(args.lengths)
     # kernel auto, as `diffemb encode` runs: cuDNN on a GPU, splash on a TPU
     embedder = Embedder(model, None, max_length=lengths[-1], batch_size=1, max_batch_tokens=None, pack_length=0,
-                        options=ForwardOptions(kernel="auto"))
+                        options=ForwardOptions(kernel="auto", scan_layers=args.scan_layers))
     device, limit = device_capacity()
-    settings = {"model": args.model, "shape": shape, "dtype": args.dtype, "lengths": lengths, "device": device,
+    settings = {"model": args.model, "shape": shape, "dtype": args.dtype, "scan_layers": args.scan_layers,
+                "lengths": lengths, "device": device,
                 "device_bytes": limit}
     print(f"command: {command_line(args)}\nsettings: {json.dumps(settings)}", flush=True)
     results = {}

@@ -110,7 +110,8 @@ class Embedder:
     @classmethod
     def from_pretrained(cls, path: str | Path, *, adapter=None, attention: str | None = None,
                         dtype: str = "auto", kernel: str = "auto", mesh: jax.sharding.Mesh | None = None,
-                        prompt_name: str | None = None, **kwargs) -> "Embedder":
+                        prompt_name: str | None = None, scan_layers: bool = False,
+                        **kwargs) -> "Embedder":
         """A model path (checkpoints.load_model's: a PEFT adapter folder too), with a PEFT LoRA `adapter`
         directory, or a list of them in order, merged into its weights if given; dtype auto: bfloat16
         on a GPU or TPU, float32 on a CPU (checkpoints/dtypes.py).
@@ -125,7 +126,8 @@ class Embedder:
                 kwargs.pop(key, None)
                 if key in settings:
                     kwargs[key] = settings[key]
-        options = ForwardOptions(attention=attention, kernel=kernel)  # checked before any weight is read
+        # checked before any weight is read
+        options = ForwardOptions(attention=attention, kernel=kernel, scan_layers=scan_layers)
         check_choice("pooling", kwargs.get("pooling", "mean"), POOLING_MODES)
         check_choice("dtype", dtype, DTYPE_CHOICES)
         sharding_for = parallel.single_device if mesh is None else parallel.param_sharding(mesh)

@@ -17,6 +17,7 @@ from diffemb_jax.model.attention import attend
 from diffemb_jax.model.config import ModelConfig
 from diffemb_jax.model.lora_linear import LoraLinear
 from diffemb_jax.model.options import REMAT_POLICIES, ForwardOptions
+from diffemb_jax.model.scan import scan_blocks
 
 # A block's projections, in the order its forward pass runs them (LoRA numbers its dropout draws so).
 BLOCK_PROJECTIONS = ("attn/q_proj", "attn/k_proj", "attn/v_proj", "attn/o_proj", "mlp/gate_proj", "mlp/up_proj",
@@ -31,9 +32,10 @@ def _linear(n_in, n_out, axes, *, bias, dtype, param_dtype, rngs):
         bias_init=nnx.with_partitioning(nnx.initializers.zeros_init(), axes[1:]), rngs=rngs)
 
 
-def _project(layer, x, dropout_key):
-    """A projection, plain or adapted (a LoraLinear draws its dropout from dropout_key)."""
-    return layer(x, dropout_key) if isinstance(layer, LoraLinear) else layer(x)
+def _project(layer, x, dropout_key, draw_offset=None):
+    """A projection, plain or adapted (a LoraLinear draws its dropout from dropout_key, at its draw index
+    plus draw_offset when the blocks are scanned)."""
+    return layer(x, dropout_key, draw_offset) if isinstance(layer, LoraLinear) else layer(x)
 
 
 class RMSNorm(nnx.Module):
@@ -73,18 +75,19 @@ class Attention(nnx.Module):
             self.q_norm = RMSNorm(hd, cfg.rms_norm_eps, param_dtype=param_dtype)
             self.k_norm = RMSNorm(hd, cfg.rms_norm_eps, param_dtype=param_dtype)
 
-    def __call__(self, x, positions, segment_ids, options: ForwardOptions, packed: bool, dropout_key=None):
+    def __call__(self, x, positions, segment_ids, options: ForwardOptions, packed: bool, dropout_key=None,
+                 draw_offset=None):
         b, l, _ = x.shape
         cfg = self.cfg
-        q = _project(self.q_proj, x, dropout_key).reshape(b, l, cfg.num_heads, cfg.head_dim)
-        k = _project(self.k_proj, x, dropout_key).reshape(b, l, cfg.num_kv_heads, cfg.head_dim)
-        v = _project(self.v_proj, x, dropout_key).reshape(b, l, cfg.num_kv_heads, cfg.head_dim)
+        q = _project(self.q_proj, x, dropout_key, draw_offset).reshape(b, l, cfg.num_heads, cfg.head_dim)
+        k = _project(self.k_proj, x, dropout_key, draw_offset).reshape(b, l, cfg.num_kv_heads, cfg.head_dim)
+        v = _project(self.v_proj, x, dropout_key, draw_offset).reshape(b, l, cfg.num_kv_heads, cfg.head_dim)
         if cfg.qk_norm:
             q, k = self.q_norm(q), self.k_norm(k)
         q, k = rope(q, positions, cfg.rope_theta), rope(k, positions, cfg.rope_theta)
         out = attend(q, k, v, segment_ids, causal=options.causal, sliding_window=cfg.sliding_window,
                      kernel=options.kernel, packed=packed)
-        return _project(self.o_proj, out.reshape(b, l, cfg.num_heads * cfg.head_dim), dropout_key)
+        return _project(self.o_proj, out.reshape(b, l, cfg.num_heads * cfg.head_dim), dropout_key, draw_offset)
 
 
 class MLP(nnx.Module):
@@ -95,9 +98,10 @@ class MLP(nnx.Module):
         self.up_proj = _linear(d, f, ("embed", "mlp"), **kw)
         self.down_proj = _linear(f, d, ("mlp", "embed"), **kw)
 
-    def __call__(self, x, dropout_key=None):
-        gate = jax.nn.silu(_project(self.gate_proj, x, dropout_key))
-        return _project(self.down_proj, gate * _project(self.up_proj, x, dropout_key), dropout_key)
+    def __call__(self, x, dropout_key=None, draw_offset=None):
+        gate = jax.nn.silu(_project(self.gate_proj, x, dropout_key, draw_offset))
+        up = _project(self.up_proj, x, dropout_key, draw_offset)
+        return _project(self.down_proj, gate * up, dropout_key, draw_offset)
 
 
 class Block(nnx.Module):
@@ -107,9 +111,10 @@ class Block(nnx.Module):
         self.post_attention_norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps, param_dtype=param_dtype)
         self.mlp = MLP(cfg, dtype=dtype, param_dtype=param_dtype, rngs=rngs)
 
-    def __call__(self, x, positions, segment_ids, options: ForwardOptions, packed: bool, dropout_key=None):
-        x = x + self.attn(self.input_norm(x), positions, segment_ids, options, packed, dropout_key)
-        return x + self.mlp(self.post_attention_norm(x), dropout_key)
+    def __call__(self, x, positions, segment_ids, options: ForwardOptions, packed: bool, dropout_key=None,
+                 draw_offset=None):
+        x = x + self.attn(self.input_norm(x), positions, segment_ids, options, packed, dropout_key, draw_offset)
+        return x + self.mlp(self.post_attention_norm(x), dropout_key, draw_offset)
 
 
 def positions_from_mask(real: jax.Array) -> jax.Array:
@@ -130,7 +135,7 @@ def _rematerialised(run, block, x, dropout_key, policy):
 
 class Decoder(nnx.Module):
     """Token ids + segment ids -> final-norm hidden states; `logits` adds the LM head. How the pass
-    runs (attention mode, kernel, remat) is a ForwardOptions given with each call. An untied head
+    runs (attention mode, kernel, remat, scanned layers) is a ForwardOptions given with each call. An untied head
 exists only when cfg.lm_head (a bare checkpoint has none)."""
 
     def __init__(self, cfg: ModelConfig, *, rngs: nnx.Rngs, dtype=jnp.float32, param_dtype=jnp.float32):
@@ -160,11 +165,15 @@ exists only when cfg.lm_head (a bare checkpoint has none)."""
         masks are drawn from it (none without it)."""
         positions = positions_from_mask(segment_ids > 0)
 
-        def run(block, x, dropout_key):
-            return block(x, positions, segment_ids, options, packed, dropout_key)
+        def run(block, x, dropout_key, draw_offset=None):
+            return block(x, positions, segment_ids, options, packed, dropout_key, draw_offset)
 
         policy = REMAT_POLICIES[options.remat]
         x = self.embed(input_ids)
+        if options.scan_layers:
+            x = scan_blocks(self.layers, x, lambda block, x, offset: run(block, x, dropout_key, offset), policy,
+                            remat=options.remat != "none")
+            return self.final_norm(x)
         for block in self.layers:
             if options.remat == "none":
                 x = run(block, x, dropout_key)

@@ -159,17 +159,19 @@ class LoraLinear(nnx.Module):
         self.kernel_lora_a = _adapter_param(base.kernel, a, side=0)
         self.kernel_lora_b = _adapter_param(base.kernel, b, side=1)
 
-    def __call__(self, x: jax.Array, dropout_key: jax.Array | None = None) -> jax.Array:
+    def __call__(self, x: jax.Array, dropout_key: jax.Array | None = None,
+                 draw_offset: jax.Array | None = None) -> jax.Array:
         bias = self.bias[...] if self.bias is not None else None
         x, kernel, bias = nnx.nn.dtypes.promote_dtype((x, self.kernel[...], bias), dtype=self.dtype)
         y = jax.lax.dot_general(x, kernel, (((x.ndim - 1,), (0,)), ((), ())), precision=self.precision)
-        y = y + self._delta(x, dropout_key) * self.scale
+        y = y + self._delta(x, dropout_key, draw_offset) * self.scale
         if bias is not None:
             y += jnp.reshape(bias, (1,) * (y.ndim - 1) + (-1,))
         return y
 
-    def _delta(self, x: jax.Array, dropout_key: jax.Array | None) -> jax.Array:
-        """x @ A @ B in x's dtype, x dropped out by this layer's mask where a key is given."""
+    def _delta(self, x: jax.Array, dropout_key: jax.Array | None, draw_offset: jax.Array | None) -> jax.Array:
+        """x @ A @ B in x's dtype, x dropped out by this layer's mask where a key is given: the mask of
+        draw index `draw`, plus `draw_offset` (uint32) where the blocks are scanned (model/scan.py)."""
         a, b = self.kernel_lora_a[...], self.kernel_lora_b[...]
         flat = x.reshape(-1, x.shape[-1])
         if dropout_key is None or self.dropout == 0:
@@ -178,6 +180,7 @@ class LoraLinear(nnx.Module):
             keep = 1.0 - self.dropout
             # The barrier ties the mask to x, so that XLA may draw it when x is ready rather than all at
             # the start (on the CPU it changed neither memory nor speed; kept for the accelerators).
-            flat, index = jax.lax.optimization_barrier((flat, np.uint32(self.draw)))
+            draw = np.uint32(self.draw) if draw_offset is None else np.uint32(self.draw) + draw_offset
+            flat, index = jax.lax.optimization_barrier((flat, draw))
             out = _dropped_low_rank(flat, dropout_keep_mask(dropout_key, index, flat.shape, keep), a, b, keep)
         return out.reshape(*x.shape[:-1], out.shape[-1]).astype(x.dtype)

@@ -1,4 +1,4 @@
-"""ForwardOptions: how a forward pass runs (attention mode, kernel, remat), passed in with each call.
+"""ForwardOptions: how a forward pass runs (attention mode, kernel, remat, scanned layers), passed in with each call.
 
 The same weights serve bidirectional and causal encoders, several attention kernels and the train
 step's rematerialisation; these are settings of a call, not of the module, so they travel as one
@@ -27,6 +27,9 @@ class ForwardOptions:
     attention: str = "bidirectional"  # one of ATTENTION_MODES
     kernel: str = "xla"  # one of attention.KERNELS; auto picks by backend
     remat: str = "none"  # one of REMAT_POLICIES
+    # The blocks as one lax.scan (model/scan.py): one block compiled instead of one per layer, at the cost
+    # of a copy of the blocks' weights while the pass runs; the same numbers, parameters and their names.
+    scan_layers: bool = False
 
     def __post_init__(self):
         if self.attention not in ATTENTION_MODES:
@@ -35,6 +38,8 @@ class ForwardOptions:
             raise ConfigError(f"unknown attention kernel {self.kernel!r}; choose one of {KERNELS}")
         if self.remat not in REMAT_POLICIES:
             raise ConfigError(f"remat must be one of {tuple(REMAT_POLICIES)}, got {self.remat!r}")
+        if not isinstance(self.scan_layers, bool):
+            raise ConfigError(f"scan_layers must be True or False, got {self.scan_layers!r}")
 
     @property
     def causal(self) -> bool:

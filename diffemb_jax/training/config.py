@@ -24,6 +24,9 @@ def base_config() -> ml_collections.ConfigDict:
         dtype="bfloat16",  # base weights and activations; LoRA and optimizer state are float32
         pooling="mean",  # mean | weighted_mean | last_token
         skip_instruction=False,
+        # the layers as one lax.scan: one layer compiled per step shape, not each (model/scan.py), for a
+        # copy of the layers' weights while a step runs; off: the unrolled program, as before
+        scan_layers=False,
     ))
     c.lora = ml_collections.ConfigDict(dict(
         rank=16, alpha=32.0, dropout=0.05,
@@ -36,6 +39,8 @@ def base_config() -> ml_collections.ConfigDict:
         doc_max_length=512,
         num_negatives=1,
         pack=True,  # a step's texts several to a row (a few compiled row counts); False: one a row, one shape
+        # packed rows are at least this long (a power of two): fewer lengths, so fewer programs to compile
+        min_row_length=32,
         skip_bad_rows=False,
         cache_dir="",  # where the ArrayRecord dataset is built; default: WORKDIR/data
     ))

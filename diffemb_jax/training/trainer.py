@@ -25,7 +25,7 @@ from flax import nnx
 from tqdm.auto import tqdm
 
 from diffemb_jax import atomic, parallel
-from diffemb_jax.batching import pack_step, packs, pad_rows, padded_rows, row_length
+from diffemb_jax.batching import pack_step, packs, pad_rows, padded_rows, row_length, step_shapes
 from diffemb_jax.checkpoints import load_model
 from diffemb_jax.checkpoints.peft_adapters import save_peft_adapter
 from diffemb_jax.errors import ConfigError, MissingPathError
@@ -57,7 +57,8 @@ def lora_config(config) -> LoraConfig:
 
 
 def forward_options(config) -> ForwardOptions:
-    return ForwardOptions(attention=config.model.attention, kernel=config.model.kernel, remat=config.train.remat)
+    return ForwardOptions(attention=config.model.attention, kernel=config.model.kernel, remat=config.train.remat,
+                          scan_layers=config.model.scan_layers)
 
 
 def step_config(config) -> StepConfig:
@@ -94,6 +95,9 @@ def check_config(config, *, data: bool = True) -> None:
         raise ConfigError(f"train.global_batch_size={config.train.global_batch_size} is not divisible by the "
                          f"{data_shards * fsdp} batch shards of mesh {dict(config.mesh)}")
     step_config(config)  # its own checks: the loss kind, the matryoshka dimensions and weights
+    if config.data.min_row_length < 1:
+        raise ValueError(f"data.min_row_length must be >= 1 (packed rows are at least this long), got "
+                         f"{config.data.min_row_length}")
     if config.train.profile_from < 0 or config.train.profile_steps < 1:
         raise ConfigError(f"train.profile_from must be >= 0 (0: no profile) and train.profile_steps >= 1, got "
                          f"{config.train.profile_from} and {config.train.profile_steps}")
@@ -199,6 +203,11 @@ class Trainer:
                                                  enable_async_checkpointing=True))
         self.step = 0
         self._shapes: set[tuple[int, int]] = set()  # (rows, length) of the steps so far: a program each
+        possible = step_shapes(max(config.data.query_max_length, config.data.doc_max_length),
+                               row_bounds(config, self.mesh)[1], row_bounds(config, self.mesh)[0], config.data.pack,
+                               config.data.min_row_length)
+        log.info("the steps take at most %d shapes (rows x length a host), a compiled program each: rows %s x "
+                 "lengths %s", len(possible), sorted({r for r, _ in possible}), sorted({n for _, n in possible}))
 
     def _batches(self) -> TrainBatches:
         c = self.config
@@ -224,7 +233,7 @@ class Trainer:
         """This host's share of a step, packed into rows as long and as many as every other host's
         (batching/step.py); one text a row where those rows leave a row for each (batching.packs)."""
         c = self.config
-        length = parallel.max_over_processes(row_length(sides, c.data.pack))
+        length = parallel.max_over_processes(row_length(sides, c.data.pack, c.data.min_row_length))
 
         def lay(pack: bool) -> dict:
             return pack_step(sides, global_batch_size=c.train.global_batch_size, num_negatives=c.data.num_negatives,
