@@ -13,6 +13,7 @@ import tokenizers
 from diffemb_jax import assets, atomic
 from diffemb_jax.cache import cache_dir
 from diffemb_jax.checkpoints import is_converted
+from diffemb_jax.checkpoints.bundled import converted_smollm2
 from diffemb_jax.checkpoints.checkpoint import CONVERTED_MARKER, hf_tokenizer
 
 _7B_QWEN2 = ("qwen2", dict(hidden_size=3584, num_hidden_layers=28, num_attention_heads=28, num_key_value_heads=4,
@@ -101,3 +102,15 @@ def random_checkpoint(shape: str, directory: Path, dtype: str, tokenizer) -> Pat
         (directory / file.name).symlink_to(file)
     tokenizer.save(str(directory / "tokenizer.json"))
     return directory
+
+
+def bench_model(args, tmp: Path) -> Path:
+    """The checkpoint a bench runs: --shape's random weights (linked into `tmp`), --model, or the
+    bundled SmolLM2 converted."""
+    if args.shape:
+        model = random_checkpoint(args.shape, tmp / args.shape, args.dtype, shape_tokenizer(args.tokenizer, args.shape))
+    else:
+        model = Path(args.model) if args.model else converted_smollm2()
+    if not model.exists():
+        raise FileNotFoundError(f"{model} does not exist")
+    return model
