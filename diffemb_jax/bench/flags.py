@@ -1,4 +1,4 @@
-"""`diffemb bench encode|train|long` on the command line: a subcommand a kind, each taking its own
+"""`diffemb bench encode|train|long|serve` on the command line: a subcommand a kind, each taking its own
 flags and the common ones (argparse refuses a flag that a kind does not take), the checks argparse
 cannot make, what the flags' values mean, and the command echoed in the report."""
 
