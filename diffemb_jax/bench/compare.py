@@ -1,6 +1,6 @@
-"""`diffemb bench encode|train|long|serve`, the parent: each run in a worker process of its own, one after
-the other (so the peak memory each reports is its own), then the table, the summary and the report;
-or, `long --compile-only`, the plan of plan.py."""
+"""`diffemb bench encode|train|long`, the parent (serve.py is `bench serve`'s): each run in a worker
+process of its own, one after the other (so the peak memory each reports is its own), then the
+table, the summary and the report; or, `long --compile-only`, the plan of plan.py."""
 
 from __future__ import annotations
 
@@ -28,14 +28,7 @@ def main(args) -> dict:
     """Bench each run in turn (or, --compile-only, plan each length), print the comparison, and return
     it (also written to --json)."""
     check(args)
-    if args.what == "serve":
-        from diffemb_jax.bench.serve import bench_serve  # it runs its workers with this module's _spawn
-
-        report = bench_serve(args)
-    elif args.what == "long" and args.compile_only:
-        report = long_plan(args)
-    else:
-        report = compare(args, KINDS[args.what])
+    report = long_plan(args) if args.what == "long" and args.compile_only else compare(args, KINDS[args.what])
     if args.json:
         write_json_atomic(Path(args.json), report)
         print(f"wrote {args.json}")

@@ -35,10 +35,11 @@ from pathlib import Path
 from diffemb_jax.batching import PACK_LENGTH
 from diffemb_jax.bench.compare import _parent_preallocation_off, _spawn, _versions
 from diffemb_jax.bench.corpus import docstrings, fit, make_texts, token_count
-from diffemb_jax.bench.flags import command_line
+from diffemb_jax.bench.flags import check, command_line
 from diffemb_jax.bench.load import percentiles_ms, run_load
 from diffemb_jax.bench.report import table
 from diffemb_jax.bench.shapes import bench_model, tokenizer_for, torch_source
+from diffemb_jax.embedding.files import write_json_atomic
 from diffemb_jax.evaluation.stdlib_task import first_sentence
 
 WORKLOADS = ("queries", "documents")
@@ -141,6 +142,16 @@ def _sentence_transformers_missing(args) -> str | None:
     if importlib.util.find_spec("sentence_transformers") is None:
         return "sentence-transformers is not installed (pip install sentence-transformers)"
     return None
+
+
+def main(args) -> dict:
+    """`diffemb bench serve`: the bench printed, and returned (also written to --json)."""
+    check(args)
+    report = bench_serve(args)
+    if args.json:
+        write_json_atomic(Path(args.json), report)
+        print(f"wrote {args.json}")
+    return report
 
 
 def bench_serve(args) -> dict:
