@@ -337,9 +337,9 @@ def _reproduce(args) -> None:
 
 
 def _bench(args) -> None:
-    from diffemb_jax.bench import compare
+    from diffemb_jax.bench import compare, serve
 
-    compare.main(args)
+    (serve.main if args.what == "serve" else compare.main)(args)
 
 
 def _serve(args) -> None:

@@ -163,6 +163,29 @@ def test_http_tei_token_ids_truncate_base64(open_server, model_dir):
         assert info["attention"] == "bidirectional" and info["pooling"] == "mean" and info["max_length"] == 64
 
 
+def test_tei_normalize_false_gives_the_pooled_vectors(open_server, model_dir):
+    """normalize=false: the mean-pooled hidden states themselves. Oracle: transformers' final hidden
+    states of the checkpoint's model (bidirectional mask) averaged over the tokens, fp32, atol 1e-4;
+    and the normalised vector (diffemb encode's) x the pooled vector's norm, atol 1e-5."""
+    server, ref = open_server
+    with httpx.Client(base_url=server.url, timeout=30) as http:
+        raw = np.array(http.post("/embed", json={"inputs": TEXTS[:4], "normalize": False}).json())
+        cut = np.array(http.post("/embed", json={"inputs": TEXTS[:4], "normalize": False, "dimensions": 8}).json())
+        unit = np.array(http.post("/embed", json={"inputs": TEXTS[:4], "normalize": True}).json())
+    from diffemb_jax.checkpoints import load_model
+
+    tokenizer, oracle = load_model(model_dir)[1], tiny.oracle_model("qwen2")
+    for i, text in enumerate(TEXTS[:4]):
+        ids = [tokenizer.encode(text).ids]
+        hidden = tiny.oracle_hidden(oracle, ids, [[1] * len(ids[0])], "bidirectional")[0]
+        np.testing.assert_allclose(raw[i], hidden.mean(0), atol=1e-4, rtol=1e-4)
+    norms = np.linalg.norm(raw, axis=1, keepdims=True)
+    assert np.all(np.abs(norms - 1) > 1e-2), norms  # not unit vectors: the request was honoured
+    np.testing.assert_allclose(raw, ref["plain"][:4] * norms, atol=1e-5)
+    np.testing.assert_allclose(unit, ref["plain"][:4], atol=1e-5)
+    np.testing.assert_allclose(cut, raw[:, :8], atol=1e-6)  # the first 8 components, as they are
+
+
 def test_concurrent_requests_each_get_their_own_rows(open_server):
     server, ref = open_server
     n = 96
@@ -213,7 +236,7 @@ def _bad_requests():
         "dimensions too many": (400, json_post("/v1/embeddings", {"input": "cat", "dimensions": 33})),
         "TEI empty inputs": (400, json_post("/embed", {"inputs": []})),
         "TEI over-long": (400, json_post("/embed", {"inputs": TOO_LONG})),
-        "TEI normalize false": (400, json_post("/embed", {"inputs": "cat", "normalize": False})),
+        "TEI normalize not a bool": (400, json_post("/embed", {"inputs": "cat", "normalize": "no"})),
         "TEI unknown prompt_name": (400, json_post("/embed", {"inputs": "cat", "prompt_name": "nope"})),
         "malformed JSON": (400, ("POST", "/v1/embeddings",
                                  {"content": b'{"input": [', "headers": {"content-type": "application/json"}})),

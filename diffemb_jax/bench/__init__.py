@@ -1,4 +1,4 @@
-"""`diffemb bench encode|train|long`: is JAX faster, and lighter, than the PyTorch reference?
+"""`diffemb bench encode|train|long|serve`: is JAX faster, and lighter, than the PyTorch reference?
 
 encode: both frameworks embed the same texts (docstrings of the standard library's functions, the
 corpus of the demo's task, cut to at most --max-length tokens) with the same weights, tokens, batch
@@ -45,6 +45,9 @@ whose peak RSS against the memory available) would pass --time-limit seconds, pr
 lengths before it with growth at most quadratic in length. `long --compile-only` answers the same
 question in seconds: JAX alone compiles the encoder from the shape (--shape's, or --model's config;
 no weights made or read, nothing run) and reports XLA's memory analysis a length (plan.py).
+
+serve: `diffemb serve` under a bounded load, against `diffemb encode` offline and a
+sentence-transformers loop on the same texts (serve.py says how).
 
 --model benches a checkpoint; --shape a named model shape (shapes.SHAPES) at random weights, seeded,
 written once to the cache ($DIFFEMB_CACHE, else ~/.cache/diffemb-jax, under bench/) and reused, with

@@ -1,6 +1,6 @@
-"""`diffemb bench encode|train|long`, the parent: each run in a worker process of its own, one after
-the other (so the peak memory each reports is its own), then the table, the summary and the report;
-or, `long --compile-only`, the plan of plan.py."""
+"""`diffemb bench encode|train|long`, the parent (serve.py is `bench serve`'s): each run in a worker
+process of its own, one after the other (so the peak memory each reports is its own), then the
+table, the summary and the report; or, `long --compile-only`, the plan of plan.py."""
 
 from __future__ import annotations
 
@@ -20,10 +20,8 @@ from diffemb_jax.bench.flops import flops_summary
 from diffemb_jax.bench.kinds import KINDS, Kind
 from diffemb_jax.bench.plan import long_plan
 from diffemb_jax.bench.report import device_mismatch, label, table
-from diffemb_jax.bench.shapes import random_checkpoint, shape_tokenizer, tokenizer_for, torch_source
-from diffemb_jax.checkpoints.bundled import converted_smollm2
+from diffemb_jax.bench.shapes import bench_model, tokenizer_for, torch_source
 from diffemb_jax.embedding.files import write_json_atomic
-from diffemb_jax.errors import MissingPathError
 
 
 def main(args) -> dict:
@@ -40,13 +38,7 @@ def main(args) -> dict:
 def compare(args, kind: Kind) -> dict:
     """Each run of `kind` in a worker of its own, in turn; the table and summary printed; the report."""
     with tempfile.TemporaryDirectory(prefix="diffemb-bench-") as tmp, _parent_preallocation_off() as worker_env:
-        if args.shape:
-            model = random_checkpoint(args.shape, Path(tmp) / args.shape, args.dtype,
-                                      shape_tokenizer(args.tokenizer, args.shape))
-        else:
-            model = Path(args.model) if args.model else converted_smollm2()
-        if not model.exists():
-            raise MissingPathError(f"{model} does not exist")
+        model = bench_model(args, Path(tmp))
         tokenizer = tokenizer_for(model)
         settings, payload = kind.prepare(args, tokenizer)
         settings = {"model": str(model), "shape": args.shape, "vs_torch": args.vs_torch,

@@ -1,4 +1,4 @@
-"""`diffemb bench encode|train|long` on the command line: a subcommand a kind, each taking its own
+"""`diffemb bench encode|train|long|serve` on the command line: a subcommand a kind, each taking its own
 flags and the common ones (argparse refuses a flag that a kind does not take), the checks argparse
 cannot make, what the flags' values mean, and the command echoed in the report."""
 
@@ -100,6 +100,26 @@ def _long_flags(p) -> list:
                        "memory analysis: what fits, in seconds")]
 
 
+def _serve_flags(p) -> list:
+    return [
+        p.add_argument("--queries", type=int, default=256, help="single-query requests (one short text each)"),
+        p.add_argument("--concurrency", type=int, default=64, help="single-query requests in flight at once"),
+        p.add_argument("--bursts", type=int, default=16, help="requests of --burst-size documents each"),
+        p.add_argument("--burst-size", type=int, default=32, help="documents a burst request"),
+        p.add_argument("--burst-concurrency", type=int, default=4, help="burst requests in flight at once"),
+        p.add_argument("--duration", type=float, default=120.0,
+                       help="seconds a workload may take at most: no request is started after them"),
+        p.add_argument("--batch-size", type=int, default=16, help="rows per batch, as diffemb serve's"),
+        p.add_argument("--max-batch-tokens", type=int, default=DEFAULT_MAX_BATCH_TOKENS,
+                       help="as diffemb serve's (the device loop's take and the batches' tokens)"),
+        p.add_argument("--max-length", type=int, default=128),
+        p.add_argument("--max-wait-ms", type=float, default=5.0, help="as diffemb serve's"),
+        p.add_argument("--encoding-format", choices=("float", "base64"), default="float",
+                       help="what the load asks /v1/embeddings for (float: JSON numbers, the API's default)"),
+        p.add_argument("--startup-timeout", type=float, default=900.0,
+                       help="seconds the server may take to answer /health (its warm-up compiles every shape)")]
+
+
 def _report_flags(p) -> list:
     return [
         p.add_argument("--dtype", choices=("float32", "bfloat16"), default="float32"),
@@ -118,6 +138,8 @@ KIND_FLAGS = {
     "encode": ("embed texts, both frameworks", _encode_flags),
     "train": ("the LoRA train step, both frameworks", _train_flags),
     "long": ("one long document per length: how long fits, and its time", _long_flags),
+    "serve": ("diffemb serve under load, against diffemb encode offline and a sentence-transformers loop",
+              _serve_flags),
 }
 
 
@@ -184,7 +206,7 @@ def remat_policies(spec: str) -> list[str]:
 def check(args) -> None:
     """What argparse does not check: values in range, flags that exclude each other, a batch that
     --mesh divides, the folder of --json. A ConfigError (MissingPathError) names the flag."""
-    {"encode": _check_encode, "train": _check_train, "long": _check_long}[args.what](args)
+    {"encode": _check_encode, "train": _check_train, "long": _check_long, "serve": _check_serve}[args.what](args)
     if args.peak_tflops is not None and not args.peak_tflops > 0:
         raise ConfigError(f"--peak-tflops must be positive, got {args.peak_tflops}")
     if args.model and args.shape:
@@ -239,3 +261,14 @@ def _check_long(args) -> None:
     if args.compile_only and args.tokenizer:
         raise ConfigError("diffemb bench long --compile-only compiles the encoder from the model's shape alone: "
                          "it takes no --tokenizer")
+
+
+def _check_serve(args) -> None:
+    _positive(args, "queries", "concurrency", "bursts", "burst_size", "burst_concurrency", "duration", "batch_size",
+              "max_length", "startup_timeout")
+    if args.max_wait_ms < 0:
+        raise ValueError(f"--max-wait-ms must be >= 0, got {args.max_wait_ms}")
+    if args.max_batch_tokens < 0:
+        raise ValueError(f"--max-batch-tokens must be >= 0 (0: no limit), got {args.max_batch_tokens}")
+    if args.profile or args.peak_tflops is not None:
+        raise ValueError("diffemb bench serve reports throughput and latency: it takes no --profile or --peak-tflops")

@@ -13,6 +13,7 @@ import tokenizers
 from diffemb_jax import assets, atomic
 from diffemb_jax.cache import cache_dir
 from diffemb_jax.checkpoints import is_converted
+from diffemb_jax.checkpoints.bundled import converted_smollm2
 from diffemb_jax.checkpoints.checkpoint import CONVERTED_MARKER, hf_tokenizer
 from diffemb_jax.errors import MissingPathError, UserError
 
@@ -102,3 +103,15 @@ def random_checkpoint(shape: str, directory: Path, dtype: str, tokenizer) -> Pat
         (directory / file.name).symlink_to(file)
     tokenizer.save(str(directory / "tokenizer.json"))
     return directory
+
+
+def bench_model(args, tmp: Path) -> Path:
+    """The checkpoint a bench runs: --shape's random weights (linked into `tmp`), --model, or the
+    bundled SmolLM2 converted."""
+    if args.shape:
+        model = random_checkpoint(args.shape, tmp / args.shape, args.dtype, shape_tokenizer(args.tokenizer, args.shape))
+    else:
+        model = Path(args.model) if args.model else converted_smollm2()
+    if not model.exists():
+        raise MissingPathError(f"{model} does not exist")
+    return model

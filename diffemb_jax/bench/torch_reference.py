@@ -96,6 +96,33 @@ def encoder(job: dict):
     return encode, *_device_info(device)
 
 
+def sentence_transformer(job: dict, folder: Path):
+    """(encode(texts) -> embeddings, the device column, info): sentence-transformers on the same weights
+    (models.Transformer + mean Pooling + Normalize over the model written to `folder` as an HF
+    directory with the bench's tokenizer), as one would serve the model without this project. Its
+    attention is the model's own (causal for these LMs), its batches padded to their longest text."""
+    from sentence_transformers import SentenceTransformer
+    from transformers import PreTrainedTokenizerFast
+
+    try:
+        from sentence_transformers.sentence_transformer.modules import Normalize, Pooling, Transformer
+    except ImportError:  # sentence-transformers < 6
+        from sentence_transformers.models import Normalize, Pooling, Transformer
+    device = _device()
+    _model(Path(job["torch_source"]), job["dtype"], torch.device("cpu")).save_pretrained(folder)
+    fast = PreTrainedTokenizerFast(tokenizer_file=job["tokenizer"])
+    fast.pad_token = fast.pad_token or fast.convert_ids_to_tokens(0)
+    fast.save_pretrained(folder)
+    words = Transformer(str(folder), max_seq_length=job["max_length"])
+    model = SentenceTransformer(modules=[words, Pooling(words.get_embedding_dimension(), "mean"), Normalize()],
+                                device=str(device))
+
+    def encode(texts):
+        return model.encode(texts, batch_size=job["batch_size"], convert_to_numpy=True, show_progress_bar=False)
+
+    return encode, *_device_info(device)
+
+
 def trainer(job: dict):
     """step(i) -> loss: transformers + peft LoRA, the same loss, AdamW, clipping and schedule."""
     # Imported here: peft is for the train step alone, and would add to the encode runs' RSS.

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import json
 import logging
+import time
 from pathlib import Path
 
 from diffemb_jax.batching import SIDES
@@ -67,6 +68,36 @@ def long_worker(side, job: dict) -> dict:
             "embedding": vectors[0].tolist()}
 
 
+def serve_worker(side, job: dict) -> dict:
+    """`bench serve`'s references on each workload's texts: JAX the Embedder as `diffemb encode` runs
+    it, all the texts in one call, once untimed (every batch shape compiled), then once timed;
+    PyTorch sentence-transformers, one call per request in turn (a server that does not batch
+    requests together), a warm-up of two requests first. Latencies: per request (PyTorch)."""
+    if side.FRAMEWORK == "jax":
+        encode, device, info = side.encoder(job)
+    else:
+        encode, device, info = side.sentence_transformer(job, Path(job["folder"]))
+    result = {"device": device, **info}
+    for name, requests in job["workloads"].items():
+        texts = [text for request in requests for text in request]
+        if side.FRAMEWORK == "jax":
+            figures, _, _ = measure(side, lambda: encode(texts), lambda: encode(texts))
+            latencies = None
+        else:
+            figures, _, latencies = measure(side, lambda: [encode(r) for r in requests[:2]],
+                                            lambda: [_timed(encode, r) for r in requests])
+        result[name] = {**figures, "requests": len(requests), "texts": len(texts), "tokens": job["tokens"][name],
+                        "texts_per_s": len(texts) / figures["seconds"],
+                        "tokens_per_s": job["tokens"][name] / figures["seconds"], "latencies": latencies}
+    return result
+
+
+def _timed(encode, texts) -> float:
+    start = time.perf_counter()
+    encode(texts)
+    return time.perf_counter() - start
+
+
 def train_worker(side, job: dict) -> dict:
     """Load, run --warmup-steps steps, then time --steps steps, all on the same batch."""
     step, device, info = side.trainer(job)
@@ -86,4 +117,4 @@ def train_worker(side, job: dict) -> dict:
             "losses": losses, "first_loss": losses[0], "last_loss": losses[-1]}
 
 
-WORK = {"encode": encode_worker, "train": train_worker, "long": long_worker}  # by the job's kind
+WORK = {"encode": encode_worker, "train": train_worker, "long": long_worker, "serve": serve_worker}  # by the job's kind

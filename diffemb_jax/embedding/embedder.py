@@ -25,6 +25,7 @@ import logging
 from pathlib import Path
 
 import jax
+import jax.numpy as jnp
 import numpy as np
 import tokenizers
 from flax import nnx
@@ -51,11 +52,14 @@ def _embed_program(graphdef, options: ForwardOptions, pooling: str, skip_instruc
     before and after training, one per seed), so each batch shape compiles once a process."""
 
     def embed(state, input_ids, segment_ids, embed_mask, texts_per_row):
-        """[rows, D], or packed (texts_per_row > 1) [rows, texts_per_row, D]."""
+        """(unit vectors [rows, D], or packed (texts_per_row > 1) [rows, texts_per_row, D]; the pooled
+        vectors' norms [rows] or [rows, texts_per_row]): the norms cost nothing more, and with them a
+        caller has the un-normalised pooled vectors too (the server's normalize=false)."""
         packed = texts_per_row > 1
         hidden = nnx.merge(graphdef, state)(input_ids, segment_ids, options, packed=packed)
-        return l2_normalize(pool(hidden, segment_ids, embed_mask, pooling, skip_instruction,
-                                 texts_per_row=texts_per_row if packed else None))
+        pooled = pool(hidden, segment_ids, embed_mask, pooling, skip_instruction,
+                      texts_per_row=texts_per_row if packed else None)
+        return l2_normalize(pooled), jnp.linalg.norm(pooled, axis=-1)
 
     return jax.jit(embed, static_argnums=4)
 
@@ -151,13 +155,13 @@ class Embedder:
         with jax.set_mesh(self.mesh):  # kernels that need it (splash) find the mesh
             return self._embed(self._state, *placed, texts_per_row)
 
-    def _fetch(self, vectors) -> np.ndarray:
-        """Wait for a dispatched batch; on a mesh every process gets all rows."""
+    def _fetch(self, outputs) -> tuple[np.ndarray, np.ndarray]:
+        """Wait for a dispatched batch's (vectors, norms); on a mesh every process gets all rows."""
         if self.mesh is None:
-            return np.asarray(vectors)
+            return tuple(np.asarray(x) for x in outputs)
         from jax.experimental import multihost_utils
 
-        return np.asarray(multihost_utils.process_allgather(vectors, tiled=True))
+        return tuple(np.asarray(multihost_utils.process_allgather(x, tiled=True)) for x in outputs)
 
     def encode(self, texts: list[str], instruction: str | None = None, *, progress: bool = True) -> np.ndarray:
         if not texts:
@@ -178,16 +182,23 @@ class Embedder:
         """Already tokenised texts (each 1..max_length ids; the last embed_lengths[i] of them form
         the embed mask) -> their vectors, in order: encode's batching, without its
         prompt and tokeniser (the server tokenises each request itself, then encodes many together)."""
+        return self.encode_tokens_with_norms(ids, embed_lengths, progress=progress)[0]
+
+    def encode_tokens_with_norms(self, ids: list[list[int]], embed_lengths: list[int], *,
+                                 progress: bool = False) -> tuple[np.ndarray, np.ndarray]:
+        """encode_tokens' unit vectors [N, D] and the norms [N] of the pooled vectors they are the
+        directions of (vectors x norms[:, None] are the pooled vectors, un-normalised)."""
+        width = self.model.cfg.hidden_size
         if not ids:
-            return np.zeros((0, self.model.cfg.hidden_size), np.float32)
+            return np.zeros((0, width), np.float32), np.zeros((0,), np.float32)
         bad = [i for i, row in enumerate(ids) if not 1 <= len(row) <= self.max_length]
         if bad:
             raise UserError(f"token lists at positions {bad[:10]} are empty or longer than "
                              f"max_length={self.max_length}")
         plan = plan_batches([len(row) for row in ids], self.buckets, self.batch_size,
                             self.max_batch_tokens, self.shards, self.pack_length)
-        out = np.zeros((len(ids), self.model.cfg.hidden_size), np.float32)
-        pending = None  # (rows, vectors) of the batch on the device while the next one is packed and sent
+        out, norms = np.zeros((len(ids), width), np.float32), np.zeros((len(ids),), np.float32)
+        pending = None  # (rows, outputs) of the batch on the device while the next one is packed and sent
         with tqdm(total=len(ids), desc="encoding", unit="text", disable=not progress) as bar:
             for rows, length, padded_rows in [*plan, (None, None, None)]:
                 dispatched = None
@@ -196,10 +207,12 @@ class Embedder:
                     packed = length <= self.pack_length  # the program pools each text of a row apart
                     dispatched = (rows, self._dispatch(batch, row_capacity(length) if packed else 1))
                 if pending is not None:
-                    done, vectors = pending
-                    vectors = self._fetch(vectors)
+                    done, outputs = pending
+                    vectors, lengths = self._fetch(outputs)
                     for row, indices in enumerate(done):
-                        out[indices] = vectors[row, : len(indices)] if vectors.ndim == 3 else vectors[row]
+                        packed_row = vectors.ndim == 3
+                        out[indices] = vectors[row, : len(indices)] if packed_row else vectors[row]
+                        norms[indices] = lengths[row, : len(indices)] if packed_row else lengths[row]
                     bar.update(sum(map(len, done)))
                 pending = dispatched
-        return out
+        return out, norms

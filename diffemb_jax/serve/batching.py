@@ -4,7 +4,9 @@ A request hands its token ids to `Batcher.embed` and awaits its rows. The loop t
 request, then waits for more until the queued inputs hold `max_batch_tokens` tokens or `max_wait`
 has passed since that oldest request arrived, takes whole requests (in arrival order) up to
 max_batch_tokens (the first one always), and encodes them in one call of the encoder, which packs them
-into its compiled length buckets. Each request gets exactly its own rows back, in its own order. An
+into its compiled length buckets. Each request gets exactly its own rows back (unit vectors and the
+norms of the pooled vectors they come from), in its own order; the requests of one encode are
+answered together, with one wake-up of the event loop, not one each. An
 error in an encode fails the requests of that encode only; the loop goes on. The queue holds at most
 `max_queue` inputs: past that a request is refused at once (429 with Retry-After), not queued.
 `close()` stops taking requests (503), encodes those queued, then ends the loop.
@@ -37,17 +39,28 @@ class _Job:
     loop: asyncio.AbstractEventLoop
 
 
-def _settle(future: asyncio.Future, value=None, error: BaseException | None = None) -> None:
-    if future.done():  # the client went away and the request was cancelled
-        return
-    if error is not None:
-        future.set_exception(error)
-    else:
-        future.set_result(value)
+def _settle(answers: list[tuple[asyncio.Future, object, BaseException | None]]) -> None:
+    """(future, value, error) of each request of an encode, on the event loop's thread."""
+    for future, value, error in answers:
+        if future.done():  # the client went away and the request was cancelled
+            continue
+        if error is not None:
+            future.set_exception(error)
+        else:
+            future.set_result(value)
+
+
+def _answer(jobs: list[_Job], values: list, error: BaseException | None = None) -> None:
+    """Hand each job its value (or all the error), one call per event loop (the server has one)."""
+    by_loop = collections.defaultdict(list)
+    for job, value in zip(jobs, values):
+        by_loop[job.loop].append((job.future, value, error))
+    for loop, answers in by_loop.items():
+        loop.call_soon_threadsafe(_settle, answers)
 
 
 class Batcher:
-    def __init__(self, encode: Callable[[list, list], np.ndarray], *, max_batch_tokens: int, max_wait_s: float,
+    def __init__(self, encode: Callable[[list, list], tuple[np.ndarray, np.ndarray]], *, max_batch_tokens: int, max_wait_s: float,
                  max_queue: int, metrics=None):
         self._encode, self.max_batch_tokens, self.max_wait_s = encode, max_batch_tokens, max_wait_s
         self.max_queue, self._metrics = max_queue, metrics
@@ -65,8 +78,9 @@ class Batcher:
     def alive(self) -> bool:
         return self._thread.is_alive()
 
-    async def embed(self, ids: list[list[int]], embed_lengths: list[int]) -> tuple[np.ndarray, float]:
-        """(vectors [len(ids), D] in order, seconds the request waited in the queue)."""
+    async def embed(self, ids: list[list[int]], embed_lengths: list[int]) -> tuple[np.ndarray, np.ndarray, float]:
+        """(unit vectors [len(ids), D] in order, the pooled vectors' norms [len(ids)], seconds the
+        request waited in the queue)."""
         loop = asyncio.get_running_loop()
         job = _Job(ids, embed_lengths, sum(map(len, ids)), time.monotonic(), loop.create_future(), loop)
         with self._cond:
@@ -122,19 +136,20 @@ class Batcher:
         while (jobs := self._take()) is not None:
             started = time.monotonic()
             try:
-                vectors = self._encode([r for j in jobs for r in j.ids], [n for j in jobs for n in j.embed_lengths])
+                vectors, norms = self._encode([r for j in jobs for r in j.ids],
+                                              [n for j in jobs for n in j.embed_lengths])
             except Exception as e:  # the loop survives; these requests fail
                 log.exception("encoding a batch of %d requests failed", len(jobs))
                 error = ApiError(500, f"encoding failed: {type(e).__name__}: {e}", type="server_error")
-                for job in jobs:
-                    job.loop.call_soon_threadsafe(_settle, job.future, None, error)
+                _answer(jobs, [None] * len(jobs), error)
                 continue
             if self._metrics is not None:
                 self._metrics.encode_time.observe(time.monotonic() - started)
                 self._metrics.batch_inputs.observe(len(vectors))
                 self._metrics.batch_tokens.observe(sum(j.tokens for j in jobs))
-            start = 0
+            values, start = [], 0
             for job in jobs:
-                rows = vectors[start : start + len(job.ids)]
-                start += len(job.ids)
-                job.loop.call_soon_threadsafe(_settle, job.future, (rows, started - job.arrived))
+                end = start + len(job.ids)
+                values.append((vectors[start:end], norms[start:end], started - job.arrived))
+                start = end
+            _answer(jobs, values)

@@ -4,7 +4,8 @@ become one EmbedRequest (the inputs as texts or token-id lists, the prompt, the 
 Checks, each a 400 in OpenAI's error shape (errors.py) naming the field: the body is a JSON object;
 `input`/`inputs` is a non-empty string, a non-empty list of non-empty strings, a non-empty list of
 token ids, or a non-empty list of such lists (ids in 0..vocab-1), at most `max_inputs` of them;
-`encoding_format` is float or base64; `dimensions` is 1..width; `instruction` and `prompt_name`
+`encoding_format` is float or base64; `dimensions` is 1..width; TEI's `normalize` is true or false
+(false: the pooled vectors as they are, not L2-normalised); `instruction` and `prompt_name`
 are strings (a prompt name the server was started with); token ids take no instruction (the ids are
 the whole sequence, embedded whole). Over-long inputs are checked once tokenised (tokens.py).
 """
@@ -25,6 +26,7 @@ class EmbedRequest:
     dimensions: int | None = None
     encoding_format: str = "float"
     model: str | None = None
+    normalize: bool = True  # False (TEI's normalize=false): the pooled vectors, not made unit length
 
     def __len__(self) -> int:
         return len(self.texts if self.texts is not None else self.token_ids)
@@ -128,9 +130,7 @@ def openai_request(body, limits: Limits) -> EmbedRequest:
 def tei_request(body, limits: Limits) -> EmbedRequest:
     """POST /embed: inputs, normalize, truncate, prompt_name (and instruction)."""
     request = _request(body, "inputs", limits)
-    if _optional(body, "normalize", bool, "true or false") is False:
-        raise invalid("normalize=false is not offered: this server's embeddings are always L2-normalised",
-                      "normalize")
+    request.normalize = _optional(body, "normalize", bool, "true or false") is not False
     dims = _optional(body, "dimensions", int, "an integer")
     if dims is not None and not 1 <= dims <= limits.width:
         raise invalid(f"'dimensions' {dims}: give 1 to {limits.width}", "dimensions")

@@ -45,7 +45,7 @@ def build_service(embedder, *, model_name: str, max_batch_tokens: int, max_wait_
     log.warning("warm-up: %d batch shapes, %d programs built, %.1f s", shapes, warm, time.monotonic() - started)
     metrics = Metrics()
     metrics.warmup_compiles.set(warm)
-    batcher = Batcher(embedder.encode_tokens, max_batch_tokens=max_batch_tokens, max_wait_s=max_wait_ms / 1000,
+    batcher = Batcher(embedder.encode_tokens_with_norms, max_batch_tokens=max_batch_tokens, max_wait_s=max_wait_ms / 1000,
                       max_queue=max_queue, metrics=metrics).start()
     width = embedder.model.cfg.hidden_size
     prompts = dict(prompts or {})
