@@ -16,7 +16,6 @@ import json
 import jax.numpy as jnp
 import numpy as np
 import pytest
-import tokenizers
 import torch
 import transformers as tf
 from conftest import padded_batch
@@ -91,15 +90,8 @@ def _save(lm, directory, layout: str):
     return directory
 
 
-def _oracle_vectors(lm, directory, attention):
-    """Each text alone through transformers' bare decoder, its final hidden states mean-pooled, L2-normalised."""
-    tok = tokenizers.Tokenizer.from_file(str(directory / "tokenizer.json"))
-    out = []
-    for text in TEXTS:
-        ids = np.asarray([tok.encode(text).ids])
-        hidden = tiny.oracle_hidden(lm, ids, np.ones_like(ids), attention)[0].mean(0)
-        out.append(hidden / np.linalg.norm(hidden))
-    return np.stack(out)
+def _oracle_vectors(lm, tokenizer_dir, attention):
+    return tiny.oracle_mean_vectors(lm, tokenizer_dir, TEXTS, attention)
 
 
 def _encode(directory, tmp_path, attention):

@@ -16,7 +16,6 @@ from pathlib import Path
 import numpy as np
 import peft
 import pytest
-import tokenizers
 import torch
 import transformers as tf
 from flax import nnx
@@ -74,13 +73,7 @@ def _peft_merged(base_dir, adapters):
 
 
 def _oracle_vectors(lm, tokenizer_dir, attention):
-    tok = tokenizers.Tokenizer.from_file(str(tokenizer_dir / "tokenizer.json"))
-    out = []
-    for text in TEXTS:
-        ids = np.asarray([tok.encode(text).ids])
-        hidden = tiny.oracle_hidden(lm, ids, np.ones_like(ids), attention)[0].mean(0)
-        out.append(hidden / np.linalg.norm(hidden))
-    return np.stack(out)
+    return tiny.oracle_mean_vectors(lm, tokenizer_dir, TEXTS, attention)
 
 
 def _encode(tmp_path, model, adapters, attention="bidirectional", name="out"):

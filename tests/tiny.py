@@ -135,3 +135,18 @@ def oracle_hidden(model, input_ids, padding_mask, attention: str):
     with torch.no_grad():
         out = model.model(input_ids=ids, attention_mask=mask, position_ids=positions)
     return out.last_hidden_state.numpy()
+
+
+def oracle_mean_vectors(model, tokenizer_dir: Path, texts, attention: str):
+    """Each text alone through `model` (transformers), its final hidden states mean-pooled and
+    L2-normalised: what diffemb's mean-pooled encode must give."""
+    import numpy as np
+    import tokenizers
+
+    tok = tokenizers.Tokenizer.from_file(str(Path(tokenizer_dir) / "tokenizer.json"))
+    out = []
+    for text in texts:
+        ids = np.asarray([tok.encode(text).ids])
+        hidden = oracle_hidden(model, ids, np.ones_like(ids), attention)[0].mean(0)
+        out.append(hidden / np.linalg.norm(hidden))
+    return np.stack(out)

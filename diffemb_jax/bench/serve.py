@@ -181,6 +181,7 @@ def bench_serve(args) -> dict:
             server.stop()
         tokenizer.save(str(tmp / "tokenizer.json"))
         job = {"what": "serve", "model": str(model), "dtype": args.dtype, "mesh": None, "max_length": args.max_length,
+               "scan_layers": False,  # as the server runs the decoder
                "batch_size": args.batch_size, "max_batch_tokens": args.max_batch_tokens or None,
                "pack_length": PACK_LENGTH, "workloads": work, "tokens": tokens, "tokenizer": str(tmp / "tokenizer.json")}
         offline = _spawn(OFFLINE, "jax", job, tmp / "jax.json", env)
