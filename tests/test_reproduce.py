@@ -7,10 +7,31 @@ import contextlib
 import io
 import json
 
+import jax
 import pytest
+from jax.experimental.compilation_cache import compilation_cache
 
 import tiny
 from diffemb_jax import reproduce
+from diffemb_jax.training.adapt import Adaptation
+
+
+@contextlib.contextmanager
+def persistent_compilation_cache(directory):
+    """JAX's persistent cache in `directory`, as `diffemb reproduce` has it (the CLI turns it on): the
+    runs that compile the same step (each seed; rows (b)-(d)) compile it once. Everything back after."""
+    settings = {"jax_enable_compilation_cache": True, "jax_compilation_cache_dir": str(directory),
+                "jax_persistent_cache_min_compile_time_secs": 0.0}
+    before = {name: getattr(jax.config, name) for name in settings}
+    compilation_cache.reset_cache()  # the cache is set up once a process, perhaps already (off) here
+    for name, value in settings.items():
+        jax.config.update(name, value)
+    try:
+        yield
+    finally:
+        for name, value in before.items():
+            jax.config.update(name, value)
+        compilation_cache.reset_cache()
 
 
 @pytest.fixture(scope="module")
@@ -18,8 +39,9 @@ def report_and_output(tmp_path_factory):
     root = tmp_path_factory.mktemp("reproduce")
     model = tiny.write_checkpoint("qwen2", root / "model")
     out = io.StringIO()
-    with contextlib.redirect_stdout(out):
+    with contextlib.redirect_stdout(out), persistent_compilation_cache(root / "xla"):
         report = reproduce.run("tiny", workdir=root / "work", model=model, progress=False)
+    assert any((root / "xla").iterdir())  # the cache was in use
     return report, out.getvalue(), root
 
 
@@ -58,7 +80,7 @@ def test_train_and_test_packages_are_apart_and_torch_is_in_neither(report_and_ou
 def test_a_rerun_reuses_every_stage(report_and_output, monkeypatch):
     report, _, root = report_and_output
     monkeypatch.setattr(reproduce, "fine_tune_and_score", lambda *a, **k: pytest.fail("trained again"))
-    monkeypatch.setattr(reproduce.Adaptation, "run", lambda self: pytest.fail("adapted again"))
+    monkeypatch.setattr(Adaptation, "run", lambda self: pytest.fail("adapted again"))
     with contextlib.redirect_stdout(io.StringIO()):
         again = reproduce.run("tiny", workdir=root / "work", model=root / "model", progress=False)
     assert again["table"] == report["table"]
