@@ -267,8 +267,8 @@ def _check_serve(args) -> None:
     _positive(args, "queries", "concurrency", "bursts", "burst_size", "burst_concurrency", "duration", "batch_size",
               "max_length", "startup_timeout")
     if args.max_wait_ms < 0:
-        raise ValueError(f"--max-wait-ms must be >= 0, got {args.max_wait_ms}")
+        raise ConfigError(f"--max-wait-ms must be >= 0, got {args.max_wait_ms}")
     if args.max_batch_tokens < 0:
-        raise ValueError(f"--max-batch-tokens must be >= 0 (0: no limit), got {args.max_batch_tokens}")
+        raise ConfigError(f"--max-batch-tokens must be >= 0 (0: no limit), got {args.max_batch_tokens}")
     if args.profile or args.peak_tflops is not None:
-        raise ValueError("diffemb bench serve reports throughput and latency: it takes no --profile or --peak-tflops")
+        raise ConfigError("diffemb bench serve reports throughput and latency: it takes no --profile or --peak-tflops")

@@ -41,6 +41,7 @@ from diffemb_jax.bench.report import table
 from diffemb_jax.bench.shapes import bench_model, tokenizer_for, torch_source
 from diffemb_jax.embedding.files import write_json_atomic
 from diffemb_jax.evaluation.stdlib_task import first_sentence
+from diffemb_jax.errors import ConfigError
 
 WORKLOADS = ("queries", "documents")
 QUERY_TOKENS = 32
@@ -58,7 +59,7 @@ def queries(tokenizer, n: int, max_length: int) -> list[str]:
     found = dict.fromkeys(filter(None, (fit(tokenizer, first_sentence(doc, name), length)
                                         for doc, name in docstrings().items())))
     if len(found) < n:
-        raise ValueError(f"--queries {n}: there are only {len(found)} distinct queries to bench with")
+        raise ConfigError(f"--queries {n}: there are only {len(found)} distinct queries to bench with")
     return list(itertools.islice(found, n))
 
 

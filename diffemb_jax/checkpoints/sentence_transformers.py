@@ -19,6 +19,7 @@ import json
 from pathlib import Path
 
 from diffemb_jax.checkpoints.sources import CheckpointError
+from diffemb_jax.errors import ConfigError
 
 MODULES_FILE = "modules.json"
 TRANSFORMER_CONFIG = "sentence_bert_config.json"
@@ -188,13 +189,13 @@ def write_modules(directory: Path, *, hidden_size: int, pooling: str, include_pr
     Pooling, Normalize (this project's vectors are always L2-normalised), prompts, and a
     tokenizer_config.json that loads tokenizer.json as it is, right-padded with `pad_token`."""
     if pooling not in POOLING_TO_ST:
-        raise ValueError(f"pooling {pooling!r} has no sentence-transformers equal; "
+        raise ConfigError(f"pooling {pooling!r} has no sentence-transformers equal; "
                          f"choose one of {tuple(POOLING_TO_ST)}")
     if pooling == "weighted_mean" and not include_prompt:
-        raise ValueError("weighted_mean without the prompt pooled has no sentence-transformers equal")
+        raise ConfigError("weighted_mean without the prompt pooled has no sentence-transformers equal")
     prompts = dict(prompts or {})
     if default_prompt_name is not None and default_prompt_name not in prompts:
-        raise ValueError(f"default prompt {default_prompt_name!r} is not among the prompts {sorted(prompts)}")
+        raise ConfigError(f"default prompt {default_prompt_name!r} is not among the prompts {sorted(prompts)}")
     write = lambda path, value: path.write_text(json.dumps(value, indent=2) + "\n")  # noqa: E731
     write(directory / MODULES_FILE, [
         {"idx": 0, "name": "0", "path": "", "type": "sentence_transformers.models.Transformer"},

@@ -71,7 +71,7 @@ def _folder_settings(path: Path, prompt_name: str | None) -> dict:
     """The attention and Embedder settings a sentence-transformers folder gives; {} for other models."""
     if not is_sentence_transformers(path):
         if prompt_name is not None:
-            raise ValueError(f"prompt name {prompt_name!r}: {path} is not a sentence-transformers folder (it has no "
+            raise ConfigError(f"prompt name {prompt_name!r}: {path} is not a sentence-transformers folder (it has no "
                              "modules.json), so it has no named prompts; give an instruction instead")
         return {}
     folder = read_folder(path)
