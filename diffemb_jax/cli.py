@@ -95,8 +95,8 @@ EVALUATE_MAX_LENGTH = {"longembed": 32768, "bright": 4096}
 MAX_BATCH_TOKENS_HELP = ("at most this many padded tokens per batch, so long documents go fewer at a time "
                          "(one text that is longer goes alone); 0: no limit")
 BATCH_SIZE_HELP = "rows per batch (a row holds one text, or several short ones packed)"
-MODEL_HELP = ("converted directory, HF model directory, .gguf file, or a PEFT adapter folder (llm2vec's MNTP "
-              "checkpoints: the base it names, with it merged)")
+MODEL_HELP = ("converted directory, HF model directory, .gguf file, sentence-transformers folder, Hub id in the "
+              "local cache, or a PEFT adapter folder (llm2vec's MNTP checkpoints: the base it names, with it merged)")
 ADAPTER_HELP = ("PEFT LoRA adapter directory merged into the model's weights; repeat to stack several, merged "
                 "in the order given (llm2vec: --adapter MNTP_DIR --adapter SUPERVISED_DIR)")
 FOLDER_DEFAULT_HELP = "default: a sentence-transformers folder's own setting, else %s"
