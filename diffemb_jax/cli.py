@@ -327,7 +327,8 @@ def _demo(args) -> None:
 
     from diffemb_jax import demo
 
-    demo.run(dataclasses.replace(demo.DEFAULT_SETTINGS, workdir=args.workdir))
+    rows = tuple(args.rows.split(",")) if args.rows else demo.DEFAULT_SETTINGS.rows
+    demo.run(dataclasses.replace(demo.DEFAULT_SETTINGS, workdir=args.workdir, rows=rows))
 
 
 def _reproduce(args) -> None:
@@ -465,6 +466,8 @@ def build_parser() -> argparse.ArgumentParser:
                        "nDCG@10 on held-out modules before and after")
     p.add_argument("--workdir", default=None, help="where the adapted model (made once, reused after) and each "
                    "row's trained adapter are kept (default: the project's cache, <cache>/demo)")
+    p.add_argument("--rows", default=None, metavar="a,b,d", help="the rows: a causal, b bidirectional, d bidirectional "
+                   "after masked diffusion (default: a,d)")
     p.set_defaults(func=_demo)
 
     p = sub.add_parser("reproduce", help="the paper's comparison at small scale: SmolLM2-135M causal, bidirectional, "
