@@ -187,7 +187,7 @@ def test_bench_rejects_an_unknown_remat_policy_before_any_worker(monkeypatch, ca
     from diffemb_jax.bench import compare
 
     spawned = []
-    monkeypatch.setattr(compare, "_spawn", lambda *args: spawned.append(args))
+    monkeypatch.setattr(compare, "spawn_worker", lambda *args: spawned.append(args))
 
     assert cli.main(["bench", "train", "--shape", "tiny", "--remat", "none,nothing"]) == 2
     assert "--remat none,nothing: unknown policy 'nothing'; choose from none, full" in capsys.readouterr().err
@@ -430,7 +430,7 @@ def test_parent_preallocation_off_gives_workers_the_callers_setting_and_no_compi
             monkeypatch.delenv(compare.PREALLOCATE, raising=False)
         else:
             monkeypatch.setenv(compare.PREALLOCATE, caller)
-        with compare._parent_preallocation_off() as worker_env:
+        with compare.parent_preallocation_off() as worker_env:
             assert os.environ[compare.PREALLOCATE] == "false"
             assert worker_env.get(compare.PREALLOCATE) == caller
             assert worker_env["JAX_ENABLE_COMPILATION_CACHE"] == "false"  # compile times are compilations

@@ -37,14 +37,14 @@ def main(args) -> dict:
 
 def compare(args, kind: Kind) -> dict:
     """Each run of `kind` in a worker of its own, in turn; the table and summary printed; the report."""
-    with tempfile.TemporaryDirectory(prefix="diffemb-bench-") as tmp, _parent_preallocation_off() as worker_env:
+    with tempfile.TemporaryDirectory(prefix="diffemb-bench-") as tmp, parent_preallocation_off() as worker_env:
         model = bench_model(args, Path(tmp))
         tokenizer = tokenizer_for(model)
         settings, payload = kind.prepare(args, tokenizer)
         settings = {"model": str(model), "shape": args.shape, "vs_torch": args.vs_torch,
                     "scan_layers": args.scan_layers,
                     "torch_source": str(torch_source(model)) if args.vs_torch else None, **settings,
-                    "versions": _versions(), "python": platform.python_version(), "cpu_count": os.cpu_count(),
+                    "versions": package_versions(), "python": platform.python_version(), "cpu_count": os.cpu_count(),
                     "load_average_at_start": [round(x, 2) for x in os.getloadavg()]}
         print(f"command: {command_line(args)}")
         print("settings: " + json.dumps(settings))
@@ -60,7 +60,7 @@ def compare(args, kind: Kind) -> dict:
                 continue
             if args.profile:
                 changes = {**changes, "profile": str(Path(args.profile).absolute() / _folder_name(key))}
-            results[key] = _spawn(key, framework, {**job, **changes}, Path(tmp) / f"job{i}.json", worker_env)
+            results[key] = spawn_worker(key, framework, {**job, **changes}, Path(tmp) / f"job{i}.json", worker_env)
     summary, lines = kind.summarize(results)
     lines += [f"{key}: not run, {reason}" for key, reason in skipped.items()]
     flops, flops_lines = flops_summary(kind, job, results, args.peak_tflops)
@@ -81,7 +81,7 @@ PREALLOCATE = "XLA_PYTHON_CLIENT_PREALLOCATE"
 
 
 @contextlib.contextmanager
-def _parent_preallocation_off():
+def parent_preallocation_off():
     """The parent may run JAX (converting the default model): on a GPU it must not take the memory the
     workers need. Yields the environment for the workers, with the caller's own setting and JAX's
     persistent compilation cache off."""
@@ -97,7 +97,7 @@ def _parent_preallocation_off():
             os.environ[PREALLOCATE] = caller
 
 
-def _spawn(key: str, framework: str, job: dict, job_path: Path, env: dict) -> dict:
+def spawn_worker(key: str, framework: str, job: dict, job_path: Path, env: dict) -> dict:
     """One run in a child process of its own, so that the peak memory it reports is its own."""
     out_path = job_path.with_suffix(".out.json")
     job_path.write_text(json.dumps(job))
@@ -114,7 +114,7 @@ def _folder_name(key: str) -> str:
     return re.sub(r"[^A-Za-z0-9=._-]+", "-", label(key))
 
 
-def _versions() -> dict:
+def package_versions() -> dict:
     """The installed versions of the software both sides run on."""
     versions = {}
     for name in ("jax", "jaxlib", "flax", "optax", "torch", "transformers", "peft"):

@@ -33,7 +33,7 @@ import urllib.request
 from pathlib import Path
 
 from diffemb_jax.batching import PACK_LENGTH
-from diffemb_jax.bench.compare import _parent_preallocation_off, _spawn, _versions
+from diffemb_jax.bench.compare import package_versions, parent_preallocation_off, spawn_worker
 from diffemb_jax.bench.corpus import docstrings, fit, make_texts, token_count
 from diffemb_jax.bench.flags import check, command_line
 from diffemb_jax.bench.load import percentiles_ms, run_load
@@ -157,7 +157,7 @@ def main(args) -> dict:
 
 def bench_serve(args) -> dict:
     """Serve, load, stop; the offline references; the table and summary printed; the report."""
-    with tempfile.TemporaryDirectory(prefix="diffemb-bench-serve-") as tmp, _parent_preallocation_off() as env:
+    with tempfile.TemporaryDirectory(prefix="diffemb-bench-serve-") as tmp, parent_preallocation_off() as env:
         tmp = Path(tmp)
         model = bench_model(args, tmp)
         tokenizer = tokenizer_for(model)
@@ -168,7 +168,7 @@ def bench_serve(args) -> dict:
                     "batch_size": args.batch_size, "max_batch_tokens": args.max_batch_tokens or None,
                     "max_wait_ms": args.max_wait_ms, "encoding_format": args.encoding_format,
                     "requests": {name: len(reqs) for name, reqs in work.items()}, "tokens": tokens,
-                    "versions": _versions(), "python": platform.python_version(), "cpu_count": os.cpu_count(),
+                    "versions": package_versions(), "python": platform.python_version(), "cpu_count": os.cpu_count(),
                     "load_average_at_start": [round(x, 2) for x in os.getloadavg()]}
         print(f"command: {command_line(args)}")
         print("settings: " + json.dumps(settings), flush=True)
@@ -185,12 +185,12 @@ def bench_serve(args) -> dict:
                "scan_layers": False,  # as the server runs the decoder
                "batch_size": args.batch_size, "max_batch_tokens": args.max_batch_tokens or None,
                "pack_length": PACK_LENGTH, "workloads": work, "tokens": tokens, "tokenizer": str(tmp / "tokenizer.json")}
-        offline = _spawn(OFFLINE, "jax", job, tmp / "jax.json", env)
+        offline = spawn_worker(OFFLINE, "jax", job, tmp / "jax.json", env)
         skipped, loop = {}, None
         reason = _sentence_transformers_missing(args)
         if reason is None:
             try:
-                loop = _spawn(LOOP, "torch", {**job, "torch_source": str(torch_source(model)),
+                loop = spawn_worker(LOOP, "torch", {**job, "torch_source": str(torch_source(model)),
                                               "folder": str(tmp / "sentence-transformers")}, tmp / "torch.json", env)
             except SystemExit as e:  # the model is one sentence-transformers cannot load: said, not fatal
                 reason = f"its worker failed: {e}"
