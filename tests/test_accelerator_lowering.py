@@ -14,7 +14,7 @@ import numpy as np
 import pytest
 from flax import nnx
 
-from diffemb_jax.batching import SIDES, pack_step, packs, pad_rows, padded_rows, row_length
+from diffemb_jax.batching import SIDES, pack_step, packs, pad_rows, padded_rows, row_length, texts_per_row
 from diffemb_jax.embedding.pooling import pool
 from diffemb_jax.model import Decoder, ForwardOptions
 from diffemb_jax.model.config import ModelConfig
@@ -37,13 +37,13 @@ CUDNN_CALLS = [jax.export.DisabledSafetyCheck.custom_call(f"__cudnn$fmha{name}")
 @pytest.fixture
 def on_device(monkeypatch):
     """Trace as on `backend`: the kernels ask jax.default_backend(); cuDNN's checks ask the GPU's
-    cuDNN version and compute capability (an H100's, 9.0, with cuDNN 9.10)."""
-    def as_backend(backend):
+    cuDNN version and compute capability (by default an H100's, 9.0, with cuDNN 9.10; 8.0: an A100)."""
+    def as_backend(backend, capability="9.0"):
         monkeypatch.setattr(jax, "default_backend", lambda: backend)
         if backend == "gpu":
             monkeypatch.setattr(cudnn_attention, "check_cudnn_version", lambda: 91000)
-            monkeypatch.setattr(cudnn_attention, "check_compute_capability", lambda capability: capability <= "9.0")
-            monkeypatch.setattr(cudnn_attention, "is_cuda_compute_capability_equal", lambda capability: capability == "9.0")
+            monkeypatch.setattr(cudnn_attention, "check_compute_capability", lambda wanted: wanted <= capability)
+            monkeypatch.setattr(cudnn_attention, "is_cuda_compute_capability_equal", lambda wanted: wanted == capability)
     return as_backend
 
 
@@ -66,13 +66,14 @@ def _calls(text: str, names: list[str]) -> list[int]:
 @pytest.mark.parametrize("kernel", ["cudnn", "splash"])
 @pytest.mark.parametrize("packed", [False, True])
 def test_encode_lowers_to_the_kernel(kernel, packed, on_device):
-    """Rows of one text, or packed with several (cuDNN then takes the texts' mask as a bias)."""
+    """Rows of one text, or packed with several: cuDNN then takes each row's texts as runs (its packed
+    layout, max_seg_per_batch > 1), no mask, no L x L tensor."""
     platform, backend, names = KERNEL_CALLS[kernel]
     graphdef, state = nnx.split(_model())
 
     def encode(state, ids, segments):
         texts = 4 if packed else 1
-        hidden = nnx.merge(graphdef, state)(ids, segments, ForwardOptions(kernel=kernel), packed=packed)
+        hidden = nnx.merge(graphdef, state)(ids, segments, ForwardOptions(kernel=kernel), texts_per_row=texts)
         return pool(hidden, segments, segments, texts_per_row=texts if packed else None)
 
     on_device(backend)
@@ -81,14 +82,15 @@ def test_encode_lowers_to_the_kernel(kernel, packed, on_device):
     text = exported.mlir_module()
     assert _calls(text, names)[0] > 0  # the kernel, not a fallback to xla
     if kernel == "cudnn":
-        assert ("__cudnn$fmhaScaleBiasSoftmax(" in text) == packed
+        assert "__cudnn$fmhaScaleBiasSoftmax(" not in text and _square_tensors(text, LENGTH) == []
+        assert ('\\22max_seg_per_batch\\22: 5' in text) == packed, re.findall(r"max_seg_per_batch[^,]*", text)
 
 
 @pytest.mark.parametrize("kernel,remat,packed", [("cudnn", "none", True), ("cudnn", "full", True),
                                                  ("cudnn", "none", False), ("splash", "dots", True)])
 def test_lora_train_step_lowers_to_the_kernel(kernel, remat, packed, on_device):
     """The whole step: LoRA with dropout (threefry), our custom backward, remat, the loss, optax.
-    cuDNN takes packed rows' mask as a bias, forward and backward; one text a row, its lengths."""
+    cuDNN takes packed rows' texts as runs, forward and backward; one text a row, its lengths: no mask."""
     platform, backend, names = KERNEL_CALLS[kernel]
     model = apply_lora(_model(), LoraConfig(rank=4, alpha=8, dropout=0.1))
     graphdef, lora, frozen = split_model(model)
@@ -106,13 +108,7 @@ def test_lora_train_step_lowers_to_the_kernel(kernel, remat, packed, on_device):
     assert all(count > 0 for count in counts), counts  # forward (and cuDNN's backward) on the kernel
     assert "threefry2x32" in text  # the adapters' dropout masks are in the step
     if kernel == "cudnn":
-        assert ("__cudnn$fmhaScaleBiasSoftmaxBackward(" in text) == packed
-    if kernel == "cudnn" and packed:
-        # Before jax 0.12 cuDNN's backward also returns the mask's bias gradient, [rows, 1, L, L] a layer,
-        # that nobody uses; from 0.12 (jax commit 46e1d9b) a constant boolean mask takes none. README: GPU.
-        results = [line.split("->")[-1] for line in text.splitlines() if "fmhaScaleBiasSoftmaxBackward" in line]
-        dbias = f"tensor<{BATCH}x1x{LENGTH}x{LENGTH}xbf16>"
-        assert results and all((dbias in r) == (jax.__version_info__ < (0, 12)) for r in results), results
+        assert "__cudnn$fmhaScaleBiasSoftmaxBackward(" not in text and _square_tensors(text, LENGTH) == []
     # Every product with a base weight, forward and backward, in bfloat16 (the float32 adapters'
     # products are rank-wide): one in float32 would run at a fraction of the GPU's bf16 rate.
     weights = {f"{a}x{b}x" for a in (128, 256) for b in (128, 256)}
@@ -140,12 +136,15 @@ def _square_tensors(text: str, length: int) -> list[str]:
     return re.findall(rf"tensor<(?:\d+x)*{length}x{length}x\w+>", text)
 
 
+@pytest.mark.parametrize("capability", ["9.0", "8.0"])
 @pytest.mark.parametrize("tokens,packed", [(150, False), (12, True)])
-def test_cudnn_step_takes_a_mask_only_where_packing_saves_rows(tokens, packed, on_device):
-    """cuDNN takes packed rows' texts as a [rows, 1, L, L] bias a layer (before jax 0.12 its gradient
-    too). Texts over half a row leave a row for each: the step goes one text a row (batching.packs,
-    as the trainer lays it) and its lowered program holds no L x L tensor at all; short texts share
-    rows, and the mask stays (README: GPU)."""
+def test_cudnn_step_takes_no_mask_on_hopper_and_one_where_packing_saves_rows_before(tokens, packed, capability,
+                                                                                  on_device):
+    """Texts over half a row leave a row for each: the step goes one text a row (batching.packs, as the
+    trainer lays it), and cuDNN takes each row's length. Short texts share rows: on a Hopper GPU cuDNN
+    takes each row's texts as runs, and the lowered step holds no L x L tensor either way; before Hopper
+    (no packed layout) the texts' mask goes as a [rows, 1, L, L] bias a layer, and before jax 0.12 its
+    gradient comes back from cuDNN's backward too (README: GPU)."""
     sides = _sides({side: [tokens] * 2 for side in SIDES}, LENGTH)  # 2 queries, a positive and a negative each
     length = row_length(sides)
     batch = pack_step(sides, global_batch_size=2, num_negatives=1)
@@ -159,15 +158,20 @@ def test_cudnn_step_takes_a_mask_only_where_packing_saves_rows(tokens, packed, o
     tx, schedule = make_optimizer(1e-4, warmup_steps=0, total_steps=10, grad_clip=1.0, weight_decay=0.0)
     step = make_train_step(graphdef, tx, schedule, StepConfig(batch_size=2, forward=ForwardOptions(kernel="cudnn")))
 
-    on_device("gpu")
-    exported = jax.export.export(jax.jit(functools.partial(step, packed=packed)), platforms=["cuda"],
+    on_device("gpu", capability)
+    layout = {"packed": packed, "texts_per_row": texts_per_row(batch["segments"])} if packed else {"packed": False}
+    exported = jax.export.export(jax.jit(functools.partial(step, **layout)), platforms=["cuda"],
                                  disabled_checks=CUDNN_CALLS)(
         _abstract(lora), _abstract(tx.init(lora)), _abstract(frozen), jax.ShapeDtypeStruct((), jnp.int32),
         _abstract(batch))
     text = exported.mlir_module()
-    assert text.count("__cudnn$fmhaSoftmaxBackward(" if not packed else "__cudnn$fmhaScaleBiasSoftmaxBackward(") > 0
+    bias = packed and capability < "9.0"
+    assert text.count("__cudnn$fmhaScaleBiasSoftmaxBackward(" if bias else "__cudnn$fmhaSoftmaxBackward(") > 0
     square = _square_tensors(text, length)
-    if packed:
-        assert f"tensor<{rows}x1x{length}x{length}xbf16>" in square, square
-    else:
+    if not bias:
         assert square == [], square
+        return
+    assert f"tensor<{rows}x1x{length}x{length}xbf16>" in square, square
+    results = [line.split("->")[-1] for line in text.splitlines() if "fmhaScaleBiasSoftmaxBackward" in line]
+    dbias = f"tensor<{rows}x1x{length}x{length}xbf16>"
+    assert results and all((dbias in r) == (jax.__version_info__ < (0, 12)) for r in results), results

@@ -51,7 +51,7 @@ def test_packed_rows_equal_one_text_a_row(model, attention):
     alone = np.asarray(model(jnp.asarray(ids), jnp.asarray(mask), ForwardOptions(attention=attention)))
     for kernel in ("xla", "splash"):
         options = ForwardOptions(attention=attention, kernel=kernel)
-        out = np.asarray(model(jnp.asarray(packed_ids), jnp.asarray(segments), options, packed=True))
+        out = np.asarray(model(jnp.asarray(packed_ids), jnp.asarray(segments), options, texts_per_row=2))
         np.testing.assert_allclose(out[0, :5], alone[0, :5], atol=1e-5)
         np.testing.assert_allclose(out[0, 5:8], alone[1, :3], atol=1e-5)
         np.testing.assert_allclose(out[1, :6], alone[2, :6], atol=1e-5)

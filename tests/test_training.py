@@ -525,7 +525,7 @@ def test_the_step_compiles_once_per_shape_and_keeps_placements(tmp_path):
 
 def test_a_step_with_a_row_for_each_text_goes_one_a_row_with_the_same_embeddings(tmp_path):
     """Where packing's rows, padded, leave a row for each text, the trainer lays the step one text a row
-    (cuDNN then takes each row's length, not the texts' [rows, 1, L, L] mask: test_accelerator_lowering):
+    (cuDNN then takes each row's length, not the texts' runs or mask: test_accelerator_lowering):
     the layout changes, not the embeddings (xla kernel, float32, to 1e-5); where packing saves rows, it packs."""
     from diffemb_jax.training.step import _embed
     from diffemb_jax.training.trainer import Trainer, step_config

@@ -14,9 +14,9 @@ from diffemb_jax.batching.encode import (DEFAULT_MAX_BATCH_TOKENS, MAX_TEXTS_PER
 from diffemb_jax.batching.layout import TextsByLength, bucket_lengths, pack_rows
 from diffemb_jax.batching.rows import padded_rows
 from diffemb_jax.batching.step import (SHORTEST_ROW, SIDES, STEP_KEYS, pack_step, packs, row_length, step_shapes,
-                                       text_numbers)
+                                       text_numbers, texts_per_row)
 
 __all__ = ["DEFAULT_MAX_BATCH_TOKENS", "MAX_TEXTS_PER_ROW", "PACK_LENGTH", "SHORTEST_ROW", "SIDES", "STEP_KEYS",
            "TextsByLength", "bucket_lengths", "pack_batch", "pack_rows", "pack_step", "packs", "pad_batch",
            "pad_rows", "padded_rows", "plan_batches", "row_capacity", "row_length", "rows_per_batch", "step_shapes",
-           "text_numbers"]
+           "text_numbers", "texts_per_row"]

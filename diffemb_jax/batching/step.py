@@ -16,7 +16,8 @@ Row counts vary with the texts; the caller pads them to padded_rows (rows.py) wi
 (arrays.py), so the step compiles a few programs at most (one a row count and length met), and
 every host takes the same length and pads to the same count. Where that count leaves a row for
 every text, packing saves nothing and the texts go one a row (`packs`): one text a row, cuDNN takes
-each row's length rather than the texts' [rows, 1, L, L] mask.
+each row's length. Packed, it takes each row's texts as a list whose size is a program's constant:
+`texts_per_row` rounds the step's most texts a row up to a power of two, so that a few programs serve.
 """
 
 from __future__ import annotations
@@ -54,6 +55,14 @@ def packs(rows: int, texts: int) -> bool:
     only when the rows are fewer than the texts. With a row for each, one text a row computes the
     same tokens and spares the attention kernel the texts' mask."""
     return rows < texts
+
+
+def texts_per_row(segments: np.ndarray) -> int:
+    """The most texts a row of a packed step's [rows, length] segment ids holds, rounded up to a power
+    of two (at least 2)."""
+    starts = (segments != np.pad(segments[:, :-1], ((0, 0), (1, 0)))) & (segments > 0)
+    most = int(starts.sum(axis=1).max(initial=0))
+    return max(2, 1 << max(most - 1, 0).bit_length())
 
 
 def row_length(sides: dict, pack: bool = True, shortest: int = SHORTEST_ROW) -> int:

@@ -19,6 +19,7 @@ import jax.monitoring
 import numpy as np
 
 from diffemb_jax import parallel
+from diffemb_jax.batching import texts_per_row
 from diffemb_jax.checkpoints import load_model
 from diffemb_jax.embedding import Embedder
 from diffemb_jax.model import ForwardOptions
@@ -54,6 +55,7 @@ def trainer(job: dict):
                                   grad_clip=opt["grad_clip"], weight_decay=opt["weight_decay"])
     step_cfg = StepConfig(batch_size=len(job["batch"]["query"]["input_ids"]), loss="in_batch", scale=job["scale"],
                           seed=job["seed"], grad_cache_chunk=job["grad_cache_chunk"],
+                          texts_per_row=texts_per_row(np.asarray(job["packed"]["segments"])),
                           forward=ForwardOptions(attention="bidirectional", remat=job["remat"],
                                                  scan_layers=job["scan_layers"]))
     # Placed as the Trainer places them, and kept there by the step: state placed otherwise than the

@@ -56,7 +56,7 @@ def _embed_program(graphdef, options: ForwardOptions, pooling: str, skip_instruc
         vectors' norms [rows] or [rows, texts_per_row]): the norms cost nothing more, and with them a
         caller has the un-normalised pooled vectors too (the server's normalize=false)."""
         packed = texts_per_row > 1
-        hidden = nnx.merge(graphdef, state)(input_ids, segment_ids, options, packed=packed)
+        hidden = nnx.merge(graphdef, state)(input_ids, segment_ids, options, texts_per_row=texts_per_row)
         pooled = pool(hidden, segment_ids, embed_mask, pooling, skip_instruction,
                       texts_per_row=texts_per_row if packed else None)
         return l2_normalize(pooled), jnp.linalg.norm(pooled, axis=-1)

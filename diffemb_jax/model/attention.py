@@ -5,8 +5,11 @@ Padding is always masked, in both modes. Kernels:
   QUERY_CHUNK queries at a time (the backward pass recomputes each chunk's scores), so memory grows
   with length x QUERY_CHUNK rather than length squared: a 32k-token document needs no 32k x 32k scores;
 - cudnn: cuDNN flash attention on NVIDIA GPUs, padding given as per-sequence lengths (right padding,
-  as the Embedder and the data pipeline produce); packed rows' texts as a mask, which cuDNN takes as
-  a bias;
+  as the Embedder and the data pipeline produce). Packed rows go as cuDNN's packed layout: each row's
+  runs of tokens (its texts one after another, then its pads) as offsets and lengths, at most
+  `texts_per_row` + 1 a row, so no [rows, 1, L, L] mask is made (a Hopper GPU and cuDNN 9.6 or later,
+  and rows long enough for their texts that this costs less memory than the mask, `runs_cheaper`;
+  otherwise the texts' mask as a bias);
 - splash: Pallas splash attention (TPU), padding as segment ids (real tokens 1, or in a packed row
   each token's text number; pads 0), the sequence padded up to the kernel's 128-token blocks; on CPU
   it runs in Pallas interpret mode (for tests).
@@ -18,10 +21,12 @@ Padding is always masked, in both modes. Kernels:
 from __future__ import annotations
 
 import functools
+import inspect
 import logging
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 
 from diffemb_jax.errors import ConfigError
 
@@ -97,10 +102,12 @@ def resolve_kernel(kernel: str, backend: str, dtype: str, head_dim: int, sliding
 
 
 def attend(q, k, v, segment_ids, *, causal: bool, sliding_window: int | None = None, kernel: str = "xla",
-           packed: bool = False):
+           texts_per_row: int = 1):
     """q [B,L,H,D], k/v [B,L,KV,D] (grouped heads broadcast) -> [B,L,H,D]. segment_ids [B, L]: each
-    token's text number, 0 for pads (a row of one text: 1 for its real tokens). `packed`: rows hold
-    several texts, and attention stays within a text."""
+    token's text number, 0 for pads (a row of one text: 1 for its real tokens). `texts_per_row`: the
+    most texts a row holds; above 1, rows are packed (each text one after another from the row's start,
+    pads after them) and attention stays within a text."""
+    packed = texts_per_row > 1
     kernel = resolve_kernel(kernel, jax.default_backend(), str(q.dtype), q.shape[-1], sliding_window)
     if kernel == "xla":
         return _xla(q, k, v, segment_ids, causal, sliding_window, QUERY_CHUNK, packed)
@@ -108,6 +115,9 @@ def attend(q, k, v, segment_ids, *, causal: bool, sliding_window: int | None = N
         if jax.default_backend() != "gpu":
             raise ConfigError(f"the cudnn attention kernel needs an NVIDIA GPU; this backend is "
                              f"{jax.default_backend()!r}: use kernel='xla'")
+        runs = min(texts_per_row, q.shape[1]) + 1  # a packed row's texts, then its pads
+        if packed and runs_cheaper(runs, q.shape[2], q.shape[1]) and _cudnn_packs():
+            return _cudnn_packed(q, k, v, segment_ids, causal, sliding_window, runs)
         window = None if (sliding_window is None or not causal) else (sliding_window - 1, 0)
         if packed:  # the texts' block-diagonal mask, which cuDNN takes as a bias
             return jax.nn.dot_product_attention(
@@ -130,6 +140,61 @@ def attend(q, k, v, segment_ids, *, causal: bool, sliding_window: int | None = N
     local = jax.shard_map(functools.partial(_splash, causal=causal), mesh=mesh,
                           in_specs=(qkv, qkv, qkv, rows), out_specs=qkv, check_vma=False)
     return local(q, k, v, segment_ids)
+
+
+def segment_runs(segment_ids: jax.Array, most: int) -> tuple[jax.Array, jax.Array]:
+    """[B, L] segment ids -> (lengths [B, most], starts [B, most + 1]) of each row's runs of equal ids
+    (its texts, then its pads), -1 past a row's last run: cuDNN's packed layout, in which every token
+    belongs to a run, so that pads too have defined outputs and gradients. A row must hold at most
+    `most` runs; runs past it would be dropped."""
+    b, length = segment_ids.shape
+    new_run = jnp.concatenate([jnp.ones((b, 1), bool), segment_ids[:, 1:] != segment_ids[:, :-1]], axis=1)
+    run = jnp.cumsum(new_run, axis=1, dtype=jnp.int32) - 1  # each token's run in its row
+    lengths = jax.vmap(lambda r: jnp.zeros(most, jnp.int32).at[r].add(1, mode="drop"))(run)
+    used = jnp.arange(most)[None, :] <= run[:, -1:]
+    starts = jnp.cumsum(lengths, axis=1, dtype=jnp.int32) - lengths
+    unused = jnp.full((b, 1), -1, jnp.int32)
+    return jnp.where(used, lengths, -1), jnp.concatenate([jnp.where(used, starts, -1), unused], axis=1)
+
+
+_warned = set()
+
+
+def _cudnn_packs() -> bool:
+    """Whether cuDNN takes packed rows as runs: its packed layout needs Hopper or later and cuDNN 9.6+,
+    and JAX's private entry to it its q_offsets argument (checked, as a private API may change)."""
+    try:
+        from jax._src.cudnn import fused_attention_stablehlo as cudnn
+
+        ok = ("q_offsets" in inspect.signature(cudnn.dot_product_attention).parameters
+              and cudnn.check_compute_capability("9.0") and cudnn.check_cudnn_version() >= 90600)
+    except (ImportError, AttributeError, RuntimeError):  # RuntimeError: no cuDNN found
+        ok = False
+    if not ok and "packed" not in _warned:
+        _warned.add("packed")
+        log.warning("attention: cuDNN's packed layout needs a Hopper GPU, cuDNN 9.6+ and JAX's entry to it; packed "
+                    "rows' texts go to cuDNN as a [rows, 1, L, L] mask instead")
+    return ok
+
+
+def runs_cheaper(runs: int, heads: int, length: int) -> bool:
+    """Whether cuDNN's packed layout costs less memory than the texts' mask: its softmax statistics,
+    float32 [rows * runs, heads, L] (kept for the backward pass), against the mask's bfloat16
+    [rows, 1, L, L] bias (and, before jax 0.12, the bias's gradient). Long rows hold few texts: runs."""
+    return 2 * runs * heads <= length
+
+
+def _cudnn_packed(q, k, v, segment_ids, causal: bool, sliding_window: int | None, runs: int):
+    """cuDNN flash attention over packed rows given as runs (segment_runs): no mask is made. The
+    layout is reached through JAX's cuDNN module, which jax.nn.dot_product_attention does not expose."""
+    from jax._src.cudnn import fused_attention_stablehlo as cudnn
+
+    lengths, starts = segment_runs(segment_ids, runs)
+    mask_type = cudnn.MaskType.PADDING_CAUSAL if causal else cudnn.MaskType.PADDING
+    window = sliding_window if causal else None
+    return cudnn.dot_product_attention(q, k, v, q_seqlen=lengths, kv_seqlen=lengths, q_offsets=starts,
+                                       kv_offsets=starts, scale=float(1 / np.sqrt(q.shape[-1])),
+                                       mask_type=mask_type, sliding_window_length=window)
 
 
 def _splash(q, k, v, segment_ids, causal: bool):

@@ -75,7 +75,7 @@ class Attention(nnx.Module):
             self.q_norm = RMSNorm(hd, cfg.rms_norm_eps, param_dtype=param_dtype)
             self.k_norm = RMSNorm(hd, cfg.rms_norm_eps, param_dtype=param_dtype)
 
-    def __call__(self, x, positions, segment_ids, options: ForwardOptions, packed: bool, dropout_key=None,
+    def __call__(self, x, positions, segment_ids, options: ForwardOptions, texts_per_row: int, dropout_key=None,
                  draw_offset=None):
         b, l, _ = x.shape
         cfg = self.cfg
@@ -86,7 +86,7 @@ class Attention(nnx.Module):
             q, k = self.q_norm(q), self.k_norm(k)
         q, k = rope(q, positions, cfg.rope_theta), rope(k, positions, cfg.rope_theta)
         out = attend(q, k, v, segment_ids, causal=options.causal, sliding_window=cfg.sliding_window,
-                     kernel=options.kernel, packed=packed)
+                     kernel=options.kernel, texts_per_row=texts_per_row)
         return _project(self.o_proj, out.reshape(b, l, cfg.num_heads * cfg.head_dim), dropout_key, draw_offset)
 
 
@@ -111,9 +111,10 @@ class Block(nnx.Module):
         self.post_attention_norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps, param_dtype=param_dtype)
         self.mlp = MLP(cfg, dtype=dtype, param_dtype=param_dtype, rngs=rngs)
 
-    def __call__(self, x, positions, segment_ids, options: ForwardOptions, packed: bool, dropout_key=None,
+    def __call__(self, x, positions, segment_ids, options: ForwardOptions, texts_per_row: int, dropout_key=None,
                  draw_offset=None):
-        x = x + self.attn(self.input_norm(x), positions, segment_ids, options, packed, dropout_key, draw_offset)
+        x = x + self.attn(self.input_norm(x), positions, segment_ids, options, texts_per_row, dropout_key,
+                          draw_offset)
         return x + self.mlp(self.post_attention_norm(x), dropout_key, draw_offset)
 
 
@@ -157,16 +158,16 @@ exists only when cfg.lm_head (a bare checkpoint has none)."""
                                    dtype=dtype, param_dtype=param_dtype, rngs=rngs)
 
     def __call__(self, input_ids: jax.Array, segment_ids: jax.Array, options: ForwardOptions = ForwardOptions(),
-                 *, packed: bool = False, dropout_key: jax.Array | None = None) -> jax.Array:
+                 *, texts_per_row: int = 1, dropout_key: jax.Array | None = None) -> jax.Array:
         """segment_ids: each token's text number, 0 for pads: 1 for every real token of a row holding one
-        text, or, `packed`, 1, 2, ... for the texts a row holds one after another, each then attending
-        within itself. Positions run on across a row: RoPE's scores depend on position differences
+        text, or, with `texts_per_row` (the most a row holds) above 1, distinct numbers for the texts a
+        row holds one after another from its start (pads after them), each then attending within itself. Positions run on across a row: RoPE's scores depend on position differences
         only, so a text's states are those it has alone. `dropout_key`: the LoRA adapters' dropout
         masks are drawn from it (none without it)."""
         positions = positions_from_mask(segment_ids > 0)
 
         def run(block, x, dropout_key, draw_offset=None):
-            return block(x, positions, segment_ids, options, packed, dropout_key, draw_offset)
+            return block(x, positions, segment_ids, options, texts_per_row, dropout_key, draw_offset)
 
         policy = REMAT_POLICIES[options.remat]
         x = self.embed(input_ids)

@@ -86,10 +86,11 @@ def _lora(config) -> LoraConfig:
                       targets=config.lora.targets)
 
 
-def make_adapt_step(graphdef, tx, schedule, config, mask_id: int, vocab: int, out_shardings):
+def make_adapt_step(graphdef, tx, schedule, config, mask_id: int, vocab: int, out_shardings, texts_per_row: int):
     """jit-compiled (params, opt_state, frozen, step, batch) -> (params, opt_state, metrics); a
-    non-finite loss or gradient norm leaves parameters and optimizer state as they were."""
-    loss_of = _loss_fn(graphdef, config, mask_id, vocab)
+    non-finite loss or gradient norm leaves parameters and optimizer state as they were. `texts_per_row`:
+    the most pieces a row of the data holds."""
+    loss_of = _loss_fn(graphdef, config, mask_id, vocab, texts_per_row)
 
     def step_fn(params, opt_state, frozen, step, batch):
         key = jax.random.fold_in(jax.random.key(config.train.seed), step)
@@ -104,7 +105,7 @@ def make_adapt_step(graphdef, tx, schedule, config, mask_id: int, vocab: int, ou
     return jax.jit(step_fn, donate_argnums=(0, 1), out_shardings=out_shardings)
 
 
-def _loss_fn(graphdef, config, mask_id: int, vocab: int):
+def _loss_fn(graphdef, config, mask_id: int, vocab: int, texts_per_row: int):
     o = config.objective
     options = ForwardOptions(attention=config.model.attention, kernel=config.model.kernel, remat=config.train.remat)
 
@@ -114,7 +115,7 @@ def _loss_fn(graphdef, config, mask_id: int, vocab: int):
         noisy, masked, weight = corrupt(noise_key, ids, segments, objective=o.kind, mask_id=mask_id, vocab=vocab,
                                         eps=o.eps, ratio=o.ratio)
         model = nnx.merge(graphdef, params, frozen)
-        logits = model.logits(model(noisy, segments, options, packed=True, dropout_key=dropout_key))
+        logits = model.logits(model(noisy, segments, options, texts_per_row=texts_per_row, dropout_key=dropout_key))
         metrics = masked_lm_loss(logits, ids, masked, weight, segments, objective=o.kind)
         return metrics["loss"], metrics
 
@@ -144,9 +145,6 @@ class Adaptation:
         tx, schedule = make_optimizer(config.train.lr, config.train.warmup_steps, config.train.steps,
                                       config.train.grad_clip, config.train.weight_decay)
         self.params, self.opt_state, out_shardings = placed_with_optimizer(params, tx, self.mesh)
-        vocab = self.tokenizer.get_vocab_size()
-        self.step_fn = make_adapt_step(self.graphdef, tx, schedule, config, self.mask_id, vocab, out_shardings)
-        self._eval_loss = jax.jit(_loss_fn(self.graphdef, config, self.mask_id, vocab))
         cache = Path(config.data.cache_dir or self.workdir / "data")
         self.batches = self._batches(build_blocks(config.data.files, self.tokenizer, config.data.length, cache,
                                                   progress=progress and self.lead))
@@ -154,6 +152,11 @@ class Adaptation:
         if config.data.eval_files:
             self.eval_batches = self._batches(build_blocks(config.data.eval_files, self.tokenizer,
                                                            config.data.length, cache, progress=False))
+        vocab = self.tokenizer.get_vocab_size()
+        pieces = max(b.pieces_per_row() for b in (self.batches, self.eval_batches) if b is not None)
+        self.step_fn = make_adapt_step(self.graphdef, tx, schedule, config, self.mask_id, vocab, out_shardings,
+                                       pieces)
+        self._eval_loss = jax.jit(_loss_fn(self.graphdef, config, self.mask_id, vocab, pieces))
         self.checkpoints = ocp.CheckpointManager(
             (self.workdir / "checkpoints").absolute(),
             options=ocp.CheckpointManagerOptions(max_to_keep=config.train.keep_checkpoints, create=True,

@@ -32,6 +32,7 @@ from diffemb_jax.model import ForwardOptions
 from diffemb_jax.training.loss import check_matryoshka, in_batch_info_nce, matryoshka_loss, per_query_negatives_loss
 
 LOSSES = ("in_batch", "per_query")
+STATIC = ("packed", "texts_per_row")  # the train step's static arguments: a batch's layout
 
 
 @dataclasses.dataclass(frozen=True)
@@ -44,7 +45,10 @@ class StepConfig:
     skip_instruction: bool = False
     grad_cache_chunk: int = 0  # rows per chunk; 0 = plain step
     seed: int = 0  # for LoRA dropout masks
-    packed: bool = True  # rows may hold several texts; False: one a row (cuDNN then takes lengths, not a bias)
+    packed: bool = True  # rows may hold several texts; False: one a row (cuDNN then takes lengths, not runs)
+    # The most texts a packed row holds, or a bound of it (0: the step's texts): cuDNN sizes its list of a
+    # row's texts by it (model/attention.py), so the trainer gives it the step's own, rounded up.
+    texts_per_row: int = 0
     forward: ForwardOptions = ForwardOptions()  # attention mode, kernel and remat of the model's passes
     matryoshka_dims: tuple[int, ...] = ()  # nested dimensions: the loss summed over prefixes; () = off
     matryoshka_weights: tuple[float, ...] = ()  # one a dimension; () = all 1
@@ -59,6 +63,13 @@ class StepConfig:
     def num_texts(self) -> int:
         return self.batch_size * (2 + self.num_negatives)
 
+    @property
+    def row_texts(self) -> int:
+        """The most texts a row of this layout holds (1: one text a row)."""
+        if not self.packed:
+            return 1
+        return max(min(self.texts_per_row or self.num_texts, self.num_texts), 2)
+
 
 def split_model(model):
     """(graphdef, lora, frozen): the LoRA parameters and everything else, as nnx.States."""
@@ -69,7 +80,7 @@ def _embed(graphdef, lora, frozen, rows: dict, cfg: StepConfig, key: jax.Array) 
     """[texts, D]: the texts the rows hold, pooled, at their numbers; zeros for the others."""
     model = nnx.merge(graphdef, lora, frozen)
     segment_ids = rows["segments"] if cfg.packed else (rows["segments"] > 0).astype(jnp.int32)  # one text a row
-    hidden = model(rows["input_ids"], segment_ids, cfg.forward, packed=cfg.packed, dropout_key=key)
+    hidden = model(rows["input_ids"], segment_ids, cfg.forward, texts_per_row=cfg.row_texts, dropout_key=key)
     return pool(hidden, rows["segments"], rows["embed_mask"], cfg.pooling, cfg.skip_instruction, texts=cfg.num_texts)
 
 
@@ -160,10 +171,12 @@ def make_optimizer(lr: float, warmup_steps: int, total_steps: int, grad_clip: fl
 
 
 def make_train_step(graphdef, tx: optax.GradientTransformation, schedule, cfg: StepConfig, out_shardings=None):
-    """jit-compiled (lora, opt_state, frozen, step, batch, packed=None) -> (lora, opt_state, metrics).
+    """jit-compiled (lora, opt_state, frozen, step, batch, packed=None, texts_per_row=None) -> (lora,
+    opt_state, metrics).
 
     `packed` (static; None: cfg.packed) says whether this batch's rows hold several texts: the trainer
     lays a step one text a row where packing saves no rows (batching.packs), whatever cfg.packed says.
+    `texts_per_row` (static; None: cfg's) bounds the texts a packed row holds (StepConfig).
     `out_shardings` (a prefix of the outputs) pins updated parameters and moments to where they came
     from; left to GSPMD, they may come back laid out otherwise, and the next step compiles again.
 
@@ -171,9 +184,10 @@ def make_train_step(graphdef, tx: optax.GradientTransformation, schedule, cfg: S
     caller can stop and save the last good state.
     """
 
-    def step_fn(lora, opt_state, frozen, step, batch, packed=None):
+    def step_fn(lora, opt_state, frozen, step, batch, packed=None, texts_per_row=None):
         key = jax.random.fold_in(jax.random.key(cfg.seed), step)
-        layout = cfg if packed is None else dataclasses.replace(cfg, packed=packed)
+        layout = dataclasses.replace(cfg, packed=cfg.packed if packed is None else packed,
+                                     texts_per_row=cfg.texts_per_row if texts_per_row is None else texts_per_row)
         metrics, grads = loss_and_grads(graphdef, lora, frozen, batch, layout, key)
         updates, new_opt = tx.update(grads, opt_state, lora)
         new_lora = optax.apply_updates(lora, updates)
@@ -184,8 +198,8 @@ def make_train_step(graphdef, tx: optax.GradientTransformation, schedule, cfg: S
         return keep(new_lora, lora), keep(new_opt, opt_state), metrics
 
     if out_shardings is None:
-        return jax.jit(step_fn, donate_argnums=(0, 1), static_argnames="packed")
-    return jax.jit(step_fn, donate_argnums=(0, 1), static_argnames="packed", out_shardings=out_shardings)
+        return jax.jit(step_fn, donate_argnums=(0, 1), static_argnames=STATIC)
+    return jax.jit(step_fn, donate_argnums=(0, 1), static_argnames=STATIC, out_shardings=out_shardings)
 
 
 def placed_train_step(graphdef, lora, tx: optax.GradientTransformation, schedule, cfg: StepConfig, mesh):

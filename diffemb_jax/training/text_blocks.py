@@ -141,3 +141,7 @@ class BlockBatches:
 
     def tokens(self) -> int:
         return int((self.segments > 0).sum())
+
+    def pieces_per_row(self) -> int:
+        """The most pieces a row holds (numbered 1, 2, ... in each row)."""
+        return int(self.segments.max(initial=1))

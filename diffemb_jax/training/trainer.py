@@ -25,7 +25,7 @@ from flax import nnx
 from tqdm.auto import tqdm
 
 from diffemb_jax import atomic, parallel
-from diffemb_jax.batching import pack_step, packs, pad_rows, padded_rows, row_length, step_shapes
+from diffemb_jax.batching import pack_step, packs, pad_rows, padded_rows, row_length, step_shapes, texts_per_row
 from diffemb_jax.checkpoints import load_model
 from diffemb_jax.checkpoints.peft_adapters import save_peft_adapter
 from diffemb_jax.errors import ConfigError, MissingPathError
@@ -253,6 +253,15 @@ class Trainer:
         """Whether a step of `rows` rows a host (from `packed`) holds several texts a row."""
         return self.config.data.pack and packs(rows, row_bounds(self.config, self.mesh)[1])
 
+    def layout(self, batch: dict) -> dict:
+        """The train step's static layout arguments for this host's packed `batch`: whether its rows hold
+        several texts and, on a GPU (where cuDNN takes a row's texts as a list of a program's size), the
+        most a row holds, rounded up, the same on every host."""
+        packed = self.packs(len(batch["input_ids"]))
+        if not packed or jax.default_backend() != "gpu":
+            return {"packed": packed}
+        return {"packed": True, "texts_per_row": parallel.max_over_processes(texts_per_row(batch["segments"]))}
+
     # ------------------------------------------------------------------ checkpoints
 
     def _state_tree(self) -> dict:
@@ -294,7 +303,7 @@ class Trainer:
                 with jax.set_mesh(self.mesh):  # kernels that need it (splash) find the mesh
                     self.lora, self.opt_state, metrics = self.train_step(
                         self.lora, self.opt_state, self.frozen, self.step, parallel.global_batch(batch, self.mesh),
-                        packed=self.packs(len(batch["input_ids"])))
+                        **self.layout(batch))
                 after = self.batches.get_state()
                 # The device runs the step (dispatch is asynchronous) while the host reads and packs the
                 # next batch; an error there is raised once this step is logged (and saved, when due).
