@@ -19,10 +19,12 @@ from diffemb_jax.training.adapt import Adaptation
 @contextlib.contextmanager
 def persistent_compilation_cache(directory):
     """JAX's persistent cache in `directory`, as `diffemb reproduce` has it (the CLI turns it on): the
-    runs that compile the same step (each seed; rows (b)-(d)) compile it once. Everything back after."""
+    runs that compile the same step (each seed; rows (b)-(d)) compile it once. And XLA's optimisations
+    mostly off: on a tiny model compiling is the run's cost (half of it lowered to machine code with
+    LLVM's full optimisation), and the test is about the stages, not their speed. Everything back after."""
     settings = {"jax_enable_compilation_cache": True, "jax_compilation_cache_dir": str(directory),
-                "jax_persistent_cache_min_compile_time_secs": 0.0}
-    before = {name: getattr(jax.config, name) for name in settings}
+                "jax_persistent_cache_min_compile_time_secs": 0.0, "jax_disable_most_optimizations": True}
+    before = {name: jax.config.values[name] for name in settings}
     compilation_cache.reset_cache()  # the cache is set up once a process, perhaps already (off) here
     for name, value in settings.items():
         jax.config.update(name, value)
